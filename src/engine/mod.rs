@@ -1,0 +1,281 @@
+//! The data plane behind one small interface with two implementations:
+//! - `uring` (default): per-core io_uring workers, registered buffers, a `data_fd` read linked
+//!   to the channel send of the same buffer, payload received straight into the buffer it is
+//!   written to the destination `data_fd` from;
+//! - `threads`: the seed's design (QEMU 10.0), a save thread per device, a sender thread per
+//!   channel, a receiver thread per channel and a load thread per device, with its copies. It is
+//!   the fallback where io_uring is unavailable and the honest baseline in benchmarks.
+//!
+//! Engines speak in devices, packets and channels. The session hands an engine channels whose
+//! init packets were already exchanged, and devices already in STOP_COPY (source) or RESUMING
+//! (destination); the engine moves bytes and returns what it measured.
+
+pub mod threads;
+pub mod uring;
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::session::reassembly::ReassemblyError;
+use crate::wire::{DeviceId, WireError};
+
+/// Which engine moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Uring,
+    Threads,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Threads => "threads",
+        }
+    }
+}
+
+/// Settings both engines understand.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// io_uring workers (one ring each) per side; the threads engine ignores it.
+    pub workers: usize,
+    /// Bytes of device data per packet (per `data_fd` read), QEMU's 1 MiB by default.
+    pub chunk_size: usize,
+    /// Packet buffers per side, fixed at start: bounds memory together with `chunk_size`.
+    pub pool_buffers: usize,
+    /// Largest `next_packet_size` a destination accepts before reading the payload.
+    pub max_packet_size: u32,
+    /// Per device, bytes of out-of-order VFIO data (excluding the 12-byte header, including
+    /// the config blob) a destination may hold; QEMU 10.1 `x-migration-max-queued-buffers-size`.
+    /// Beyond it the destination stops reading the channel instead of failing.
+    pub max_queued_bytes: u64,
+    /// io_uring features the engine must not use (forced fallbacks).
+    pub forbid: ::uring::FeatureMask,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            chunk_size: 1 << 20,
+            pool_buffers: 32,
+            max_packet_size: (64 << 20) + crate::wire::VFIO_HEADER_LEN as u32,
+            max_queued_bytes: u64::MAX,
+            forbid: ::uring::FeatureMask::empty(),
+        }
+    }
+}
+
+/// A source device as the engine sees it: a stream to read to its end and a name.
+#[derive(Debug)]
+pub struct SourceDevice {
+    pub id: DeviceId,
+    /// The saving `data_fd` (the device is in STOP_COPY): read until it returns 0.
+    pub data_fd: OwnedFd,
+    /// Bytes per read, at most `EngineConfig::chunk_size` (QEMU: min(1 MiB, stop-copy size)).
+    pub read_size: usize,
+    /// The config blob, sent last in the packet with the CONFIG flag.
+    pub config: Vec<u8>,
+}
+
+/// A destination device: a resuming `data_fd` written in idx order.
+#[derive(Debug)]
+pub struct DestDevice {
+    pub id: DeviceId,
+    pub data_fd: OwnedFd,
+}
+
+/// Counters the control thread and the progress bar read while an engine runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Device data bytes read (source) or written (destination).
+    pub bytes: AtomicU64,
+    pub packets: AtomicU64,
+    /// Set by the session to stop the engine; engines notice within one operation.
+    pub cancel: AtomicBool,
+}
+
+impl Progress {
+    pub fn add(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.packets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// What the source side is asked to move.
+#[derive(Debug)]
+pub struct SourcePlan {
+    pub devices: Vec<SourceDevice>,
+    /// Connected stream sockets, init packets already sent; index = channel id.
+    pub channels: Vec<OwnedFd>,
+    pub progress: Arc<Progress>,
+}
+
+/// What the destination side is asked to receive.
+#[derive(Debug)]
+pub struct DestPlan {
+    pub devices: Vec<DestDevice>,
+    /// Accepted stream sockets, init packets already validated; index = channel id.
+    pub channels: Vec<OwnedFd>,
+    pub progress: Arc<Progress>,
+}
+
+/// Per device, what the source did. `read_issued_ns[idx]` is CLOCK_MONOTONIC when the read of
+/// data packet idx was issued (the config packet has no read).
+#[derive(Debug, Clone, Default)]
+pub struct SourceDeviceReport {
+    pub bytes: u64,
+    pub data_packets: u32,
+    pub read_issued_ns: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ChannelReport {
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SourceReport {
+    pub devices: Vec<SourceDeviceReport>,
+    pub channels: Vec<ChannelReport>,
+    /// One line per fallback the engine took (no pinning, SEND_ZC copied, ...).
+    pub notes: Vec<String>,
+}
+
+/// Per device, what the destination did. `written_ns[idx]` is CLOCK_MONOTONIC when data packet
+/// idx was completely written to the device.
+#[derive(Debug, Clone, Default)]
+pub struct DestDeviceReport {
+    pub bytes: u64,
+    pub data_packets: u32,
+    pub written_ns: Vec<u64>,
+    /// The config blob (config space belongs to the VMM).
+    pub config: Vec<u8>,
+    /// CLOCK_MONOTONIC when the device was loaded (config packet and every lower idx done).
+    pub loaded_ns: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DestReport {
+    pub devices: Vec<DestDeviceReport>,
+    pub channels: Vec<ChannelReport>,
+    pub notes: Vec<String>,
+}
+
+/// A data-plane failure: always names the channel, the device and the idx it knows.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("reading data_fd of device {device} for idx {idx}")]
+    ReadDevice {
+        device: DeviceId,
+        idx: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing idx {idx} to data_fd of device {device} (received on channel {channel})")]
+    WriteDevice {
+        device: DeviceId,
+        idx: u32,
+        channel: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending idx {idx} of device {device} on channel {channel}")]
+    Send {
+        channel: usize,
+        device: DeviceId,
+        idx: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("receiving on channel {channel} at stream offset {offset}")]
+    Recv {
+        channel: usize,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("channel {channel}: malformed packet at stream offset {offset}")]
+    Wire {
+        channel: usize,
+        offset: u64,
+        #[source]
+        source: WireError,
+    },
+    #[error("channel {channel}: unexpected EOF after packet header at stream offset {offset}")]
+    TruncatedPacket { channel: usize, offset: u64 },
+    #[error("channel {channel}: Unknown idstr {idstr} or instance id {instance_id} for load state buffer (stream offset {offset})")]
+    UnknownDevice {
+        channel: usize,
+        idstr: String,
+        instance_id: u32,
+        offset: u64,
+    },
+    #[error("channel {channel}: device {device} idx {idx}")]
+    Reassembly {
+        channel: usize,
+        device: DeviceId,
+        idx: u32,
+        #[source]
+        source: ReassemblyError,
+    },
+    #[error("every channel closed but device {device} is not loaded: next idx {next_idx}, config idx {config_idx:?}")]
+    Incomplete {
+        device: DeviceId,
+        next_idx: u32,
+        config_idx: Option<u32>,
+    },
+    #[error("no progress possible: {detail}")]
+    Stalled { detail: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("setting up the {engine} engine")]
+    Setup {
+        engine: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One op set, two implementations.
+pub trait Engine: Send + Sync {
+    fn kind(&self) -> EngineKind;
+    /// Streams every device to its end, then its config packet, spread over all channels;
+    /// returns once every packet was handed to the kernel and the channels were shut down for
+    /// writing.
+    fn run_source(&self, plan: SourcePlan) -> Result<SourceReport, DataPlaneError>;
+    /// Receives until every device is loaded and every channel reached a clean EOF.
+    fn run_dest(&self, plan: DestPlan) -> Result<DestReport, DataPlaneError>;
+}
+
+/// The engine for `kind`; `Uring` falls back to `Threads` (with one log line saying why) where
+/// io_uring cannot be set up.
+pub fn select(kind: EngineKind, config: &EngineConfig) -> Box<dyn Engine> {
+    match kind {
+        EngineKind::Threads => Box::new(threads::ThreadsEngine::new(config.clone())),
+        EngineKind::Uring => match uring::UringEngine::new(config.clone()) {
+            Ok(engine) => Box::new(engine),
+            Err(why) => {
+                log::warn!("io_uring unavailable ({why}); using the threads engine");
+                Box::new(threads::ThreadsEngine::new(config.clone()))
+            }
+        },
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable across processes on one machine, so a source
+/// and a destination helper can pair their per-packet timestamps.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}

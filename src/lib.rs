@@ -1,0 +1,7 @@
+//! `vfio-multifd`: moves VFIO device state during live migration over QEMU 10.x multifd
+//! channels. The library is the whole service; `main.rs` only parses arguments and reports.
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod session;
+pub mod wire;

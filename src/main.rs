@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("vfio-multifd: under construction");
+    std::process::exit(1);
+}

@@ -1,0 +1,3 @@
+//! Sessions: a migration as devices, packets and channels (never syscalls).
+
+pub mod reassembly;
