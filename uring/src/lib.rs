@@ -1,6 +1,28 @@
 //! Per-core io_uring engine for `vfio-multifd`.
+//!
+//! Ownership model, and why the safe API is sound:
+//! - A [`Ring`] owns its io_uring, a [`BufferPool`] (one arena, registered as fixed buffers where
+//!   memlock allows) and an op table. Every submitted operation moves its buffer ([`Buffer`]:
+//!   a pool slot token [`BufId`] or a heap box) into the op table, and the buffer comes back
+//!   only with the operation's last completion ([`Completion::buf`]), after a SEND_ZC
+//!   notification where there is one. So program code never touches memory the kernel may use.
+//! - A `data_fd` read and the send of the same slot are linked ([`Ring::read_then_send`]); both
+//!   SQEs are pushed together or not at all. A short read cancels the send (ECANCELED), and the
+//!   caller sends what was read.
+//! - Dropping a ring cancels and drains its ops first; if they do not finish, their buffers are
+//!   leaked rather than freed.
+//! - Fds are borrowed for the submission call; the kernel holds its own file reference from
+//!   submission to completion.
 #![deny(missing_docs)]
 
+mod ops;
+mod pool;
 mod probe;
+mod ring;
+mod worker;
 
-pub use probe::{Feature, FeatureMask};
+pub use ops::{Completion, OpKind};
+pub use pool::{BufId, Buffer, BufferPool};
+pub use probe::{probe, Feature, FeatureMask, Probe};
+pub use ring::{Ring, RingConfig, RingError};
+pub use worker::{allowed_cpus, pin_current_thread, spawn_worker, Waker};

@@ -1,0 +1,558 @@
+//! One io_uring with its buffer pool and op table. Created on, and used from, one thread (the
+//! ring is set up SINGLE_ISSUER + DEFER_TASKRUN where the kernel allows).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::ops::{
+    split_user_data, user_data, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA, PART_CHAIN_SEND,
+    PART_MAIN, WAKE_USER_DATA,
+};
+use crate::pool::{BufId, Buffer, BufferPool};
+use crate::probe::{Feature, FeatureMask};
+use crate::worker::Waker;
+
+/// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the kernel copied.
+const SEND_ZC_REPORT_USAGE: u16 = 8;
+/// `IORING_NOTIF_USAGE_ZC_COPIED` in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
+/// How long dropping a ring waits for cancelled ops before it leaks their buffers instead.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to build a ring.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// Buffer pool slots.
+    pub buffers: usize,
+    /// Bytes per slot.
+    pub buffer_size: usize,
+    /// Features not to use.
+    pub forbid: FeatureMask,
+}
+
+/// Errors setting a ring up.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// io_uring is forbidden by the feature mask.
+    #[error("io_uring is forbidden by the feature mask")]
+    Forbidden,
+    /// io_uring_setup failed (ENOSYS: no io_uring; EPERM: disabled by sysctl or seccomp).
+    #[error("io_uring_setup failed")]
+    Setup(#[source] io::Error),
+    /// The buffer pool could not be allocated.
+    #[error("allocating the buffer pool ({buffers} x {buffer_size} bytes)")]
+    Pool {
+        /// Slots asked for.
+        buffers: usize,
+        /// Bytes per slot asked for.
+        buffer_size: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The waker's eventfd could not be created.
+    #[error("creating the ring's eventfd")]
+    Waker(#[source] io::Error),
+}
+
+/// A ring, its buffer pool and its in-flight operations.
+pub struct Ring {
+    // Field order is drop order: the ring goes first (after `Drop::drop` drained it), then the
+    // op table and pool whose memory in-flight ops used.
+    ring: IoUring,
+    ops: OpTable,
+    pool: std::mem::ManuallyDrop<BufferPool>,
+    ready: VecDeque<Completion>,
+    waker: Waker,
+    /// Leaked on purpose: a cancelled eventfd read may still land after the ring closes.
+    wake_buf: &'static mut [u8; 8],
+    wake_armed: bool,
+    fixed_buffers: bool,
+    linked_chains: bool,
+    send_zc: bool,
+    setup: &'static str,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("setup", &self.setup)
+            .field("fixed_buffers", &self.fixed_buffers)
+            .field("linked_chains", &self.linked_chains)
+            .field("send_zc", &self.send_zc)
+            .field("in_flight", &self.ops.live())
+            .finish()
+    }
+}
+
+fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static str), io::Error> {
+    let cq = entries.saturating_mul(4);
+    if !forbid.contains(Feature::DeferTaskrun) {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(cq)
+            .build(entries);
+        if let Ok(ring) = ring {
+            return Ok((ring, "single-issuer+defer-taskrun"));
+        }
+    }
+    if !forbid.contains(Feature::CoopTaskrun) {
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(cq)
+            .build(entries);
+        if let Ok(ring) = ring {
+            return Ok((ring, "coop-taskrun"));
+        }
+    }
+    if !forbid.contains(Feature::Sqpoll) && std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some() {
+        if let Ok(ring) = IoUring::builder().setup_sqpoll(1000).setup_cqsize(cq).build(entries) {
+            return Ok((ring, "sqpoll"));
+        }
+    }
+    let ring = IoUring::builder().setup_cqsize(cq).build(entries)?;
+    Ok((ring, "plain"))
+}
+
+impl Ring {
+    /// Sets up a ring: setup flags by probing (SINGLE_ISSUER + DEFER_TASKRUN, else
+    /// COOP_TASKRUN, else plain), a buffer pool registered where memlock allows, opcodes probed.
+    pub fn new(config: &RingConfig) -> Result<Self, RingError> {
+        if config.forbid.contains(Feature::IoUring) {
+            return Err(RingError::Forbidden);
+        }
+        let (ring, setup) = build_ring(config.entries, config.forbid).map_err(RingError::Setup)?;
+        let mut pool =
+            BufferPool::new(config.buffers, config.buffer_size).map_err(|source| RingError::Pool {
+                buffers: config.buffers,
+                buffer_size: config.buffer_size,
+                source,
+            })?;
+        let mut probe = io_uring::Probe::new();
+        let probed = ring.submitter().register_probe(&mut probe).is_ok();
+        let supported = |code: u8| probed && probe.is_supported(code);
+        let mut notes = Vec::new();
+
+        let mut fixed_buffers = false;
+        if !config.forbid.contains(Feature::FixedBuffers) && supported(opcode::ReadFixed::CODE) {
+            let iovecs = pool.iovecs();
+            // SAFETY: every iovec points into the pool's arena, which lives in `Ring::pool` and
+            // is freed only after the ring is closed (field order, and `Drop` drains first).
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => fixed_buffers = true,
+                Err(err) => notes.push(format!(
+                    "registered buffers unavailable ({} x {} bytes: {err}; memlock limit too low \
+                     without CAP_IPC_LOCK): using plain buffers",
+                    pool.slots(),
+                    pool.slot_size()
+                )),
+            }
+        }
+        pool.set_registered(fixed_buffers);
+        let waker = Waker::new().map_err(RingError::Waker)?;
+        let mut ring = Self {
+            ring,
+            ops: OpTable::default(),
+            pool: std::mem::ManuallyDrop::new(pool),
+            ready: VecDeque::new(),
+            waker,
+            wake_buf: Box::leak(Box::new([0; 8])),
+            wake_armed: false,
+            fixed_buffers,
+            linked_chains: !config.forbid.contains(Feature::LinkedChains),
+            send_zc: !config.forbid.contains(Feature::SendZc) && supported(opcode::SendZc::CODE),
+            setup,
+            notes,
+        };
+        for note in &ring.notes {
+            log::warn!("{note}");
+        }
+        ring.arm_waker();
+        Ok(ring)
+    }
+
+    /// The setup flags chosen.
+    pub fn setup(&self) -> &'static str {
+        self.setup
+    }
+
+    /// Fallbacks this ring took, one line each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Whether slots are registered (reads and writes use the fixed-buffer opcodes).
+    pub fn fixed_buffers(&self) -> bool {
+        self.fixed_buffers
+    }
+
+    /// Whether read->send chains may be linked (IOSQE_IO_LINK).
+    pub fn linked_chains(&self) -> bool {
+        self.linked_chains
+    }
+
+    /// Whether SEND_ZC may be tried.
+    pub fn send_zc(&self) -> bool {
+        self.send_zc
+    }
+
+    /// A handle other threads use to wake this ring's waiter.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// The buffer pool.
+    pub fn pool(&mut self) -> &mut BufferPool {
+        &mut self.pool
+    }
+
+    /// Operations submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.ops.live()
+    }
+
+    fn buf_range(&mut self, buf: &Buffer, range: &Range<usize>) -> *mut u8 {
+        let (base, len) = match buf {
+            Buffer::Pool(id) => (self.pool.slot_ptr(id.index()), self.pool.slot_size()),
+            Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
+        };
+        assert!(range.start <= range.end && range.end <= len, "op range outside its buffer");
+        // SAFETY: range.start <= len, so the pointer stays inside (or one past) the buffer.
+        unsafe { base.add(range.start) }
+    }
+
+    fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry's buffer is owned by the op table entry inserted before this
+            // push (pool slot or heap box), and its fd is borrowed by the caller for the call;
+            // the kernel takes its own file reference at submission, which happens below or in
+            // the next `wait`, before the caller can drop the fd.
+            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
+            match pushed {
+                Ok(()) => return Ok(()),
+                Err(_) => {
+                    self.ring.submit()?;
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, kind: OpKind, tag: u64, buf: Option<Buffer>, pending: u8) -> (u32, u16) {
+        self.ops.insert(Op {
+            kind,
+            tag,
+            buf,
+            pending,
+            send_result: None,
+            zc_copied: false,
+        })
+    }
+
+    fn submit_single(
+        &mut self,
+        kind: OpKind,
+        tag: u64,
+        buf: Buffer,
+        build: impl FnOnce(*mut u8, Option<u16>) -> squeue::Entry,
+        range: Range<usize>,
+    ) -> io::Result<()> {
+        let ptr = self.buf_range(&buf, &range);
+        let fixed = match &buf {
+            Buffer::Pool(id) if self.fixed_buffers => Some(id.index()),
+            _ => None,
+        };
+        let entry = build(ptr, fixed);
+        let (index, generation) = self.insert(kind, tag, Some(buf), 1);
+        let entry = entry.user_data(user_data(index, generation, PART_MAIN));
+        if let Err(err) = self.push(&[entry]) {
+            self.ops.remove(index);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Reads `range` of `buf` from `fd` at its current position (offset -1: a data_fd is a
+    /// stream).
+    pub fn read(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+        let fd = types::Fd(fd.as_raw_fd());
+        let len = range.len() as u32;
+        self.submit_single(OpKind::Read, tag, buf, |ptr, fixed| match fixed {
+            Some(index) => opcode::ReadFixed::new(fd, ptr, len, index).offset(u64::MAX).build(),
+            None => opcode::Read::new(fd, ptr, len).offset(u64::MAX).build(),
+        }, range)
+    }
+
+    /// Writes `range` of `buf` to `fd` at its current position.
+    pub fn write(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+        let fd = types::Fd(fd.as_raw_fd());
+        let len = range.len() as u32;
+        self.submit_single(OpKind::Write, tag, buf, |ptr, fixed| match fixed {
+            Some(index) => opcode::WriteFixed::new(fd, ptr, len, index).offset(u64::MAX).build(),
+            None => opcode::Write::new(fd, ptr, len).offset(u64::MAX).build(),
+        }, range)
+    }
+
+    /// Receives exactly `range.len()` bytes (MSG_WAITALL) unless the peer ends or fails first.
+    pub fn recv(&mut self, tag: u64, sock: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+        let fd = types::Fd(sock.as_raw_fd());
+        let len = range.len() as u32;
+        self.submit_single(OpKind::Recv, tag, buf, |ptr, _| {
+            opcode::Recv::new(fd, ptr, len).flags(libc::MSG_WAITALL).build()
+        }, range)
+    }
+
+    /// Sends `range` of `buf` whole (MSG_WAITALL, MSG_NOSIGNAL); with `zc`, as SEND_ZC, and the
+    /// buffer comes back only after the zero-copy notification.
+    pub fn send(&mut self, tag: u64, sock: BorrowedFd<'_>, buf: Buffer, range: Range<usize>, zc: bool) -> io::Result<()> {
+        let zc = zc && self.send_zc;
+        let ptr = self.buf_range(&buf, &range);
+        let entry = self.send_entry(sock.as_raw_fd(), ptr, range.len() as u32, &buf, zc);
+        let (index, generation) = self.insert(OpKind::Send, tag, Some(buf), 1);
+        let entry = entry.user_data(user_data(index, generation, PART_CHAIN_SEND));
+        if let Err(err) = self.push(&[entry]) {
+            self.ops.remove(index);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn send_entry(&self, sock: RawFd, ptr: *mut u8, len: u32, buf: &Buffer, zc: bool) -> squeue::Entry {
+        let fd = types::Fd(sock);
+        let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        if zc {
+            let fixed = match buf {
+                Buffer::Pool(id) if self.fixed_buffers => Some(id.index()),
+                _ => None,
+            };
+            opcode::SendZc::new(fd, ptr, len)
+                .buf_index(fixed)
+                .flags(flags)
+                .zc_flags(SEND_ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::Send::new(fd, ptr, len).flags(flags).build()
+        }
+    }
+
+    /// Submits a read of `read` (a range of the pool slot) from `src` at its position, linked to
+    /// the send of `send` (a range of the same slot, which includes the read range) on `sock`.
+    /// Both SQEs go in together or not at all. A short read cancels the send (`ChainSend` comes
+    /// back with ECANCELED and the buffer); a full read sends the slot as prepared.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_then_send(
+        &mut self,
+        tag: u64,
+        src: BorrowedFd<'_>,
+        sock: BorrowedFd<'_>,
+        buf: BufId,
+        read: Range<usize>,
+        send: Range<usize>,
+        zc: bool,
+    ) -> io::Result<()> {
+        assert!(self.linked_chains, "linked chains are forbidden on this ring");
+        let zc = zc && self.send_zc;
+        let buf = Buffer::Pool(buf);
+        let read_ptr = self.buf_range(&buf, &read);
+        let send_ptr = self.buf_range(&buf, &send);
+        let (index, generation) = self.insert(OpKind::ChainRead, tag, None, 2);
+        let fd = types::Fd(src.as_raw_fd());
+        let read_len = read.len() as u32;
+        let read_entry = match &buf {
+            Buffer::Pool(id) if self.fixed_buffers => {
+                opcode::ReadFixed::new(fd, read_ptr, read_len, id.index()).offset(u64::MAX).build()
+            }
+            _ => opcode::Read::new(fd, read_ptr, read_len).offset(u64::MAX).build(),
+        }
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(user_data(index, generation, PART_MAIN));
+        let send_entry = self
+            .send_entry(sock.as_raw_fd(), send_ptr, send.len() as u32, &buf, zc)
+            .user_data(user_data(index, generation, PART_CHAIN_SEND));
+        if let Some(op) = self.ops.get_mut(index, generation) {
+            op.buf = Some(buf);
+        }
+        if let Err(err) = self.push(&[read_entry, send_entry]) {
+            self.ops.remove(index);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and waits until at least `want` completions are ready or
+    /// `timeout` passes; interrupted and timed-out waits return normally.
+    pub fn wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        if self.ready.len() >= want.max(1) {
+            self.ring.submit()?;
+        } else {
+            let want = want.saturating_sub(self.ready.len());
+            let result = match timeout {
+                Some(timeout) => {
+                    let ts = types::Timespec::from(timeout);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(want, &args)
+                }
+                None => self.ring.submit_and_wait(want),
+            };
+            match result {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.reap();
+        Ok(())
+    }
+
+    /// Takes the next completion.
+    pub fn next_completion(&mut self) -> Option<Completion> {
+        self.ready.pop_front()
+    }
+
+    fn arm_waker(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let entry = opcode::Read::new(types::Fd(self.waker.raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
+        // SAFETY: `wake_buf` is leaked (never freed); the eventfd is owned by `waker`, a field of
+        // the ring, and stays open while the ring is.
+        if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            self.wake_armed = true;
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut wake = false;
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            match ud {
+                WAKE_USER_DATA => {
+                    self.wake_armed = false;
+                    wake = true;
+                }
+                CANCEL_USER_DATA => {}
+                _ => self.complete(ud, res, flags),
+            }
+        }
+        if wake {
+            self.arm_waker();
+            self.ready.push_back(Completion {
+                tag: 0,
+                kind: OpKind::Wake,
+                result: Ok(0),
+                buf: None,
+                zc_copied: false,
+            });
+        }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let (index, generation, part) = split_user_data(ud);
+        let Some(op) = self.ops.get_mut(index, generation) else {
+            return; // a late SEND_ZC notification for an op already completed
+        };
+        let result = |res: i32| {
+            if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as usize)
+            }
+        };
+        if part == PART_MAIN && op.kind == OpKind::ChainRead {
+            op.pending -= 1;
+            let tag = op.tag;
+            self.ready.push_back(Completion {
+                tag,
+                kind: OpKind::ChainRead,
+                result: result(res),
+                buf: None,
+                zc_copied: false,
+            });
+            return;
+        }
+        let is_send = part == PART_CHAIN_SEND;
+        if is_send && cqueue::notif(flags) {
+            op.zc_copied = res & NOTIF_USAGE_ZC_COPIED != 0;
+        } else if is_send && cqueue::more(flags) {
+            op.send_result = Some(res);
+            return; // the notification follows; the buffer is the kernel's until then
+        } else {
+            op.send_result = Some(res);
+        }
+        op.pending -= 1;
+        if op.pending > 0 {
+            return;
+        }
+        let Some(op) = self.ops.remove(index) else {
+            return;
+        };
+        let kind = match op.kind {
+            OpKind::ChainRead => OpKind::ChainSend,
+            kind => kind,
+        };
+        self.ready.push_back(Completion {
+            tag: op.tag,
+            kind,
+            result: result(op.send_result.unwrap_or(res)),
+            buf: op.buf,
+            zc_copied: op.zc_copied,
+        });
+    }
+
+    /// Cancels every in-flight op and waits until each has completed (their completions are
+    /// discarded and buffers go back to the pool). Returns false if some did not finish in time.
+    pub fn cancel_all(&mut self, timeout: Duration) -> bool {
+        for ud in self.ops.live_user_data() {
+            let entry = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_USER_DATA);
+            let _ = self.push(&[entry]);
+            let chain_send = ud | u64::from(PART_CHAIN_SEND) << 48;
+            let entry = opcode::AsyncCancel::new(chain_send).build().user_data(CANCEL_USER_DATA);
+            let _ = self.push(&[entry]);
+        }
+        let deadline = Instant::now() + timeout;
+        while self.ops.live() > 0 && Instant::now() < deadline {
+            if self.wait(1, Some(Duration::from_millis(50))).is_err() {
+                break;
+            }
+            while let Some(done) = self.ready.pop_front() {
+                if let Some(Buffer::Pool(id)) = done.buf {
+                    self.pool.put(id);
+                }
+            }
+        }
+        self.ops.live() == 0
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let drained = self.ops.live() == 0 || self.cancel_all(DRAIN_TIMEOUT);
+        if drained {
+            // SAFETY: no op is in flight, so the kernel no longer uses the pool; the pool is not
+            // used again (this is drop).
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.pool) };
+        } else {
+            log::error!(
+                "{} io_uring ops did not finish after cancel; leaking their buffers rather than \
+                 freeing memory the kernel may still write",
+                self.ops.live()
+            );
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
+}
