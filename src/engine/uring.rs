@@ -1,14 +1,626 @@
-//! Adapter over the `uring` crate. Under construction.
+//! The io_uring engine: per-core workers over the `uring` crate.
+//!
+//! Source, per worker (it owns some devices and some channels, one ring, one buffer pool):
+//! each buffer slot is [device-state header | VFIO header | chunk]. The headers are written for
+//! a full chunk, then the `data_fd` read into the chunk is linked to the send of the whole slot
+//! on an idle channel. A short read cancels the send; the completion path rewrites
+//! `next_packet_size` and sends what was read. A read of 0 ends the device, whose config packet
+//! goes last. One read in flight per device (a `data_fd` is a stream), one send per channel.
+//!
+//! Destination, per worker (it owns some channels, one ring, one pool): per channel, the 288
+//! header bytes are received into a small buffer, then the payload straight into a pool slot,
+//! which is written to the device's `data_fd` from that slot when it is next in idx order. The
+//! devices' reassembly is shared by all workers (a mutex per device); only the worker owning a
+//! slot writes from it, and a worker whose write makes another worker's slot deliverable wakes
+//! that worker. A channel whose next packet cannot be placed (queued-bytes limit, no free slot)
+//! is parked, not read, until something is written.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ::uring::{Buffer, Completion, OpKind, Ring, RingConfig, Waker};
+
 use super::*;
+use crate::session::reassembly::{Admission, Reassembly};
+use crate::wire::{
+    write_packet_headers, DeviceStatePacketHeader, VfioDeviceStatePacketHeader,
+    DEVICE_STATE_HEADER_LEN, PACKET_HEADER_ROOM, VFIO_HEADER_LEN,
+};
+
+const POLL: Duration = Duration::from_millis(100);
+/// With every channel parked and nothing in flight anywhere, how long before "no progress".
+const STALL_GRACE: Duration = Duration::from_millis(500);
 
 pub struct UringEngine {
-    #[allow(dead_code)]
     config: EngineConfig,
 }
 
 impl UringEngine {
+    /// Checks that a ring can be set up here with the configured mask (io_uring may be
+    /// disabled by sysctl, refused by seccomp, or forbidden by the mask).
     pub fn new(config: EngineConfig) -> io::Result<Self> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, format!("uring engine not built yet ({:?})", config.workers)))
+        Ring::new(&RingConfig {
+            entries: 8,
+            buffers: 1,
+            buffer_size: 4096,
+            forbid: config.forbid,
+        })
+        .map_err(|err| io::Error::other(error_chain(&err)))?;
+        Ok(Self { config })
+    }
+
+    fn ring_config(&self, buffers: usize, buffer_size: usize) -> RingConfig {
+        RingConfig {
+            entries: 256,
+            buffers,
+            buffer_size,
+            forbid: self.config.forbid,
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Workers and what each owns: item i goes to worker i % n.
+fn split_round_robin<T>(items: Vec<T>, n: usize) -> Vec<Vec<(usize, T)>> {
+    let mut out: Vec<Vec<(usize, T)>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        out[i % n].push((i, item));
+    }
+    out
+}
+
+/// First error wins; everybody else stops.
+#[derive(Default)]
+struct Failure {
+    failed: AtomicBool,
+    first: Mutex<Option<DataPlaneError>>,
+}
+
+impl Failure {
+    fn set(&self, err: DataPlaneError) {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(err);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> Option<DataPlaneError> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+fn join_workers<T>(
+    handles: Vec<io::Result<std::thread::ScopedJoinHandle<'_, Result<T, DataPlaneError>>>>,
+    failure: &Failure,
+) -> Vec<T> {
+    let mut results = Vec::new();
+    for handle in handles {
+        let outcome = match handle {
+            Ok(handle) => match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err(DataPlaneError::Stalled {
+                    detail: "an io_uring worker panicked".into(),
+                }),
+            },
+            Err(source) => Err(DataPlaneError::Setup {
+                engine: "uring",
+                source,
+            }),
+        };
+        match outcome {
+            Ok(value) => results.push(value),
+            Err(err) => failure.set(err),
+        }
+    }
+    results
+}
+
+fn shutdown(channels: &[OwnedFd], how: nix::sys::socket::Shutdown) {
+    for fd in channels {
+        let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(fd), how);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source
+
+struct SrcDevice {
+    index: usize,
+    id: DeviceId,
+    fd: OwnedFd,
+    idstr_field: [u8; crate::wire::IDSTR_LEN],
+    read_size: usize,
+    config: Option<Vec<u8>>,
+    next_idx: u32,
+    reading: bool,
+    at_end: bool,
+    report: SourceDeviceReport,
+}
+
+/// A packet in a buffer, ready to go on any idle channel.
+struct ReadyPacket {
+    device: usize,
+    idx: u32,
+    buf: Buffer,
+    len: usize,
+}
+
+/// What a channel is sending.
+struct InFlightSend {
+    device: usize,
+    idx: u32,
+    /// Bytes of the whole packet as submitted.
+    len: usize,
+    /// For a chained send: the read's result once known.
+    read: Option<usize>,
+    chained: bool,
+}
+
+struct SrcChannel {
+    index: usize,
+    fd: OwnedFd,
+    zc: bool,
+    sending: Option<InFlightSend>,
+    report: ChannelReport,
+}
+
+const TAG_DEVICE: u64 = 1 << 32;
+
+struct SourceWorker<'a> {
+    ring: Ring,
+    devices: Vec<SrcDevice>,
+    channels: Vec<SrcChannel>,
+    ready: VecDeque<ReadyPacket>,
+    next_channel: usize,
+    next_device: usize,
+    progress: &'a Progress,
+    failure: &'a Failure,
+    notes: Vec<String>,
+}
+
+impl UringEngine {
+    fn source_worker(
+        &self,
+        devices: Vec<(usize, SourceDevice)>,
+        channels: Vec<(usize, OwnedFd)>,
+        buffers: usize,
+        progress: &Progress,
+        failure: &Failure,
+    ) -> Result<
+        (
+            Vec<(usize, SourceDeviceReport)>,
+            Vec<(usize, ChannelReport)>,
+            Vec<String>,
+        ),
+        DataPlaneError,
+    > {
+        let slot = PACKET_HEADER_ROOM + self.config.chunk_size;
+        let ring =
+            Ring::new(&self.ring_config(buffers, slot)).map_err(|err| DataPlaneError::Setup {
+                engine: "uring",
+                source: io::Error::other(error_chain(&err)),
+            })?;
+        let zc = ring.send_zc();
+        let mut worker = SourceWorker {
+            notes: ring.notes().to_vec(),
+            ring,
+            devices: devices
+                .into_iter()
+                .map(|(index, d)| SrcDevice {
+                    index,
+                    idstr_field: d.id.idstr_field(),
+                    read_size: d.read_size.clamp(1, self.config.chunk_size),
+                    id: d.id,
+                    fd: d.data_fd,
+                    config: Some(d.config),
+                    next_idx: 0,
+                    reading: false,
+                    at_end: false,
+                    report: SourceDeviceReport::default(),
+                })
+                .collect(),
+            channels: channels
+                .into_iter()
+                .map(|(index, fd)| SrcChannel {
+                    index,
+                    fd,
+                    zc,
+                    sending: None,
+                    report: ChannelReport::default(),
+                })
+                .collect(),
+            ready: VecDeque::new(),
+            next_channel: 0,
+            next_device: 0,
+            progress,
+            failure,
+        };
+        let result = worker.run();
+        if result.is_err() {
+            worker.ring.cancel_all(Duration::from_secs(5));
+        }
+        result?;
+        Ok((
+            worker
+                .devices
+                .into_iter()
+                .map(|d| (d.index, d.report))
+                .collect(),
+            worker
+                .channels
+                .into_iter()
+                .map(|c| (c.index, c.report))
+                .collect(),
+            worker.notes,
+        ))
+    }
+}
+
+impl SourceWorker<'_> {
+    fn run(&mut self) -> Result<(), DataPlaneError> {
+        loop {
+            if self.progress.cancelled() {
+                return Err(DataPlaneError::Cancelled);
+            }
+            if self.failure.is_set() {
+                return Err(DataPlaneError::Cancelled);
+            }
+            self.dispatch()?;
+            if self.finished() {
+                return Ok(());
+            }
+            self.ring
+                .wait(1, Some(POLL))
+                .map_err(|source| DataPlaneError::Setup {
+                    engine: "uring",
+                    source,
+                })?;
+            while let Some(done) = self.ring.next_completion() {
+                self.complete(done)?;
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.ready.is_empty()
+            && self.devices.iter().all(|d| d.at_end && d.config.is_none())
+            && self.channels.iter().all(|c| c.sending.is_none())
+    }
+
+    fn idle_channel(&mut self) -> Option<usize> {
+        let n = self.channels.len();
+        let found = (0..n)
+            .map(|i| (self.next_channel + i) % n)
+            .find(|&c| self.channels[c].sending.is_none())?;
+        self.next_channel = (found + 1) % n;
+        Some(found)
+    }
+
+    /// Hands out work: ready packets first (resends, config packets), then new reads, devices
+    /// taken round robin so several devices interleave fairly.
+    fn dispatch(&mut self) -> Result<(), DataPlaneError> {
+        while !self.ready.is_empty() {
+            let Some(c) = self.idle_channel() else { break };
+            let packet = self.ready.pop_front().expect("checked non-empty");
+            self.send_ready(c, packet)?;
+        }
+        let n = self.devices.len();
+        for i in 0..n {
+            let d = (self.next_device + i) % n;
+            let device = &self.devices[d];
+            if device.reading || device.at_end {
+                continue;
+            }
+            if self.ring.pool().free_slots() == 0 {
+                break;
+            }
+            if self.ring.linked_chains() {
+                let Some(c) = self.idle_channel() else { break };
+                self.start_chain(d, c)?;
+            } else {
+                self.start_read(d)?;
+            }
+            self.next_device = (d + 1) % n;
+        }
+        Ok(())
+    }
+
+    fn prepare_slot(&mut self, d: usize) -> (::uring::BufId, usize) {
+        let buf = self.ring.pool().take().expect("caller checked a free slot");
+        let device = &mut self.devices[d];
+        let slot = self.ring.pool().slot_mut(&buf);
+        let room: &mut [u8; PACKET_HEADER_ROOM] = (&mut slot[..PACKET_HEADER_ROOM])
+            .try_into()
+            .expect("slot holds the header room");
+        write_packet_headers(
+            room,
+            &device.idstr_field,
+            device.id.instance_id,
+            device.next_idx,
+            false,
+            device.read_size as u32,
+        );
+        device.reading = true;
+        device.report.read_issued_ns.push(monotonic_ns());
+        (buf, device.read_size)
+    }
+
+    fn start_chain(&mut self, d: usize, c: usize) -> Result<(), DataPlaneError> {
+        let (buf, read_size) = self.prepare_slot(d);
+        let device = &self.devices[d];
+        let channel = &self.channels[c];
+        let idx = device.next_idx;
+        let len = PACKET_HEADER_ROOM + read_size;
+        self.ring
+            .read_then_send(
+                c as u64,
+                device.fd.as_fd(),
+                channel.fd.as_fd(),
+                buf,
+                PACKET_HEADER_ROOM..len,
+                0..len,
+                channel.zc,
+            )
+            .map_err(|source| DataPlaneError::Send {
+                channel: channel.index,
+                device: device.id.clone(),
+                idx,
+                source,
+            })?;
+        self.channels[c].sending = Some(InFlightSend {
+            device: d,
+            idx,
+            len,
+            read: None,
+            chained: true,
+        });
+        Ok(())
+    }
+
+    fn start_read(&mut self, d: usize) -> Result<(), DataPlaneError> {
+        let (buf, read_size) = self.prepare_slot(d);
+        let device = &self.devices[d];
+        self.ring
+            .read(
+                TAG_DEVICE | d as u64,
+                device.fd.as_fd(),
+                Buffer::Pool(buf),
+                PACKET_HEADER_ROOM..PACKET_HEADER_ROOM + read_size,
+            )
+            .map_err(|source| DataPlaneError::ReadDevice {
+                device: device.id.clone(),
+                idx: device.next_idx,
+                source,
+            })
+    }
+
+    fn send_ready(&mut self, c: usize, packet: ReadyPacket) -> Result<(), DataPlaneError> {
+        let channel = &self.channels[c];
+        let device = &self.devices[packet.device];
+        self.ring
+            .send(
+                c as u64,
+                channel.fd.as_fd(),
+                packet.buf,
+                0..packet.len,
+                channel.zc,
+            )
+            .map_err(|source| DataPlaneError::Send {
+                channel: channel.index,
+                device: device.id.clone(),
+                idx: packet.idx,
+                source,
+            })?;
+        self.channels[c].sending = Some(InFlightSend {
+            device: packet.device,
+            idx: packet.idx,
+            len: packet.len,
+            read: None,
+            chained: false,
+        });
+        Ok(())
+    }
+
+    /// A read of `n` bytes finished for device `d`: account it; 0 ends the device.
+    fn read_done(&mut self, d: usize, result: io::Result<usize>) -> Result<usize, DataPlaneError> {
+        let device = &mut self.devices[d];
+        device.reading = false;
+        let n = result.map_err(|source| DataPlaneError::ReadDevice {
+            device: device.id.clone(),
+            idx: device.next_idx,
+            source,
+        })?;
+        if n == 0 {
+            device.at_end = true;
+            device.report.read_issued_ns.pop();
+            self.queue_config(d);
+        } else {
+            device.next_idx += 1;
+            device.report.bytes += n as u64;
+            device.report.data_packets += 1;
+            self.progress.add(n);
+        }
+        Ok(n)
+    }
+
+    fn queue_config(&mut self, d: usize) {
+        let device = &mut self.devices[d];
+        let Some(config) = device.config.take() else {
+            return;
+        };
+        let mut packet = vec![0u8; PACKET_HEADER_ROOM + config.len()].into_boxed_slice();
+        let room: &mut [u8; PACKET_HEADER_ROOM] = (&mut packet[..PACKET_HEADER_ROOM])
+            .try_into()
+            .expect("packet holds the header room");
+        write_packet_headers(
+            room,
+            &device.idstr_field,
+            device.id.instance_id,
+            device.next_idx,
+            true,
+            config.len() as u32,
+        );
+        packet[PACKET_HEADER_ROOM..].copy_from_slice(&config);
+        let len = packet.len();
+        // The config packet counts as sent once its send completes (kept in `config` until
+        // then would need another flag; `ready` plus `sending` cover it for `finished`).
+        self.ready.push_back(ReadyPacket {
+            device: d,
+            idx: device.next_idx,
+            buf: Buffer::Heap(packet),
+            len,
+        });
+    }
+
+    /// Rewrites `next_packet_size` for a short read of `n` bytes and queues the packet.
+    fn queue_short(&mut self, d: usize, idx: u32, buf: Buffer, n: usize) {
+        let Buffer::Pool(id) = buf else { return };
+        let slot = self.ring.pool().slot_mut(&id);
+        let header: &mut [u8; DEVICE_STATE_HEADER_LEN] = (&mut slot[..DEVICE_STATE_HEADER_LEN])
+            .try_into()
+            .expect("slot holds the header");
+        DeviceStatePacketHeader::set_next_packet_size(header, (VFIO_HEADER_LEN + n) as u32);
+        self.ready.push_front(ReadyPacket {
+            device: d,
+            idx,
+            buf: Buffer::Pool(id),
+            len: PACKET_HEADER_ROOM + n,
+        });
+    }
+
+    fn recycle(&mut self, buf: Option<Buffer>) {
+        if let Some(Buffer::Pool(id)) = buf {
+            self.ring.pool().put(id);
+        }
+    }
+
+    fn complete(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        match done.kind {
+            OpKind::Wake => Ok(()),
+            OpKind::Read => {
+                let d = (done.tag & !TAG_DEVICE) as usize;
+                let idx = self.devices[d].next_idx;
+                let n = self.read_done(d, done.result)?;
+                if n == 0 {
+                    self.recycle(done.buf);
+                } else if let Some(buf) = done.buf {
+                    self.queue_short(d, idx, buf, n);
+                }
+                Ok(())
+            }
+            OpKind::ChainRead => {
+                let c = done.tag as usize;
+                let Some(sending) = self.channels[c].sending.as_ref() else {
+                    return Ok(());
+                };
+                let d = sending.device;
+                let n = self.read_done(d, done.result)?;
+                if let Some(sending) = self.channels[c].sending.as_mut() {
+                    sending.read = Some(n);
+                }
+                Ok(())
+            }
+            OpKind::ChainSend | OpKind::Send => self.send_done(done),
+            OpKind::Write | OpKind::Recv => Ok(()),
+        }
+    }
+
+    fn send_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        let c = done.tag as usize;
+        let Some(sending) = self.channels[c].sending.take() else {
+            self.recycle(done.buf);
+            return Ok(());
+        };
+        if done.zc_copied && self.channels[c].zc {
+            self.channels[c].zc = false;
+            self.note(format!(
+                "channel {}: the kernel copied a SEND_ZC (loopback does); plain send from now on",
+                self.channels[c].index
+            ));
+        }
+        match done.result {
+            Ok(sent) => {
+                let report = &mut self.channels[c].report;
+                report.bytes += sent as u64;
+                report.packets += 1;
+                self.recycle(done.buf);
+                Ok(())
+            }
+            Err(err) if sending.chained && err.raw_os_error() == Some(libc::ECANCELED) => {
+                match (sending.read, done.buf) {
+                    (Some(n), Some(buf)) if n > 0 => {
+                        self.queue_short(sending.device, sending.idx, buf, n)
+                    }
+                    (_, buf) => self.recycle(buf),
+                }
+                Ok(())
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) && self.channels[c].zc => {
+                self.channels[c].zc = false;
+                self.note(format!(
+                    "channel {}: SEND_ZC is not supported on this socket; plain send",
+                    self.channels[c].index
+                ));
+                let buf = done.buf.expect("a send returns its buffer");
+                if sending.chained && sending.read.is_none() {
+                    // The read half completes separately; wait for it by requeueing as a
+                    // full packet only once its size is known. A chained zc send fails before
+                    // the read finishes only if the socket refused zc at issue, which happens
+                    // after the read: so the read result is known here.
+                    self.recycle(Some(buf));
+                    return Err(DataPlaneError::Stalled {
+                        detail: format!(
+                            "channel {}: SEND_ZC refused before its read finished",
+                            self.channels[c].index
+                        ),
+                    });
+                }
+                let len = match sending.read {
+                    Some(n) if sending.chained => PACKET_HEADER_ROOM + n,
+                    _ => sending.len,
+                };
+                if sending.chained && len < sending.len {
+                    self.queue_short(sending.device, sending.idx, buf, len - PACKET_HEADER_ROOM);
+                } else {
+                    self.ready.push_front(ReadyPacket {
+                        device: sending.device,
+                        idx: sending.idx,
+                        buf,
+                        len,
+                    });
+                }
+                Ok(())
+            }
+            Err(source) => Err(DataPlaneError::Send {
+                channel: self.channels[c].index,
+                device: self.devices[sending.device].id.clone(),
+                idx: sending.idx,
+                source,
+            }),
+        }
+    }
+
+    fn note(&mut self, note: String) {
+        log::info!("{note}");
+        self.notes.push(note);
     }
 }
 
@@ -16,10 +628,1064 @@ impl Engine for UringEngine {
     fn kind(&self) -> EngineKind {
         EngineKind::Uring
     }
-    fn run_source(&self, _plan: SourcePlan) -> Result<SourceReport, DataPlaneError> {
-        unreachable!("never constructed yet")
+
+    fn run_source(&self, plan: SourcePlan) -> Result<SourceReport, DataPlaneError> {
+        let SourcePlan {
+            devices,
+            channels,
+            progress,
+        } = plan;
+        let n_devices = devices.len();
+        let n_channels = channels.len();
+        if n_channels == 0 {
+            return Err(DataPlaneError::Stalled {
+                detail: "no channels to send on".into(),
+            });
+        }
+        let workers = self
+            .config
+            .workers
+            .clamp(1, n_channels)
+            .min(n_devices.max(1));
+        // Channel fds stay here (dup'd for the workers) so they can be shut down at the end.
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|source| DataPlaneError::Setup {
+                engine: "uring",
+                source,
+            })
+        };
+        let worker_channels: Vec<OwnedFd> = channels.iter().map(dup).collect::<Result<_, _>>()?;
+        let per_worker_devices = split_round_robin(devices, workers);
+        let per_worker_channels = split_round_robin(worker_channels, workers);
+        let buffers = (self.config.pool_buffers / workers).max(2);
+        let failure = Failure::default();
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_worker_devices
+                .into_iter()
+                .zip(per_worker_channels)
+                .enumerate()
+                .map(|(w, (devs, chans))| {
+                    let (progress, failure) = (&*progress, &failure);
+                    std::thread::Builder::new()
+                        .name(format!("uring-{w}"))
+                        .spawn_scoped(scope, move || {
+                            ::uring::pin_current_thread(
+                                ::uring::allowed_cpus()[w % ::uring::allowed_cpus().len().max(1)],
+                            );
+                            let result =
+                                self.source_worker(devs, chans, buffers, progress, failure);
+                            if let Err(err) = &result {
+                                if !matches!(err, DataPlaneError::Cancelled) || progress.cancelled()
+                                {
+                                    failure.failed.store(true, Ordering::SeqCst);
+                                }
+                            }
+                            result
+                        })
+                })
+                .collect();
+            join_workers(handles, &failure)
+        });
+        if let Some(err) = failure.take() {
+            shutdown(&channels, nix::sys::socket::Shutdown::Both);
+            return Err(if progress.cancelled() {
+                DataPlaneError::Cancelled
+            } else {
+                err
+            });
+        }
+        if progress.cancelled() {
+            shutdown(&channels, nix::sys::socket::Shutdown::Both);
+            return Err(DataPlaneError::Cancelled);
+        }
+        shutdown(&channels, nix::sys::socket::Shutdown::Write);
+        let mut report = SourceReport {
+            devices: vec![SourceDeviceReport::default(); n_devices],
+            channels: vec![ChannelReport::default(); n_channels],
+            notes: Vec::new(),
+        };
+        for (devs, chans, notes) in results {
+            for (i, d) in devs {
+                report.devices[i] = d;
+            }
+            for (i, c) in chans {
+                report.channels[i] = c;
+            }
+            report.notes.extend(notes);
+        }
+        Ok(report)
     }
-    fn run_dest(&self, _plan: DestPlan) -> Result<DestReport, DataPlaneError> {
-        unreachable!("never constructed yet")
+
+    fn run_dest(&self, plan: DestPlan) -> Result<DestReport, DataPlaneError> {
+        let DestPlan {
+            devices,
+            channels,
+            progress,
+        } = plan;
+        let n_channels = channels.len();
+        if n_channels == 0 {
+            return Err(DataPlaneError::Stalled {
+                detail: "no channels to receive on".into(),
+            });
+        }
+        let workers = self.config.workers.clamp(1, n_channels);
+        let shared = DestShared::new(devices, self.config.max_queued_bytes, workers, n_channels);
+        let worker_channels: Vec<OwnedFd> = channels
+            .iter()
+            .map(|fd| {
+                fd.try_clone().map_err(|source| DataPlaneError::Setup {
+                    engine: "uring",
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let per_worker = split_round_robin(worker_channels, workers);
+        let buffers = (self.config.pool_buffers / workers).max(2);
+        let barrier = Barrier::new(workers);
+        let notes = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_worker
+                .into_iter()
+                .enumerate()
+                .map(|(w, chans)| {
+                    let (shared, barrier, progress) = (&shared, &barrier, &*progress);
+                    std::thread::Builder::new()
+                        .name(format!("uring-{w}"))
+                        .spawn_scoped(scope, move || {
+                            ::uring::pin_current_thread(
+                                ::uring::allowed_cpus()[w % ::uring::allowed_cpus().len().max(1)],
+                            );
+                            let result =
+                                self.dest_worker(w, chans, buffers, shared, barrier, progress);
+                            if result.is_err() {
+                                shared.failure.failed.store(true, Ordering::SeqCst);
+                                shared.wake_all();
+                            }
+                            result
+                        })
+                })
+                .collect();
+            join_workers(handles, &shared.failure)
+        });
+        if let Some(err) = shared.failure.take() {
+            shutdown(&channels, nix::sys::socket::Shutdown::Both);
+            return Err(if progress.cancelled() {
+                DataPlaneError::Cancelled
+            } else {
+                err
+            });
+        }
+        let mut report = DestReport {
+            devices: Vec::new(),
+            channels: vec![ChannelReport::default(); n_channels],
+            notes: notes.into_iter().flatten().collect(),
+        };
+        for (i, c) in shared
+            .channel_reports
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            report.channels[i] = c;
+        }
+        for (device, state) in shared.devices.iter().zip(shared.states) {
+            let state = state.into_inner().unwrap_or_else(|p| p.into_inner());
+            if !state.reassembly.is_loaded() {
+                return Err(DataPlaneError::Incomplete {
+                    device: device.id.clone(),
+                    next_idx: state.reassembly.next_idx(),
+                    config_idx: state.reassembly.config_idx(),
+                });
+            }
+            report.devices.push(state.report);
+        }
+        Ok(report)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination
+
+/// A received payload waiting in a device's reassembly: which worker's pool it belongs to.
+#[derive(Debug)]
+struct Held {
+    worker: usize,
+    channel: usize,
+    buf: Buffer,
+}
+
+struct DevState {
+    reassembly: Reassembly<Held>,
+    report: DestDeviceReport,
+}
+
+struct DestShared {
+    devices: Vec<DestDevice>,
+    by_id: HashMap<(Vec<u8>, u32), usize>,
+    states: Vec<Mutex<DevState>>,
+    wakers: Mutex<Vec<Option<Waker>>>,
+    parked: Vec<AtomicUsize>,
+    /// recvs + writes in flight, all workers.
+    active_ops: AtomicUsize,
+    progress_events: AtomicU64,
+    loaded: AtomicUsize,
+    failure: Failure,
+    channel_reports: Mutex<Vec<(usize, ChannelReport)>>,
+}
+
+impl DestShared {
+    fn new(devices: Vec<DestDevice>, max_queued: u64, workers: usize, _channels: usize) -> Self {
+        let by_id = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ((d.id.idstr.as_bytes().to_vec(), d.id.instance_id), i))
+            .collect();
+        let states = devices
+            .iter()
+            .map(|_| {
+                Mutex::new(DevState {
+                    reassembly: Reassembly::new(max_queued),
+                    report: DestDeviceReport::default(),
+                })
+            })
+            .collect();
+        Self {
+            devices,
+            by_id,
+            states,
+            wakers: Mutex::new(vec![None; workers]),
+            parked: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            active_ops: AtomicUsize::new(0),
+            progress_events: AtomicU64::new(0),
+            loaded: AtomicUsize::new(0),
+            failure: Failure::default(),
+            channel_reports: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn state(&self, d: usize) -> MutexGuard<'_, DevState> {
+        self.states[d].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn waker(&self, w: usize) -> Option<Waker> {
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner())[w].clone()
+    }
+
+    fn wake_all(&self) {
+        for waker in self
+            .wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+        {
+            waker.wake();
+        }
+    }
+
+    fn all_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst) == self.devices.len()
+    }
+}
+
+/// Where a destination channel is.
+enum ChanState {
+    /// Receiving the 288 header bytes; `got` of them are in `hdr`.
+    Header {
+        got: usize,
+    },
+    /// The header is decoded; the packet waits for a place (parked) or its payload is coming.
+    Packet(PacketInfo),
+    Done,
+}
+
+#[derive(Clone, Copy)]
+struct PacketInfo {
+    device: usize,
+    idx: u32,
+    config: bool,
+    len: u32,
+    /// The payload is being received; `got` bytes so far.
+    receiving: bool,
+    got: usize,
+    parked: bool,
+}
+
+struct DstChannel {
+    index: usize,
+    fd: OwnedFd,
+    state: ChanState,
+    hdr: Option<Box<[u8]>>,
+    payload: Option<Buffer>,
+    /// Bytes of the stream consumed before the current packet.
+    offset: u64,
+    report: ChannelReport,
+}
+
+/// A write in flight: to device `device`, idx `idx`, `done` of `len` bytes written.
+struct WriteOp {
+    device: usize,
+    idx: u32,
+    channel: usize,
+    len: usize,
+    done: usize,
+}
+
+const TAG_WRITE: u64 = 1 << 40;
+
+struct DestWorker<'a> {
+    w: usize,
+    ring: Ring,
+    channels: Vec<DstChannel>,
+    writes: HashMap<u64, WriteOp>,
+    next_write_tag: u64,
+    heap_held: usize,
+    shared: &'a DestShared,
+    progress: &'a Progress,
+    max_packet_size: u32,
+    last_progress: (u64, Instant),
+}
+
+impl UringEngine {
+    fn dest_worker(
+        &self,
+        w: usize,
+        channels: Vec<(usize, OwnedFd)>,
+        buffers: usize,
+        shared: &DestShared,
+        barrier: &Barrier,
+        progress: &Progress,
+    ) -> Result<Vec<String>, DataPlaneError> {
+        let ring = Ring::new(&self.ring_config(buffers, self.config.chunk_size));
+        if let Ok(ring) = &ring {
+            shared.wakers.lock().unwrap_or_else(|p| p.into_inner())[w] = Some(ring.waker());
+        }
+        barrier.wait();
+        let ring = ring.map_err(|err| DataPlaneError::Setup {
+            engine: "uring",
+            source: io::Error::other(error_chain(&err)),
+        })?;
+        let notes = ring.notes().to_vec();
+        let mut worker = DestWorker {
+            w,
+            ring,
+            channels: channels
+                .into_iter()
+                .map(|(index, fd)| DstChannel {
+                    index,
+                    fd,
+                    state: ChanState::Header { got: 0 },
+                    hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
+                    payload: None,
+                    offset: 0,
+                    report: ChannelReport::default(),
+                })
+                .collect(),
+            writes: HashMap::new(),
+            next_write_tag: 0,
+            heap_held: 0,
+            shared,
+            progress,
+            max_packet_size: self.config.max_packet_size,
+            last_progress: (0, Instant::now()),
+        };
+        let result = worker.run();
+        if result.is_err() {
+            worker.ring.cancel_all(Duration::from_secs(5));
+        }
+        // Hand back buffers still queued in reassembly that belong to this worker: none are
+        // left on success; on failure the pool is dropped with the ring.
+        let reports = worker.channels.iter().map(|c| (c.index, c.report.clone()));
+        shared
+            .channel_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(reports);
+        result.map(|()| notes)
+    }
+}
+
+impl DestWorker<'_> {
+    fn run(&mut self) -> Result<(), DataPlaneError> {
+        for c in 0..self.channels.len() {
+            self.recv_header(c)?;
+        }
+        loop {
+            if self.progress.cancelled() {
+                return Err(DataPlaneError::Cancelled);
+            }
+            if self.shared.failure.is_set() {
+                return Err(DataPlaneError::Cancelled);
+            }
+            if self.finished() {
+                return Ok(());
+            }
+            self.ring
+                .wait(1, Some(POLL))
+                .map_err(|source| DataPlaneError::Setup {
+                    engine: "uring",
+                    source,
+                })?;
+            let mut woken = false;
+            while let Some(done) = self.ring.next_completion() {
+                match done.kind {
+                    OpKind::Wake => woken = true,
+                    OpKind::Recv => self.recv_done(done)?,
+                    OpKind::Write => self.write_done(done)?,
+                    _ => {}
+                }
+            }
+            if woken || self.has_parked() {
+                self.deliver_mine()?;
+                self.retry_parked()?;
+            }
+            self.check_stall()?;
+        }
+    }
+
+    /// This worker is done when its channels reached EOF, nothing of its is in flight, and no
+    /// buffer of its pool waits in a reassembly (another worker's write may still make it
+    /// deliverable, and only this worker may write from it).
+    fn finished(&self) -> bool {
+        self.channels
+            .iter()
+            .all(|c| matches!(c.state, ChanState::Done))
+            && self.writes.is_empty()
+            && self.ring.in_flight() == 0
+            && self.heap_held == 0
+            && self.ring.buffers().free_slots() == self.ring.buffers().slots()
+    }
+
+    fn has_parked(&self) -> bool {
+        self.shared.parked[self.w].load(Ordering::SeqCst) > 0
+    }
+
+    fn recv_header(&mut self, c: usize) -> Result<(), DataPlaneError> {
+        let channel = &mut self.channels[c];
+        let ChanState::Header { got } = channel.state else {
+            return Ok(());
+        };
+        let hdr = channel
+            .hdr
+            .take()
+            .expect("header buffer is home between packets");
+        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        self.ring
+            .recv(
+                c as u64,
+                channel.fd.as_fd(),
+                Buffer::Heap(hdr),
+                got..PACKET_HEADER_ROOM,
+            )
+            .map_err(|source| DataPlaneError::Recv {
+                channel: channel.index,
+                offset: channel.offset + got as u64,
+                source,
+            })
+    }
+
+    fn recv_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
+        let c = done.tag as usize;
+        let channel = &mut self.channels[c];
+        let index = channel.index;
+        let n = match done.result {
+            Ok(n) => n,
+            Err(source) => {
+                let offset = channel.offset;
+                return Err(DataPlaneError::Recv {
+                    channel: index,
+                    offset,
+                    source,
+                });
+            }
+        };
+        match &mut channel.state {
+            ChanState::Header { got } => {
+                channel.hdr = match done.buf {
+                    Some(Buffer::Heap(hdr)) => Some(hdr),
+                    _ => None,
+                };
+                if n == 0 && *got == 0 {
+                    channel.state = ChanState::Done;
+                    return Ok(());
+                }
+                if n == 0 {
+                    return Err(DataPlaneError::TruncatedPacket {
+                        channel: index,
+                        offset: channel.offset,
+                    });
+                }
+                *got += n;
+                if *got < PACKET_HEADER_ROOM {
+                    return self.recv_header(c);
+                }
+                let info = self.decode_header(c)?;
+                self.channels[c].state = ChanState::Packet(info);
+                self.place(c)
+            }
+            ChanState::Packet(info) => {
+                if n == 0 {
+                    return Err(DataPlaneError::TruncatedPacket {
+                        channel: index,
+                        offset: channel.offset,
+                    });
+                }
+                info.got += n;
+                channel.payload = done.buf;
+                if info.got < info.len as usize {
+                    return self.recv_payload(c);
+                }
+                self.payload_done(c)
+            }
+            ChanState::Done => Ok(()),
+        }
+    }
+
+    fn decode_header(&mut self, c: usize) -> Result<PacketInfo, DataPlaneError> {
+        let channel = &self.channels[c];
+        let (index, offset) = (channel.index, channel.offset);
+        let hdr = channel
+            .hdr
+            .as_deref()
+            .expect("header buffer is home after its recv");
+        let wire = |source| DataPlaneError::Wire {
+            channel: index,
+            offset,
+            source,
+        };
+        let (ds, vfio) = hdr.split_at(DEVICE_STATE_HEADER_LEN);
+        let ds: &[u8; DEVICE_STATE_HEADER_LEN] = ds.try_into().expect("288-byte header buffer");
+        let view = DeviceStatePacketHeader::decode(ds, self.max_packet_size).map_err(wire)?;
+        let vfio: &[u8; VFIO_HEADER_LEN] = vfio.try_into().expect("288-byte header buffer");
+        let vfio =
+            VfioDeviceStatePacketHeader::decode(vfio, DEVICE_STATE_HEADER_LEN).map_err(wire)?;
+        let key = (view.idstr.to_vec(), view.instance_id);
+        let Some(&device) = self.shared.by_id.get(&key) else {
+            return Err(DataPlaneError::UnknownDevice {
+                channel: index,
+                idstr: String::from_utf8_lossy(view.idstr).into_owned(),
+                instance_id: view.instance_id,
+                offset,
+            });
+        };
+        Ok(PacketInfo {
+            device,
+            idx: vfio.idx,
+            config: vfio.config,
+            len: view.next_packet_size - VFIO_HEADER_LEN as u32,
+            receiving: false,
+            got: 0,
+            parked: false,
+        })
+    }
+
+    /// Finds the packet a place: admission by the device's reassembly, then a buffer. Parks the
+    /// channel when either says "not now".
+    fn place(&mut self, c: usize) -> Result<(), DataPlaneError> {
+        let ChanState::Packet(mut info) = self.channels[c].state else {
+            return Ok(());
+        };
+        let index = self.channels[c].index;
+        let mut state = self.shared.state(info.device);
+        let admission = state
+            .reassembly
+            .admit(info.idx, info.config, info.len)
+            .map_err(|source| DataPlaneError::Reassembly {
+                channel: index,
+                device: self.shared.devices[info.device].id.clone(),
+                idx: info.idx,
+                source,
+            })?;
+        let is_next = state.reassembly.is_next(info.idx);
+        let fits_slot = info.len as usize <= self.ring.buffers().slot_size();
+        // The last free slot is kept for the packet that is next in order, so out-of-order
+        // packets cannot take every slot and leave nothing for the one that unblocks them.
+        let free = self.ring.buffers().free_slots();
+        let buffer_ok = !fits_slot || free > 1 || (free == 1 && is_next);
+        if admission == Admission::Wait || !buffer_ok {
+            if !info.parked {
+                info.parked = true;
+                self.shared.parked[self.w].fetch_add(1, Ordering::SeqCst);
+                self.channels[c].state = ChanState::Packet(info);
+            }
+            return Ok(());
+        }
+        state.reassembly.reserve(info.idx, info.config, info.len);
+        drop(state);
+        if info.parked {
+            info.parked = false;
+            self.shared.parked[self.w].fetch_sub(1, Ordering::SeqCst);
+        }
+        let buf = if fits_slot {
+            Buffer::Pool(self.ring.pool().take().expect("checked a free slot"))
+        } else {
+            self.heap_held += 1;
+            Buffer::Heap(vec![0u8; info.len as usize].into_boxed_slice())
+        };
+        info.receiving = true;
+        self.channels[c].payload = Some(buf);
+        self.channels[c].state = ChanState::Packet(info);
+        if info.len == 0 {
+            return self.payload_done(c);
+        }
+        self.recv_payload(c)
+    }
+
+    fn recv_payload(&mut self, c: usize) -> Result<(), DataPlaneError> {
+        let channel = &mut self.channels[c];
+        let ChanState::Packet(info) = channel.state else {
+            return Ok(());
+        };
+        let buf = channel
+            .payload
+            .take()
+            .expect("payload buffer set when placed");
+        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        self.ring
+            .recv(
+                c as u64,
+                channel.fd.as_fd(),
+                buf,
+                info.got..info.len as usize,
+            )
+            .map_err(|source| DataPlaneError::Recv {
+                channel: channel.index,
+                offset: channel.offset + (PACKET_HEADER_ROOM + info.got) as u64,
+                source,
+            })
+    }
+
+    fn payload_done(&mut self, c: usize) -> Result<(), DataPlaneError> {
+        let channel = &mut self.channels[c];
+        let ChanState::Packet(info) = channel.state else {
+            return Ok(());
+        };
+        let buf = channel
+            .payload
+            .take()
+            .expect("payload received into its buffer");
+        channel.offset += (PACKET_HEADER_ROOM + info.len as usize) as u64;
+        channel.report.bytes += (PACKET_HEADER_ROOM + info.len as usize) as u64;
+        channel.report.packets += 1;
+        channel.state = ChanState::Header { got: 0 };
+        let index = channel.index;
+        self.shared.progress_events.fetch_add(1, Ordering::SeqCst);
+        self.shared.state(info.device).reassembly.fill(
+            info.idx,
+            Held {
+                worker: self.w,
+                channel: index,
+                buf,
+            },
+        );
+        self.deliver(info.device)?;
+        self.recv_header(c)
+    }
+
+    /// Starts the device's next in-order write if its buffer is this worker's; wakes the owner
+    /// otherwise.
+    fn deliver(&mut self, d: usize) -> Result<(), DataPlaneError> {
+        let mut state = self.shared.state(d);
+        let owner = match state.reassembly.peek_ready() {
+            Some(held) => held.worker,
+            None => return Ok(()),
+        };
+        if owner != self.w {
+            drop(state);
+            if let Some(waker) = self.shared.waker(owner) {
+                waker.wake();
+            }
+            return Ok(());
+        }
+        let ready = state.reassembly.pop_ready().expect("peeked a ready buffer");
+        if ready.config {
+            let blob = self.buffer_bytes(&ready.buf.buf, ready.len as usize);
+            state.report.config = blob;
+            let loaded = state.reassembly.complete(ready.len);
+            state.report.loaded_ns = monotonic_ns();
+            drop(state);
+            self.release(ready.buf.buf);
+            if loaded {
+                self.shared.loaded.fetch_add(1, Ordering::SeqCst);
+                self.shared.wake_all();
+            }
+            return Ok(());
+        }
+        drop(state);
+        let tag = TAG_WRITE | self.next_write_tag;
+        self.next_write_tag += 1;
+        let len = ready.len as usize;
+        self.writes.insert(
+            tag,
+            WriteOp {
+                device: d,
+                idx: ready.idx,
+                channel: ready.buf.channel,
+                len,
+                done: 0,
+            },
+        );
+        self.submit_write(tag, ready.buf.buf, 0)
+    }
+
+    fn submit_write(&mut self, tag: u64, buf: Buffer, from: usize) -> Result<(), DataPlaneError> {
+        let op = &self.writes[&tag];
+        let device = &self.shared.devices[op.device];
+        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        self.ring
+            .write(tag, device.data_fd.as_fd(), buf, from..op.len)
+            .map_err(|source| DataPlaneError::WriteDevice {
+                device: device.id.clone(),
+                idx: op.idx,
+                channel: op.channel,
+                source,
+            })
+    }
+
+    fn write_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
+        let Some(op) = self.writes.get_mut(&done.tag) else {
+            return Ok(());
+        };
+        let written = match done.result {
+            Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+            other => other,
+        };
+        let n = written.map_err(|source| DataPlaneError::WriteDevice {
+            device: self.shared.devices[op.device].id.clone(),
+            idx: op.idx,
+            channel: op.channel,
+            source,
+        })?;
+        op.done += n;
+        let buf = done.buf.expect("a write returns its buffer");
+        if op.done < op.len {
+            let from = op.done;
+            return self.submit_write(done.tag, buf, from);
+        }
+        let op = self.writes.remove(&done.tag).expect("looked up above");
+        self.release(buf);
+        let now = monotonic_ns();
+        {
+            let mut state = self.shared.state(op.device);
+            let report = &mut state.report;
+            let idx = op.idx as usize;
+            if report.written_ns.len() <= idx {
+                report.written_ns.resize(idx + 1, 0);
+            }
+            report.written_ns[idx] = now;
+            report.bytes += op.len as u64;
+            report.data_packets += 1;
+            state.reassembly.complete(op.len as u32);
+        }
+        self.progress.add(op.len);
+        self.shared.progress_events.fetch_add(1, Ordering::SeqCst);
+        self.deliver(op.device)?;
+        // Something was written: parked channels anywhere may fit now.
+        for w in 0..self.shared.parked.len() {
+            if w != self.w && self.shared.parked[w].load(Ordering::SeqCst) > 0 {
+                if let Some(waker) = self.shared.waker(w) {
+                    waker.wake();
+                }
+            }
+        }
+        self.retry_parked()
+    }
+
+    fn buffer_bytes(&mut self, buf: &Buffer, len: usize) -> Vec<u8> {
+        match buf {
+            Buffer::Pool(id) => self.ring.pool().slot_mut(id)[..len].to_vec(),
+            Buffer::Heap(heap) => heap[..len].to_vec(),
+        }
+    }
+
+    fn release(&mut self, buf: Buffer) {
+        match buf {
+            Buffer::Pool(id) => self.ring.pool().put(id),
+            Buffer::Heap(_) => self.heap_held -= 1,
+        }
+    }
+
+    fn deliver_mine(&mut self) -> Result<(), DataPlaneError> {
+        for d in 0..self.shared.devices.len() {
+            self.deliver(d)?;
+        }
+        Ok(())
+    }
+
+    fn retry_parked(&mut self) -> Result<(), DataPlaneError> {
+        for c in 0..self.channels.len() {
+            if matches!(
+                self.channels[c].state,
+                ChanState::Packet(PacketInfo { parked: true, .. })
+            ) {
+                self.place(c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when no channel anywhere can move: every live channel is parked and no receive or
+    /// write is in flight in any worker, for longer than a wake-up can take.
+    fn check_stall(&mut self) -> Result<(), DataPlaneError> {
+        let events = self.shared.progress_events.load(Ordering::SeqCst);
+        if events != self.last_progress.0 || !self.has_parked() {
+            self.last_progress = (events, Instant::now());
+            return Ok(());
+        }
+        if self.shared.active_ops.load(Ordering::SeqCst) > 0
+            || self.last_progress.1.elapsed() < STALL_GRACE
+        {
+            return Ok(());
+        }
+        let parked: Vec<String> = self
+            .channels
+            .iter()
+            .filter_map(|c| match c.state {
+                ChanState::Packet(info) if info.parked => {
+                    let state = self.shared.state(info.device);
+                    Some(format!(
+                        "channel {} holds device {} idx {} ({} bytes) while the device waits for idx {} with {} bytes queued",
+                        c.index,
+                        self.shared.devices[info.device].id,
+                        info.idx,
+                        info.len,
+                        state.reassembly.next_idx(),
+                        state.reassembly.queued_bytes()
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        Err(DataPlaneError::Stalled {
+            detail: format!(
+                "{}; {} of {} buffers free: raise the queued-bytes limit or the buffer pool",
+                parked.join("; "),
+                self.ring.buffers().free_slots(),
+                self.ring.buffers().slots()
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{InitExpectation, MultifdInitPacket};
+    use std::io::{Read, Seek, Write};
+    use zerocopy::IntoBytes;
+
+    fn tmpfs_file(bytes: &[u8]) -> std::fs::File {
+        use std::sync::atomic::AtomicU64;
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::path::Path::new("/dev/shm").join(format!(
+            "uring-engine-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.write_all(bytes).unwrap();
+        file.rewind().unwrap();
+        file
+    }
+
+    fn channel_pairs(n: usize) -> (Vec<OwnedFd>, Vec<OwnedFd>) {
+        let uuid = [7u8; 16];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut src = Vec::new();
+        for id in 0..n {
+            let mut s = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            s.write_all(MultifdInitPacket::new(uuid, id as u8).as_bytes())
+                .unwrap();
+            src.push(OwnedFd::from(s));
+        }
+        let mut dst: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut init = [0u8; 64];
+            s.read_exact(&mut init).unwrap();
+            let id = MultifdInitPacket::decode(
+                &init,
+                &InitExpectation {
+                    uuid,
+                    channels: n as u8,
+                },
+            )
+            .unwrap();
+            dst[id as usize] = Some(OwnedFd::from(s));
+        }
+        (src, dst.into_iter().map(Option::unwrap).collect())
+    }
+
+    fn content(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed as u32) as u8
+                    ^ (i >> 12) as u8
+            })
+            .collect()
+    }
+
+    fn migrate(
+        config: EngineConfig,
+        sizes: &[usize],
+        channels: usize,
+    ) -> (SourceReport, DestReport, Vec<Vec<u8>>) {
+        let (src_ch, dst_ch) = channel_pairs(channels);
+        let mut src_devices = Vec::new();
+        let mut dst_devices = Vec::new();
+        let mut outputs = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let id = DeviceId::new(format!("0000:00:0{i}.0/vfio"), 0).unwrap();
+            let src = tmpfs_file(&content(i as u8, size));
+            let dst = tmpfs_file(&[]);
+            outputs.push(dst.try_clone().unwrap());
+            src_devices.push(SourceDevice {
+                id: id.clone(),
+                data_fd: src.into(),
+                read_size: config.chunk_size,
+                config: format!("config of {i}").into_bytes(),
+            });
+            dst_devices.push(DestDevice {
+                id,
+                data_fd: dst.into(),
+            });
+        }
+        let engine = UringEngine::new(config).unwrap();
+        let (src_report, dst_report) = std::thread::scope(|s| {
+            let dst = s.spawn(|| {
+                engine.run_dest(DestPlan {
+                    devices: dst_devices,
+                    channels: dst_ch,
+                    progress: Arc::default(),
+                })
+            });
+            let src = engine.run_source(SourcePlan {
+                devices: src_devices,
+                channels: src_ch,
+                progress: Arc::default(),
+            });
+            (src.unwrap(), dst.join().unwrap().unwrap())
+        });
+        let bytes = outputs
+            .into_iter()
+            .map(|mut f| {
+                f.rewind().unwrap();
+                let mut v = Vec::new();
+                f.read_to_end(&mut v).unwrap();
+                v
+            })
+            .collect();
+        (src_report, dst_report, bytes)
+    }
+
+    fn check(config: EngineConfig, sizes: &[usize], channels: usize) {
+        let chunk = config.chunk_size;
+        let (src, dst, outputs) = migrate(config, sizes, channels);
+        for (i, &size) in sizes.iter().enumerate() {
+            assert_eq!(outputs[i].len(), size, "device {i} size");
+            assert!(
+                outputs[i] == content(i as u8, size),
+                "device {i} bytes differ"
+            );
+            assert_eq!(dst.devices[i].config, format!("config of {i}").into_bytes());
+            let packets = size.div_ceil(chunk) as u32;
+            assert_eq!(src.devices[i].data_packets, packets);
+            assert_eq!(dst.devices[i].data_packets, packets);
+            assert_eq!(src.devices[i].read_issued_ns.len(), packets as usize);
+            for (idx, &written) in dst.devices[i].written_ns.iter().enumerate() {
+                assert!(
+                    written >= src.devices[i].read_issued_ns[idx],
+                    "latency >= 0"
+                );
+            }
+        }
+        let sent: u64 = src.channels.iter().map(|c| c.bytes).sum();
+        let received: u64 = dst.channels.iter().map(|c| c.bytes).sum();
+        assert_eq!(sent, received);
+    }
+
+    fn config(workers: usize, chunk: usize) -> EngineConfig {
+        EngineConfig {
+            workers,
+            chunk_size: chunk,
+            pool_buffers: 16,
+            ..EngineConfig::default()
+        }
+    }
+
+    pub(super) fn check_pub(config: EngineConfig, sizes: &[usize], channels: usize) {
+        check(config, sizes, channels)
+    }
+
+    pub(super) fn config_pub(workers: usize, chunk: usize) -> EngineConfig {
+        config(workers, chunk)
+    }
+
+    #[test]
+    fn moves_every_byte_with_short_reads_empty_and_tiny_devices() {
+        check(
+            config(1, 64 << 10),
+            &[1 << 20, (64 << 10) * 3 + 17, 0, 1, 64 << 10],
+            3,
+        );
+    }
+
+    #[test]
+    fn moves_every_byte_with_two_workers_and_many_channels() {
+        check(config(2, 32 << 10), &[3 << 20, 2 << 20, 1 << 20, 12345], 16);
+    }
+
+    #[test]
+    fn unlinked_unregistered_and_zero_copy_free_paths_move_the_same_bytes() {
+        for forbid in [
+            ::uring::FeatureMask::parse("linked-chains").unwrap(),
+            ::uring::FeatureMask::parse("fixed-buffers,send-zc").unwrap(),
+            ::uring::FeatureMask::parse("all").unwrap(),
+        ] {
+            check(
+                EngineConfig {
+                    forbid,
+                    ..config(2, 16 << 10)
+                },
+                &[300_001, 70_000],
+                4,
+            );
+        }
+    }
+
+    #[test]
+    fn a_tiny_queued_bytes_limit_backpressures_instead_of_failing() {
+        let config = EngineConfig {
+            max_queued_bytes: 1,
+            ..config(2, 16 << 10)
+        };
+        check(config, &[1 << 20, 1 << 20], 8);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    /// `cargo test --release -- --ignored uring_speed --nocapture`: a rough look, not a test.
+    #[test]
+    #[ignore]
+    fn uring_speed() {
+        for workers in [1, 2] {
+            let start = std::time::Instant::now();
+            let sizes = [100 << 20; 4];
+            super::tests::check_pub(super::tests::config_pub(workers, 1 << 20), &sizes, 6);
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "workers {workers}: 400 MiB in {secs:.3}s incl. setup+verify = {:.2} GB/s",
+                400.0 * 1.048576e6 / secs / 1e9
+            );
+        }
     }
 }

@@ -50,7 +50,8 @@ pub struct Ready<B> {
 struct Queued<B> {
     config: bool,
     len: u32,
-    buf: B,
+    /// None while the payload is still being received (reserved by [`Reassembly::reserve`]).
+    buf: Option<B>,
 }
 
 /// One device's reassembly state.
@@ -117,13 +118,50 @@ impl<B> Reassembly<B> {
 
     /// Queues an admitted packet. Call only after [`Self::admit`] said `Accept`.
     pub fn insert(&mut self, idx: u32, config: bool, len: u32, buf: B) {
+        self.reserve(idx, config, len);
+        self.fill(idx, buf);
+    }
+
+    /// Takes an admitted packet's place before its payload arrives, so a second packet with the
+    /// same idx is a duplicate from this moment on. Call only after `admit` said `Accept`.
+    pub fn reserve(&mut self, idx: u32, config: bool, len: u32) {
         if config {
             self.config_idx = Some(idx);
         } else {
             self.highest_data = Some(self.highest_data.map_or(idx, |h| h.max(idx)));
         }
         self.queued_bytes += u64::from(len);
-        self.pending.insert(idx, Queued { config, len, buf });
+        self.pending.insert(
+            idx,
+            Queued {
+                config,
+                len,
+                buf: None,
+            },
+        );
+    }
+
+    /// Gives a reserved packet its received payload.
+    pub fn fill(&mut self, idx: u32, buf: B) {
+        if let Some(queued) = self.pending.get_mut(&idx) {
+            queued.buf = Some(buf);
+        }
+    }
+
+    /// Whether `idx` is the next to deliver (it may take the last free buffer).
+    pub fn is_next(&self, idx: u32) -> bool {
+        idx == self.next_idx && !self.in_flight
+    }
+
+    /// The buffer [`Self::pop_ready`] would hand out, without taking it.
+    pub fn peek_ready(&self) -> Option<&B> {
+        if self.in_flight {
+            return None;
+        }
+        let (&idx, queued) = self.pending.first_key_value()?;
+        (idx == self.next_idx)
+            .then_some(queued.buf.as_ref())
+            .flatten()
     }
 
     /// The next buffer in order, if it is here and no write is in flight.
@@ -132,11 +170,12 @@ impl<B> Reassembly<B> {
             return None;
         }
         let entry = self.pending.first_entry()?;
-        if *entry.key() != self.next_idx {
+        if *entry.key() != self.next_idx || entry.get().buf.is_none() {
             return None;
         }
         let idx = *entry.key();
         let Queued { config, len, buf } = entry.remove();
+        let buf = buf?;
         self.in_flight = true;
         Some(Ready {
             idx,
@@ -177,7 +216,9 @@ impl<B> Reassembly<B> {
 
     /// Buffers still queued (for returning them to a pool on failure).
     pub fn drain(&mut self) -> impl Iterator<Item = B> + '_ {
-        std::mem::take(&mut self.pending).into_values().map(|q| q.buf)
+        std::mem::take(&mut self.pending)
+            .into_values()
+            .filter_map(|q| q.buf)
     }
 }
 
@@ -207,7 +248,10 @@ mod tests {
         assert_eq!(deliver_all(&mut r), vec![0, 1, 2]);
         assert!(r.is_loaded());
         assert_eq!(r.queued_bytes(), 0);
-        assert_eq!(r.admit(3, false, 1), Err(ReassemblyError::AfterLoaded { idx: 3 }));
+        assert_eq!(
+            r.admit(3, false, 1),
+            Err(ReassemblyError::AfterLoaded { idx: 3 })
+        );
     }
 
     #[test]
@@ -226,20 +270,29 @@ mod tests {
         let mut r = Reassembly::new(u64::MAX);
         r.insert(3, true, 1, 0);
         r.insert(1, false, 1, 0);
-        assert_eq!(r.admit(1, false, 1), Err(ReassemblyError::Duplicate { idx: 1 }));
+        assert_eq!(
+            r.admit(1, false, 1),
+            Err(ReassemblyError::Duplicate { idx: 1 })
+        );
         assert_eq!(
             r.admit(5, true, 1),
             Err(ReassemblyError::SecondConfig { idx: 5, first: 3 })
         );
         assert_eq!(
             r.admit(4, false, 1),
-            Err(ReassemblyError::AboveConfig { idx: 4, config_idx: 3 })
+            Err(ReassemblyError::AboveConfig {
+                idx: 4,
+                config_idx: 3
+            })
         );
         let mut r = Reassembly::new(u64::MAX);
         r.insert(7, false, 1, 0);
         assert_eq!(
             r.admit(6, true, 1),
-            Err(ReassemblyError::ConfigBelowData { idx: 6, highest_data: 7 })
+            Err(ReassemblyError::ConfigBelowData {
+                idx: 6,
+                highest_data: 7
+            })
         );
     }
 
@@ -249,14 +302,36 @@ mod tests {
         assert_eq!(r.admit(1, false, 60), Ok(Admission::Accept));
         r.insert(1, false, 60, 1);
         assert_eq!(r.admit(2, false, 60), Ok(Admission::Wait));
-        assert_eq!(r.admit(0, false, 60), Ok(Admission::Accept), "idx 0 is deliverable");
+        assert_eq!(
+            r.admit(0, false, 60),
+            Ok(Admission::Accept),
+            "idx 0 is deliverable"
+        );
         r.insert(0, false, 60, 0);
         assert_eq!(deliver_all(&mut r), vec![0, 1]);
         assert_eq!(r.admit(2, false, 60), Ok(Admission::Accept));
         assert_eq!(
             r.admit(0, false, 1),
-            Err(ReassemblyError::AlreadyWritten { idx: 0, next_idx: 2 })
+            Err(ReassemblyError::AlreadyWritten {
+                idx: 0,
+                next_idx: 2
+            })
         );
+    }
+
+    #[test]
+    fn a_reserved_idx_is_a_duplicate_before_its_payload_arrives() {
+        let mut r = Reassembly::new(u64::MAX);
+        r.reserve(0, false, 5);
+        assert_eq!(
+            r.admit(0, false, 5),
+            Err(ReassemblyError::Duplicate { idx: 0 })
+        );
+        assert!(r.pop_ready().is_none(), "payload not here yet");
+        assert!(r.peek_ready().is_none());
+        r.fill(0, 42);
+        assert_eq!(r.peek_ready(), Some(&42));
+        assert_eq!(r.pop_ready().unwrap().buf, 42);
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub(crate) fn user_data(index: u32, generation: u16, part: u8) -> u64 {
 }
 
 pub(crate) fn split_user_data(user_data: u64) -> (u32, u16, u8) {
-    (user_data as u32, (user_data >> 32) as u16, (user_data >> 48) as u8)
+    (
+        user_data as u32,
+        (user_data >> 32) as u16,
+        (user_data >> 48) as u8,
+    )
 }
 
 impl OpTable {
@@ -152,7 +156,10 @@ mod tests {
         assert!(table.remove(index).is_some());
         let (index2, generation2) = table.insert(op());
         assert_eq!(index, index2, "slot is reused");
-        assert!(table.get_mut(index, generation).is_none(), "old generation is stale");
+        assert!(
+            table.get_mut(index, generation).is_none(),
+            "old generation is stale"
+        );
         assert!(table.get_mut(index2, generation2).is_some());
         assert_eq!(table.live(), 1);
     }

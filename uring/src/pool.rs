@@ -61,7 +61,8 @@ const PAGE: usize = 4096;
 impl BufferPool {
     /// Allocates `slots` slots of `slot_size` bytes (rounded up to a page), zeroed.
     pub fn new(slots: usize, slot_size: usize) -> std::io::Result<Self> {
-        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+        let invalid =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
         if slots == 0 || slots > usize::from(u16::MAX) {
             return Err(invalid("buffer pool needs 1..=65535 slots"));
         }
@@ -72,7 +73,8 @@ impl BufferPool {
         let total = slot_size
             .checked_mul(slots)
             .ok_or_else(|| invalid("buffer pool size overflows"))?;
-        let layout = Layout::from_size_align(total, PAGE).map_err(|_| invalid("buffer pool layout"))?;
+        let layout =
+            Layout::from_size_align(total, PAGE).map_err(|_| invalid("buffer pool layout"))?;
         // SAFETY: the layout has a non-zero size (slots >= 1, slot_size >= one page).
         let arena = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;

@@ -89,7 +89,10 @@ impl FeatureMask {
                 .find(|f| f.name() == name)
                 .ok_or_else(|| {
                     let known: Vec<_> = Feature::ALL.iter().map(|f| f.name()).collect();
-                    format!("unknown io_uring feature {name:?}; known: {}, all", known.join(", "))
+                    format!(
+                        "unknown io_uring feature {name:?}; known: {}, all",
+                        known.join(", ")
+                    )
                 })?;
             mask = mask.with(*feature);
         }
@@ -122,7 +125,9 @@ pub struct Probe {
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Probes io_uring: setup, setup flags, the opcodes the engine uses, and whether `pin_bytes`
@@ -132,7 +137,10 @@ pub fn probe(pin_bytes: usize) -> Probe {
     let kernel = read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into());
     let io_uring_disabled: Option<u8> =
         read_trimmed("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse().ok());
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `limit` is a live rlimit for getrlimit to fill.
     let memlock_limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
         && limit.rlim_cur != libc::RLIM_INFINITY
@@ -152,8 +160,17 @@ pub fn probe(pin_bytes: usize) -> Probe {
                 ),
                 _ => format!("io_uring_setup failed: {err}"),
             };
-            let features = Feature::ALL.iter().map(|&f| (f, Err(why.clone()))).collect();
-            return Probe { kernel, io_uring_disabled, unusable: Some(why), features, memlock_limit };
+            let features = Feature::ALL
+                .iter()
+                .map(|&f| (f, Err(why.clone())))
+                .collect();
+            return Probe {
+                kernel,
+                io_uring_disabled,
+                unusable: Some(why),
+                features,
+                memlock_limit,
+            };
         }
     };
     let mut ops = io_uring::Probe::new();
@@ -162,7 +179,9 @@ pub fn probe(pin_bytes: usize) -> Probe {
         if probed && ops.is_supported(code) {
             Ok(())
         } else {
-            Err(format!("the kernel does not support {name} (added in Linux {since})"))
+            Err(format!(
+                "the kernel does not support {name} (added in Linux {since})"
+            ))
         }
     };
     let setup = |builder: &mut io_uring::Builder, name: &str, since: &str| -> Result<(), String> {
@@ -197,17 +216,33 @@ pub fn probe(pin_bytes: usize) -> Probe {
                 Feature::FixedBuffers => fixed.clone(),
                 Feature::LinkedChains => Ok(()),
                 Feature::DeferTaskrun => setup(
-                    IoUring::builder().setup_single_issuer().setup_defer_taskrun(),
+                    IoUring::builder()
+                        .setup_single_issuer()
+                        .setup_defer_taskrun(),
                     "SINGLE_ISSUER|DEFER_TASKRUN",
                     "6.1",
                 ),
-                Feature::CoopTaskrun => setup(IoUring::builder().setup_coop_taskrun(), "COOP_TASKRUN", "5.19"),
-                Feature::Sqpoll => setup(IoUring::builder().setup_sqpoll(1000), "SQPOLL", "5.11 (unprivileged)"),
+                Feature::CoopTaskrun => setup(
+                    IoUring::builder().setup_coop_taskrun(),
+                    "COOP_TASKRUN",
+                    "5.19",
+                ),
+                Feature::Sqpoll => setup(
+                    IoUring::builder().setup_sqpoll(1000),
+                    "SQPOLL",
+                    "5.11 (unprivileged)",
+                ),
                 Feature::BufferRing => op(opcode::ProvideBuffers::CODE, "PROVIDE_BUFFERS", "5.7"),
                 Feature::IoUring => Ok(()),
             };
             (f, available)
         })
         .collect();
-    Probe { kernel, io_uring_disabled, unusable: None, features, memlock_limit }
+    Probe {
+        kernel,
+        io_uring_disabled,
+        unusable: None,
+        features,
+        memlock_limit,
+    }
 }

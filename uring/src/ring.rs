@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -116,7 +116,11 @@ fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static st
         }
     }
     if !forbid.contains(Feature::Sqpoll) && std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some() {
-        if let Ok(ring) = IoUring::builder().setup_sqpoll(1000).setup_cqsize(cq).build(entries) {
+        if let Ok(ring) = IoUring::builder()
+            .setup_sqpoll(1000)
+            .setup_cqsize(cq)
+            .build(entries)
+        {
             return Ok((ring, "sqpoll"));
         }
     }
@@ -132,12 +136,13 @@ impl Ring {
             return Err(RingError::Forbidden);
         }
         let (ring, setup) = build_ring(config.entries, config.forbid).map_err(RingError::Setup)?;
-        let mut pool =
-            BufferPool::new(config.buffers, config.buffer_size).map_err(|source| RingError::Pool {
+        let mut pool = BufferPool::new(config.buffers, config.buffer_size).map_err(|source| {
+            RingError::Pool {
                 buffers: config.buffers,
                 buffer_size: config.buffer_size,
                 source,
-            })?;
+            }
+        })?;
         let mut probe = io_uring::Probe::new();
         let probed = ring.submitter().register_probe(&mut probe).is_ok();
         let supported = |code: u8| probed && probe.is_supported(code);
@@ -211,6 +216,11 @@ impl Ring {
         self.waker.clone()
     }
 
+    /// The buffer pool, to read its counts.
+    pub fn buffers(&self) -> &BufferPool {
+        &self.pool
+    }
+
     /// The buffer pool.
     pub fn pool(&mut self) -> &mut BufferPool {
         &mut self.pool
@@ -226,7 +236,10 @@ impl Ring {
             Buffer::Pool(id) => (self.pool.slot_ptr(id.index()), self.pool.slot_size()),
             Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
         };
-        assert!(range.start <= range.end && range.end <= len, "op range outside its buffer");
+        assert!(
+            range.start <= range.end && range.end <= len,
+            "op range outside its buffer"
+        );
         // SAFETY: range.start <= len, so the pointer stays inside (or one past) the buffer.
         unsafe { base.add(range.start) }
     }
@@ -283,37 +296,86 @@ impl Ring {
 
     /// Reads `range` of `buf` from `fd` at its current position (offset -1: a data_fd is a
     /// stream).
-    pub fn read(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+    pub fn read(
+        &mut self,
+        tag: u64,
+        fd: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+    ) -> io::Result<()> {
         let fd = types::Fd(fd.as_raw_fd());
         let len = range.len() as u32;
-        self.submit_single(OpKind::Read, tag, buf, |ptr, fixed| match fixed {
-            Some(index) => opcode::ReadFixed::new(fd, ptr, len, index).offset(u64::MAX).build(),
-            None => opcode::Read::new(fd, ptr, len).offset(u64::MAX).build(),
-        }, range)
+        self.submit_single(
+            OpKind::Read,
+            tag,
+            buf,
+            |ptr, fixed| match fixed {
+                Some(index) => opcode::ReadFixed::new(fd, ptr, len, index)
+                    .offset(u64::MAX)
+                    .build(),
+                None => opcode::Read::new(fd, ptr, len).offset(u64::MAX).build(),
+            },
+            range,
+        )
     }
 
     /// Writes `range` of `buf` to `fd` at its current position.
-    pub fn write(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+    pub fn write(
+        &mut self,
+        tag: u64,
+        fd: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+    ) -> io::Result<()> {
         let fd = types::Fd(fd.as_raw_fd());
         let len = range.len() as u32;
-        self.submit_single(OpKind::Write, tag, buf, |ptr, fixed| match fixed {
-            Some(index) => opcode::WriteFixed::new(fd, ptr, len, index).offset(u64::MAX).build(),
-            None => opcode::Write::new(fd, ptr, len).offset(u64::MAX).build(),
-        }, range)
+        self.submit_single(
+            OpKind::Write,
+            tag,
+            buf,
+            |ptr, fixed| match fixed {
+                Some(index) => opcode::WriteFixed::new(fd, ptr, len, index)
+                    .offset(u64::MAX)
+                    .build(),
+                None => opcode::Write::new(fd, ptr, len).offset(u64::MAX).build(),
+            },
+            range,
+        )
     }
 
     /// Receives exactly `range.len()` bytes (MSG_WAITALL) unless the peer ends or fails first.
-    pub fn recv(&mut self, tag: u64, sock: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) -> io::Result<()> {
+    pub fn recv(
+        &mut self,
+        tag: u64,
+        sock: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+    ) -> io::Result<()> {
         let fd = types::Fd(sock.as_raw_fd());
         let len = range.len() as u32;
-        self.submit_single(OpKind::Recv, tag, buf, |ptr, _| {
-            opcode::Recv::new(fd, ptr, len).flags(libc::MSG_WAITALL).build()
-        }, range)
+        self.submit_single(
+            OpKind::Recv,
+            tag,
+            buf,
+            |ptr, _| {
+                opcode::Recv::new(fd, ptr, len)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+            },
+            range,
+        )
     }
 
     /// Sends `range` of `buf` whole (MSG_WAITALL, MSG_NOSIGNAL); with `zc`, as SEND_ZC, and the
     /// buffer comes back only after the zero-copy notification.
-    pub fn send(&mut self, tag: u64, sock: BorrowedFd<'_>, buf: Buffer, range: Range<usize>, zc: bool) -> io::Result<()> {
+    pub fn send(
+        &mut self,
+        tag: u64,
+        sock: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+        zc: bool,
+    ) -> io::Result<()> {
         let zc = zc && self.send_zc;
         let ptr = self.buf_range(&buf, &range);
         let entry = self.send_entry(sock.as_raw_fd(), ptr, range.len() as u32, &buf, zc);
@@ -326,7 +388,14 @@ impl Ring {
         Ok(())
     }
 
-    fn send_entry(&self, sock: RawFd, ptr: *mut u8, len: u32, buf: &Buffer, zc: bool) -> squeue::Entry {
+    fn send_entry(
+        &self,
+        sock: RawFd,
+        ptr: *mut u8,
+        len: u32,
+        buf: &Buffer,
+        zc: bool,
+    ) -> squeue::Entry {
         let fd = types::Fd(sock);
         let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
         if zc {
@@ -359,7 +428,10 @@ impl Ring {
         send: Range<usize>,
         zc: bool,
     ) -> io::Result<()> {
-        assert!(self.linked_chains, "linked chains are forbidden on this ring");
+        assert!(
+            self.linked_chains,
+            "linked chains are forbidden on this ring"
+        );
         let zc = zc && self.send_zc;
         let buf = Buffer::Pool(buf);
         let read_ptr = self.buf_range(&buf, &read);
@@ -369,9 +441,13 @@ impl Ring {
         let read_len = read.len() as u32;
         let read_entry = match &buf {
             Buffer::Pool(id) if self.fixed_buffers => {
-                opcode::ReadFixed::new(fd, read_ptr, read_len, id.index()).offset(u64::MAX).build()
+                opcode::ReadFixed::new(fd, read_ptr, read_len, id.index())
+                    .offset(u64::MAX)
+                    .build()
             }
-            _ => opcode::Read::new(fd, read_ptr, read_len).offset(u64::MAX).build(),
+            _ => opcode::Read::new(fd, read_ptr, read_len)
+                .offset(u64::MAX)
+                .build(),
         }
         .flags(squeue::Flags::IO_LINK)
         .user_data(user_data(index, generation, PART_MAIN));
@@ -405,7 +481,11 @@ impl Ring {
             };
             match result {
                 Ok(_) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
                 Err(err) => return Err(err),
             }
         }
@@ -422,9 +502,13 @@ impl Ring {
         if self.wake_armed {
             return;
         }
-        let entry = opcode::Read::new(types::Fd(self.waker.raw_fd()), self.wake_buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(WAKE_USER_DATA);
+        let entry = opcode::Read::new(
+            types::Fd(self.waker.raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE_USER_DATA);
         // SAFETY: `wake_buf` is leaked (never freed); the eventfd is owned by `waker`, a field of
         // the ring, and stays open while the ring is.
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -518,10 +602,14 @@ impl Ring {
     /// discarded and buffers go back to the pool). Returns false if some did not finish in time.
     pub fn cancel_all(&mut self, timeout: Duration) -> bool {
         for ud in self.ops.live_user_data() {
-            let entry = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_USER_DATA);
+            let entry = opcode::AsyncCancel::new(ud)
+                .build()
+                .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
             let chain_send = ud | u64::from(PART_CHAIN_SEND) << 48;
-            let entry = opcode::AsyncCancel::new(chain_send).build().user_data(CANCEL_USER_DATA);
+            let entry = opcode::AsyncCancel::new(chain_send)
+                .build()
+                .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
         }
         let deadline = Instant::now() + timeout;

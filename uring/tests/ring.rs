@@ -8,11 +8,21 @@ use std::time::Duration;
 use vfio_multifd_uring::{Buffer, Completion, Feature, FeatureMask, OpKind, Ring, RingConfig};
 
 fn ring(forbid: FeatureMask) -> Ring {
-    Ring::new(&RingConfig { entries: 64, buffers: 4, buffer_size: 64 << 10, forbid }).unwrap()
+    Ring::new(&RingConfig {
+        entries: 64,
+        buffers: 4,
+        buffer_size: 64 << 10,
+        forbid,
+    })
+    .unwrap()
 }
 
 fn stream_file(bytes: &[u8]) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("uring-test-{}-{}", std::process::id(), rand_suffix()));
+    let path = std::env::temp_dir().join(format!(
+        "uring-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::write(&path, bytes).unwrap();
     let file = std::fs::File::open(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
@@ -53,25 +63,54 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
     // A full read: the linked send carries header + chunk.
     let buf = ring.pool().take().unwrap();
     ring.pool().slot_mut(&buf)[..4].copy_from_slice(b"HEAD");
-    ring.read_then_send(1, file.as_fd(), tx.as_fd(), buf, 4..4 + 60_000, 0..4 + 60_000, zc).unwrap();
+    ring.read_then_send(
+        1,
+        file.as_fd(),
+        tx.as_fd(),
+        buf,
+        4..4 + 60_000,
+        0..4 + 60_000,
+        zc,
+    )
+    .unwrap();
     let read = wait_for(&mut ring, OpKind::ChainRead);
     assert_eq!(read.result.unwrap(), 60_000);
     let sent = wait_for(&mut ring, OpKind::ChainSend);
     assert_eq!(sent.result.unwrap(), 60_004);
-    let Some(Buffer::Pool(buf)) = sent.buf else { panic!("buffer comes back") };
+    let Some(Buffer::Pool(buf)) = sent.buf else {
+        panic!("buffer comes back")
+    };
     let mut got = vec![0u8; 60_004];
     rx.read_exact(&mut got).unwrap();
     assert_eq!(&got[..4], b"HEAD");
     assert_eq!(&got[4..], &data[..60_000]);
 
     // A short read (40_000 left of 60_000 asked) cancels the send; nothing reaches the socket.
-    ring.read_then_send(2, file.as_fd(), tx.as_fd(), buf, 4..4 + 60_000, 0..4 + 60_000, zc).unwrap();
-    assert_eq!(wait_for(&mut ring, OpKind::ChainRead).result.unwrap(), 40_000);
+    ring.read_then_send(
+        2,
+        file.as_fd(),
+        tx.as_fd(),
+        buf,
+        4..4 + 60_000,
+        0..4 + 60_000,
+        zc,
+    )
+    .unwrap();
+    assert_eq!(
+        wait_for(&mut ring, OpKind::ChainRead).result.unwrap(),
+        40_000
+    );
     let cancelled = wait_for(&mut ring, OpKind::ChainSend);
-    assert_eq!(cancelled.result.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
-    let Some(Buffer::Pool(buf)) = cancelled.buf else { panic!("buffer comes back") };
+    assert_eq!(
+        cancelled.result.unwrap_err().raw_os_error(),
+        Some(libc::ECANCELED)
+    );
+    let Some(Buffer::Pool(buf)) = cancelled.buf else {
+        panic!("buffer comes back")
+    };
     // The caller sends what was read.
-    ring.send(3, tx.as_fd(), Buffer::Pool(buf), 4..4 + 40_000, zc).unwrap();
+    ring.send(3, tx.as_fd(), Buffer::Pool(buf), 4..4 + 40_000, zc)
+        .unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
     assert_eq!(sent.result.unwrap(), 40_000);
     let mut got = vec![0u8; 40_000];
@@ -79,8 +118,11 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
     assert_eq!(&got[..], &data[60_000..]);
 
     // End of stream: the read returns 0 and the send is cancelled.
-    let Some(Buffer::Pool(buf)) = sent.buf else { panic!() };
-    ring.read_then_send(4, file.as_fd(), tx.as_fd(), buf, 4..1004, 0..1004, zc).unwrap();
+    let Some(Buffer::Pool(buf)) = sent.buf else {
+        panic!()
+    };
+    ring.read_then_send(4, file.as_fd(), tx.as_fd(), buf, 4..1004, 0..1004, zc)
+        .unwrap();
     assert_eq!(wait_for(&mut ring, OpKind::ChainRead).result.unwrap(), 0);
     assert!(wait_for(&mut ring, OpKind::ChainSend).result.is_err());
     assert_eq!(ring.in_flight(), 0);
@@ -98,7 +140,12 @@ fn linked_read_send_zero_copy_keeps_the_buffer_until_the_notification() {
 
 #[test]
 fn linked_read_send_without_fixed_buffers() {
-    chain_cases(FeatureMask::empty().with(Feature::FixedBuffers).with(Feature::DeferTaskrun), false);
+    chain_cases(
+        FeatureMask::empty()
+            .with(Feature::FixedBuffers)
+            .with(Feature::DeferTaskrun),
+        false,
+    );
 }
 
 #[test]
@@ -106,10 +153,14 @@ fn loopback_zero_copy_reports_copied() {
     let mut ring = ring(FeatureMask::empty());
     let (tx, mut rx) = tcp_pair();
     let buf = ring.pool().take().unwrap();
-    ring.send(9, tx.as_fd(), Buffer::Pool(buf), 0..65536, true).unwrap();
+    ring.send(9, tx.as_fd(), Buffer::Pool(buf), 0..65536, true)
+        .unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
     assert_eq!(sent.result.unwrap(), 65536);
-    assert!(sent.zc_copied, "loopback copies zero-copy sends (kernel 6.x)");
+    assert!(
+        sent.zc_copied,
+        "loopback copies zero-copy sends (kernel 6.x)"
+    );
     let mut got = vec![0u8; 65536];
     rx.read_exact(&mut got).unwrap();
 }
@@ -120,7 +171,10 @@ fn recv_waitall_then_write_and_eof() {
     let (mut tx, rx) = UnixStream::pair().unwrap();
     let out = stream_file(&[]);
     let out_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&out));
-    let out = std::fs::OpenOptions::new().write(true).open(out_path).unwrap();
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out_path)
+        .unwrap();
     let writer = std::thread::spawn(move || {
         for chunk in [b"abc".as_slice(), b"defgh", b"ij"] {
             tx.write_all(chunk).unwrap();
@@ -138,7 +192,11 @@ fn recv_waitall_then_write_and_eof() {
     writer.join().unwrap();
     let heap = Buffer::Heap(vec![0u8; 8].into_boxed_slice());
     ring.recv(3, rx.as_fd(), heap, 0..8).unwrap();
-    assert_eq!(wait_for(&mut ring, OpKind::Recv).result.unwrap(), 0, "peer closed: EOF");
+    assert_eq!(
+        wait_for(&mut ring, OpKind::Recv).result.unwrap(),
+        0,
+        "peer closed: EOF"
+    );
 }
 
 #[test]
@@ -146,10 +204,17 @@ fn zero_copy_on_a_unix_socket_is_refused_not_lost() {
     let mut ring = ring(FeatureMask::empty());
     let (tx, _rx) = UnixStream::pair().unwrap();
     let buf = ring.pool().take().unwrap();
-    ring.send(1, tx.as_fd(), Buffer::Pool(buf), 0..100, true).unwrap();
+    ring.send(1, tx.as_fd(), Buffer::Pool(buf), 0..100, true)
+        .unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
-    assert_eq!(sent.result.unwrap_err().raw_os_error(), Some(libc::EOPNOTSUPP));
-    assert!(matches!(sent.buf, Some(Buffer::Pool(_))), "the buffer comes back for a plain resend");
+    assert_eq!(
+        sent.result.unwrap_err().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    assert!(
+        matches!(sent.buf, Some(Buffer::Pool(_))),
+        "the buffer comes back for a plain resend"
+    );
 }
 
 #[test]
@@ -185,6 +250,9 @@ fn dropping_a_ring_with_a_blocked_recv_drains_it() {
     ring.recv(1, rx.as_fd(), Buffer::Pool(buf), 0..100).unwrap();
     ring.wait(0, Some(Duration::from_millis(10))).unwrap();
     assert_eq!(ring.in_flight(), 1);
-    assert!(ring.cancel_all(Duration::from_secs(2)), "a blocked recv is cancellable");
+    assert!(
+        ring.cancel_all(Duration::from_secs(2)),
+        "a blocked recv is cancellable"
+    );
     assert_eq!(ring.pool().free_slots(), 4);
 }
