@@ -19,10 +19,12 @@ mod ops;
 mod pool;
 mod probe;
 mod ring;
+mod seccomp;
 mod worker;
 
 pub use ops::{Completion, OpKind};
 pub use pool::{BufId, Buffer, BufferPool};
 pub use probe::{probe, Feature, FeatureMask, Probe};
 pub use ring::{Ring, RingConfig, RingError};
+pub use seccomp::deny_io_uring_setup;
 pub use worker::{allowed_cpus, pin_current_thread, spawn_worker, Waker};
