@@ -184,6 +184,13 @@ struct SrcChannel {
 
 const TAG_DEVICE: u64 = 1 << 32;
 
+/// A source worker's reports, by global device and channel index, and its notes.
+type SourceWorkerReport = (
+    Vec<(usize, SourceDeviceReport)>,
+    Vec<(usize, ChannelReport)>,
+    Vec<String>,
+);
+
 struct SourceWorker<'a> {
     ring: Ring,
     devices: Vec<SrcDevice>,
@@ -204,14 +211,7 @@ impl UringEngine {
         buffers: usize,
         progress: &Progress,
         failure: &Failure,
-    ) -> Result<
-        (
-            Vec<(usize, SourceDeviceReport)>,
-            Vec<(usize, ChannelReport)>,
-            Vec<String>,
-        ),
-        DataPlaneError,
-    > {
+    ) -> Result<SourceWorkerReport, DataPlaneError> {
         let slot = PACKET_HEADER_ROOM + self.config.chunk_size;
         let ring =
             Ring::new(&self.ring_config(buffers, slot)).map_err(|err| DataPlaneError::Setup {
@@ -879,10 +879,6 @@ impl DestShared {
         {
             waker.wake();
         }
-    }
-
-    fn all_loaded(&self) -> bool {
-        self.loaded.load(Ordering::SeqCst) == self.devices.len()
     }
 }
 

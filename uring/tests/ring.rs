@@ -1,5 +1,6 @@
 //! The ring against the real kernel: tmpfs files as device streams, unix socket pairs as
 //! channels.
+#![allow(clippy::unwrap_used)]
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
