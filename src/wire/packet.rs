@@ -37,7 +37,9 @@ pub const VFIO_HEADER_LEN: usize = 12;
 pub const PACKET_HEADER_ROOM: usize = DEVICE_STATE_HEADER_LEN + VFIO_HEADER_LEN;
 
 /// `MultiFDInit_t`: the first 64 bytes a sender writes on each multifd channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct MultifdInitPacket {
     pub magic: U32,
@@ -49,7 +51,9 @@ pub struct MultifdInitPacket {
 }
 
 /// The 12 bytes that open every multifd packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct MultifdPacketHeader {
     pub magic: U32,
@@ -59,7 +63,9 @@ pub struct MultifdPacketHeader {
 
 /// `MultiFDPacketDeviceState_t`: the header of a device-state packet; `next_packet_size`
 /// payload bytes follow it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct DeviceStatePacketHeader {
     pub hdr: MultifdPacketHeader,
@@ -69,7 +75,9 @@ pub struct DeviceStatePacketHeader {
 }
 
 /// `VFIODeviceStatePacket` without its data: opens every VFIO device-state payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct VfioDeviceStatePacketHeader {
     pub version: U32,
@@ -136,7 +144,10 @@ impl MultifdInitPacket {
 
     /// Decodes and validates an init packet; returns the channel id. Stricter than QEMU:
     /// `id >= channels` is rejected (QEMU lets `id == channels` through).
-    pub fn decode(bytes: &[u8; INIT_PACKET_LEN], expect: &InitExpectation) -> Result<u8, WireError> {
+    pub fn decode(
+        bytes: &[u8; INIT_PACKET_LEN],
+        expect: &InitExpectation,
+    ) -> Result<u8, WireError> {
         let packet = Self::ref_from_bytes(bytes).expect("64-byte array is a MultifdInitPacket");
         check_magic_version(packet.magic.get(), packet.version.get(), 0)?;
         if packet.uuid != expect.uuid {
@@ -157,7 +168,7 @@ impl MultifdInitPacket {
     }
 }
 
-fn check_magic_version(magic: u32, version: u32, base: usize) -> Result<(), WireError> {
+pub(crate) fn check_magic_version(magic: u32, version: u32, base: usize) -> Result<(), WireError> {
     if magic != MULTIFD_MAGIC {
         return Err(WireError::BadMagic {
             got: magic,
@@ -230,7 +241,11 @@ impl DeviceStatePacketHeader {
         if header.idstr[IDSTR_LEN - 1] != 0 {
             return Err(WireError::UnterminatedIdstr { offset: 12 });
         }
-        let len = header.idstr.iter().position(|&b| b == 0).unwrap_or(IDSTR_LEN);
+        let len = header
+            .idstr
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(IDSTR_LEN);
         let next_packet_size = header.next_packet_size.get();
         if next_packet_size == 0 {
             return Err(WireError::EmptyDeviceState { offset: 272 });
@@ -280,7 +295,10 @@ impl VfioDeviceStatePacketHeader {
 
     /// Decodes a VFIO header: version 0, idx not 0xFFFFFFFF. Other flag bits are ignored,
     /// as QEMU does. `offset` is where the header sits in its stream, for error messages.
-    pub fn decode(bytes: &[u8; VFIO_HEADER_LEN], offset: usize) -> Result<VfioHeaderView, WireError> {
+    pub fn decode(
+        bytes: &[u8; VFIO_HEADER_LEN],
+        offset: usize,
+    ) -> Result<VfioHeaderView, WireError> {
         let header = Self::ref_from_bytes(bytes).expect("12-byte array is a VFIO header");
         let version = header.version.get();
         if version != VFIO_DEVICE_STATE_PACKET_VERSION {
@@ -317,11 +335,7 @@ pub fn write_packet_headers(
         instance_id,
         data_len + VFIO_HEADER_LEN as u32,
     );
-    VfioDeviceStatePacketHeader::write(
-        vfio.try_into().expect("12 bytes remain"),
-        idx,
-        config,
-    );
+    VfioDeviceStatePacketHeader::write(vfio.try_into().expect("12 bytes remain"), idx, config);
 }
 
 #[cfg(test)]
@@ -338,18 +352,27 @@ mod tests {
 
     #[test]
     fn init_packet_matches_qemu_wire_vector_1() {
-        let uuid: [u8; 16] = hex("12345678 9abc def0 1122 334455667788").try_into().unwrap();
+        let uuid: [u8; 16] = hex("12345678 9abc def0 1122 334455667788")
+            .try_into()
+            .unwrap();
         let packet = MultifdInitPacket::new(uuid, 2);
         let mut expected =
             hex("11 22 33 44 00 00 00 01 12 34 56 78 9a bc de f0 11 22 33 44 55 66 77 88 02");
         expected.resize(64, 0);
         assert_eq!(packet.as_bytes(), &expected[..]);
         let expect = InitExpectation { uuid, channels: 3 };
-        assert_eq!(MultifdInitPacket::decode(packet.as_bytes().try_into().unwrap(), &expect), Ok(2));
+        assert_eq!(
+            MultifdInitPacket::decode(packet.as_bytes().try_into().unwrap(), &expect),
+            Ok(2)
+        );
         let expect = InitExpectation { uuid, channels: 2 };
         assert!(matches!(
             MultifdInitPacket::decode(packet.as_bytes().try_into().unwrap(), &expect),
-            Err(WireError::ChannelIdOutOfRange { id: 2, channels: 2, offset: 24 })
+            Err(WireError::ChannelIdOutOfRange {
+                id: 2,
+                channels: 2,
+                offset: 24
+            })
         ));
     }
 
@@ -377,7 +400,10 @@ mod tests {
         assert_eq!(out.to_vec(), hex("00 00 00 00 00 00 00 05 00 00 00 01"));
         assert_eq!(
             VfioDeviceStatePacketHeader::decode(&out, 0),
-            Ok(VfioHeaderView { idx: 5, config: true })
+            Ok(VfioHeaderView {
+                idx: 5,
+                config: true
+            })
         );
     }
 
@@ -393,7 +419,11 @@ mod tests {
         DeviceStatePacketHeader::write(&mut out, &id.idstr_field(), 0, 101);
         assert!(matches!(
             DeviceStatePacketHeader::decode(&out, 100),
-            Err(WireError::PacketTooLarge { size: 101, max: 100, .. })
+            Err(WireError::PacketTooLarge {
+                size: 101,
+                max: 100,
+                ..
+            })
         ));
         out[11] |= MULTIFD_FLAG_SYNC as u8;
         assert_eq!(
