@@ -1,0 +1,106 @@
+//! Deterministic device content: byte `o` of a stream is byte `o % 8` (little-endian) of
+//! `word(seed, o / 8)`, a counter-based hash, so any range is generated or checked on its own
+//! at memory speed.
+
+/// The 8-byte word at index `index` of the stream seeded with `seed`.
+#[inline]
+pub fn word(seed: u64, index: u64) -> u64 {
+    // splitmix64 finaliser over (seed-keyed counter).
+    let mut z = index
+        .wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` with the stream bytes at `offset..offset + buf.len()`.
+pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
+    let mut pos = offset;
+    let mut rest = buf;
+    // Head: up to the next 8-byte boundary.
+    let head = ((8 - (pos % 8)) % 8) as usize;
+    if head > 0 {
+        let n = head.min(rest.len());
+        let bytes = word(seed, pos / 8).to_le_bytes();
+        let start = (pos % 8) as usize;
+        let (h, t) = rest.split_at_mut(n);
+        h.copy_from_slice(&bytes[start..start + n]);
+        rest = t;
+        pos += n as u64;
+    }
+    let mut index = pos / 8;
+    let mut chunks = rest.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        chunk.copy_from_slice(&word(seed, index).to_le_bytes());
+        index += 1;
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let n = tail.len();
+        tail.copy_from_slice(&word(seed, index).to_le_bytes()[..n]);
+    }
+}
+
+/// The offset of the first byte of `data` (the stream at `offset`) that differs from the
+/// seeded content, or `None` when all match.
+pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
+    let mut expect = [0u8; 64 * 1024];
+    let mut done = 0usize;
+    while done < data.len() {
+        let n = (data.len() - done).min(expect.len());
+        let want = &mut expect[..n];
+        fill(seed, offset + done as u64, want);
+        let got = &data[done..done + n];
+        if got != &want[..] {
+            let i = got
+                .iter()
+                .zip(want.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Some(offset + (done + i) as u64);
+        }
+        done += n;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_split_gives_the_same_bytes() {
+        let mut whole = vec![0u8; 1000];
+        fill(7, 13, &mut whole);
+        for split in [0, 1, 3, 8, 11, 500, 999, 1000] {
+            let mut a = vec![0u8; split];
+            let mut b = vec![0u8; 1000 - split];
+            fill(7, 13, &mut a);
+            fill(7, 13 + split as u64, &mut b);
+            a.extend_from_slice(&b);
+            assert_eq!(a, whole, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn seeds_differ_and_mismatch_is_located() {
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        fill(1, 0, &mut a);
+        fill(2, 0, &mut b);
+        assert_ne!(a, b);
+        assert_eq!(first_mismatch(1, 0, &a), None);
+        a[1234] ^= 0x40;
+        assert_eq!(first_mismatch(1, 0, &a), Some(1234));
+        assert_eq!(first_mismatch(1, 5, &a[5..]), Some(1234));
+    }
+
+    #[test]
+    fn content_is_not_trivially_repetitive() {
+        let mut buf = vec![0u8; 1 << 16];
+        fill(0, 0, &mut buf);
+        let zeros = buf.iter().filter(|&&b| b == 0).count();
+        assert!(zeros < 1024, "{zeros} zero bytes in 64 KiB");
+    }
+}
