@@ -10,6 +10,8 @@
 //! init packets were already exchanged, and devices already in STOP_COPY (source) or RESUMING
 //! (destination); the engine moves bytes and returns what it measured.
 
+#[cfg(test)]
+mod conformance;
 pub mod threads;
 pub mod uring;
 
@@ -22,7 +24,9 @@ use crate::session::reassembly::ReassemblyError;
 use crate::wire::{DeviceId, WireError};
 
 /// Which engine moves the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Uring,

@@ -1,0 +1,1261 @@
+//! Engine conformance: the same cases for every engine, over real loopback TCP sockets and real
+//! fds (memfds, pipes). The harness does what a session does before an engine runs: it connects
+//! N channels, writes and validates the 64-byte init packets, and hands the destination its
+//! channels in the order the init packet ids say (the connections are made in a scrambled
+//! order). Bad-input cases write hand-made streams into `run_dest`.
+//!
+//! Conventions every engine follows (checked here):
+//! - `ChannelReport::bytes` counts wire bytes after the init packet (headers included);
+//! - `Progress` counts device data bytes and data packets (not the config packet);
+//! - error offsets are stream offsets counted from the start of the channel, init packet
+//!   included, and name the start of the offending packet.
+//!
+//! A case for an engine that cannot be built here (the uring engine while it is absent, or a
+//! kernel without io_uring) prints why and passes.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use zerocopy::IntoBytes;
+
+use super::*;
+use crate::session::reassembly::ReassemblyError;
+use crate::wire::{
+    write_packet_headers, InitExpectation, MultifdInitPacket, WireError, INIT_PACKET_LEN,
+    PACKET_HEADER_ROOM,
+};
+
+/// A run that takes longer than this is a hang.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// After a hang, how long cancel may take to stop it.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+const UUID: [u8; 16] = *b"conformance-uuid";
+/// Wire bytes of a packet besides its data: device-state header + VFIO header.
+const OVERHEAD: u64 = PACKET_HEADER_ROOM as u64;
+
+fn test_config() -> EngineConfig {
+    EngineConfig {
+        workers: 2,
+        chunk_size: 64 << 10,
+        pool_buffers: 16,
+        ..EngineConfig::default()
+    }
+}
+
+/// The engine of `kind`, or `None` (with the reason printed) where it cannot be built here.
+fn engine_or_skip(kind: EngineKind, config: &EngineConfig) -> Option<Box<dyn Engine>> {
+    if kind == EngineKind::Uring {
+        if let Err(why) = super::uring::UringEngine::new(config.clone()) {
+            println!("skipping the uring case: the uring engine is unavailable ({why})");
+            return None;
+        }
+    }
+    let engine = select(kind, config);
+    assert_eq!(engine.kind(), kind, "select() gave another engine");
+    Some(engine)
+}
+
+fn device_id(i: usize) -> DeviceId {
+    DeviceId::new(format!("0000:00:{:02x}.0/vfio", i + 2), i as u32 % 2).unwrap()
+}
+
+/// Deterministic bytes, different per seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Connection order for `n` channels: neither ascending nor descending.
+fn scrambled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).rev().collect();
+    order.rotate_left(n / 3);
+    order
+}
+
+/// `n` loopback TCP channels with init packets exchanged: (source ends by id, destination
+/// ends by the id their init packet carried).
+fn channel_streams(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut src: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    for id in scrambled(n) {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(MultifdInitPacket::new(UUID, id as u8).as_bytes())
+            .unwrap();
+        src[id] = Some(stream);
+    }
+    let expect = InitExpectation {
+        uuid: UUID,
+        channels: n as u8,
+    };
+    let mut dst: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut init = [0u8; INIT_PACKET_LEN];
+        stream.read_exact(&mut init).unwrap();
+        let id = MultifdInitPacket::decode(&init, &expect).unwrap() as usize;
+        assert!(dst[id].is_none(), "init packet id {id} twice");
+        dst[id] = Some(stream);
+    }
+    (
+        src.into_iter().map(Option::unwrap).collect(),
+        dst.into_iter().map(Option::unwrap).collect(),
+    )
+}
+
+fn channel_pairs(n: usize) -> (Vec<OwnedFd>, Vec<OwnedFd>) {
+    let (src, dst) = channel_streams(n);
+    (
+        src.into_iter().map(OwnedFd::from).collect(),
+        dst.into_iter().map(OwnedFd::from).collect(),
+    )
+}
+
+fn memfd_with(bytes: &[u8]) -> OwnedFd {
+    let mut file = File::from(memfd_create("conformance-src", MFdFlags::MFD_CLOEXEC).unwrap());
+    file.write_all(bytes).unwrap();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    OwnedFd::from(file)
+}
+
+/// A pipe whose write end a thread feeds `piece` bytes at a time with pauses, so reads of more
+/// than `piece` bytes come back short.
+fn pipe_fed(bytes: Vec<u8>, piece: usize) -> (OwnedFd, JoinHandle<()>) {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let feeder = thread::Builder::new()
+        .name("test-feed".into())
+        .spawn(move || {
+            let mut write = File::from(write);
+            for chunk in bytes.chunks(piece) {
+                if write.write_all(chunk).is_err() {
+                    return; // the engine failed and closed the read end
+                }
+                thread::sleep(Duration::from_micros(50));
+            }
+        })
+        .unwrap();
+    (read, feeder)
+}
+
+/// Where a destination device's bytes end up.
+enum Sink {
+    /// A memfd; the clone reads it back afterwards.
+    Memfd(OwnedFd),
+    /// A pipe drained by a thread until EOF (the engine dropping its end).
+    Pipe(JoinHandle<Vec<u8>>),
+}
+
+impl Sink {
+    fn memfd() -> (OwnedFd, Sink) {
+        let fd = memfd_create("conformance-dst", MFdFlags::MFD_CLOEXEC).unwrap();
+        let keep = fd.try_clone().unwrap();
+        (fd, Sink::Memfd(keep))
+    }
+
+    fn pipe() -> (OwnedFd, Sink) {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let drain = thread::Builder::new()
+            .name("test-drain".into())
+            .spawn(move || {
+                let mut out = Vec::new();
+                File::from(read).read_to_end(&mut out).unwrap();
+                out
+            })
+            .unwrap();
+        (write, Sink::Pipe(drain))
+    }
+
+    fn contents(self) -> Vec<u8> {
+        match self {
+            Sink::Memfd(fd) => {
+                let mut file = File::from(fd);
+                file.seek(SeekFrom::Start(0)).unwrap();
+                let mut out = Vec::new();
+                file.read_to_end(&mut out).unwrap();
+                out
+            }
+            Sink::Pipe(drain) => drain.join().unwrap(),
+        }
+    }
+}
+
+/// Runs `f` on its own thread; the answer arrives on the receiver.
+fn spawn_side<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .unwrap();
+    rx
+}
+
+/// Waits for a side within [`TIMEOUT`]; on a hang it cancels every progress and fails.
+fn await_side<T>(rx: &mpsc::Receiver<T>, cancel: &[&Arc<Progress>], what: &str) -> T {
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(result) => result,
+        Err(_) => {
+            for progress in cancel {
+                progress.cancel.store(true, Ordering::Relaxed);
+            }
+            match rx.recv_timeout(CANCEL_GRACE) {
+                Ok(_) => panic!("{what} hung for {TIMEOUT:?} (it did stop on cancel)"),
+                Err(_) => panic!("{what} hung for {TIMEOUT:?} and ignored cancel"),
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Source {
+    Memfd,
+    /// Fed `piece` bytes at a time: reads come back short.
+    Pipe {
+        piece: usize,
+    },
+    /// A fd that cannot be read (a pipe's write end): the read fails.
+    Unreadable,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum SinkKind {
+    Memfd,
+    Pipe,
+}
+
+#[derive(Clone)]
+struct DevSpec {
+    size: usize,
+    read_size: usize,
+    source: Source,
+    sink: SinkKind,
+    config_len: usize,
+}
+
+impl DevSpec {
+    fn memfd(size: usize, read_size: usize) -> Self {
+        Self {
+            size,
+            read_size,
+            source: Source::Memfd,
+            sink: SinkKind::Memfd,
+            config_len: 77,
+        }
+    }
+}
+
+fn data_of(i: usize, spec: &DevSpec) -> Vec<u8> {
+    pattern(i as u64 * 1000 + spec.size as u64, spec.size)
+}
+
+fn config_of(i: usize, spec: &DevSpec) -> Vec<u8> {
+    pattern(!(i as u64), spec.config_len)
+}
+
+struct Transfer {
+    channels: usize,
+    devices: Vec<DevSpec>,
+    config: EngineConfig,
+}
+
+impl Transfer {
+    fn new(channels: usize, devices: Vec<DevSpec>) -> Self {
+        Self {
+            channels,
+            devices,
+            config: test_config(),
+        }
+    }
+}
+
+struct Outcome {
+    source: Result<SourceReport, DataPlaneError>,
+    dest: Result<DestReport, DataPlaneError>,
+    source_progress: Arc<Progress>,
+    dest_progress: Arc<Progress>,
+    received: Vec<Vec<u8>>,
+    /// Both runs, from spawning them to their return (setup and checks excluded).
+    elapsed: Duration,
+}
+
+/// Runs a source engine and a destination engine against each other over real channels.
+fn run_transfer(src_kind: EngineKind, dst_kind: EngineKind, t: &Transfer) -> Option<Outcome> {
+    let src_engine = engine_or_skip(src_kind, &t.config)?;
+    let dst_engine = engine_or_skip(dst_kind, &t.config)?;
+    let (src_channels, dst_channels) = channel_pairs(t.channels);
+    let mut feeders = Vec::new();
+    let mut source_devices = Vec::new();
+    let mut dest_devices = Vec::new();
+    let mut sinks = Vec::new();
+    for (i, spec) in t.devices.iter().enumerate() {
+        let data = data_of(i, spec);
+        let data_fd = match spec.source {
+            Source::Memfd => memfd_with(&data),
+            Source::Pipe { piece } => {
+                let (fd, feeder) = pipe_fed(data, piece);
+                feeders.push(feeder);
+                fd
+            }
+            Source::Unreadable => nix::unistd::pipe().unwrap().1,
+        };
+        source_devices.push(SourceDevice {
+            id: device_id(i),
+            data_fd,
+            read_size: spec.read_size,
+            config: config_of(i, spec),
+        });
+        let (data_fd, sink) = match spec.sink {
+            SinkKind::Memfd => Sink::memfd(),
+            SinkKind::Pipe => Sink::pipe(),
+        };
+        dest_devices.push(DestDevice {
+            id: device_id(i),
+            data_fd,
+        });
+        sinks.push(sink);
+    }
+    let source_progress = Arc::new(Progress::default());
+    let dest_progress = Arc::new(Progress::default());
+    let dest_plan = DestPlan {
+        devices: dest_devices,
+        channels: dst_channels,
+        progress: dest_progress.clone(),
+    };
+    let source_plan = SourcePlan {
+        devices: source_devices,
+        channels: src_channels,
+        progress: source_progress.clone(),
+    };
+    let started = Instant::now();
+    let dest_rx = spawn_side("test-dest", move || dst_engine.run_dest(dest_plan));
+    let source_rx = spawn_side("test-source", move || src_engine.run_source(source_plan));
+    let both = [&source_progress, &dest_progress];
+    let source = await_side(&source_rx, &both, "run_source");
+    if source.is_err() {
+        // The destination cannot finish without its peer; stop it rather than wait.
+        dest_progress.cancel.store(true, Ordering::Relaxed);
+    }
+    let dest = await_side(&dest_rx, &both, "run_dest");
+    let elapsed = started.elapsed();
+    for feeder in feeders {
+        feeder.join().unwrap();
+    }
+    let received = sinks.into_iter().map(Sink::contents).collect();
+    Some(Outcome {
+        source,
+        dest,
+        source_progress,
+        dest_progress,
+        received,
+        elapsed,
+    })
+}
+
+/// Everything a correct transfer must show: bytes, configs, counts, timestamps.
+fn verify(t: &Transfer, out: Outcome) {
+    let source = out
+        .source
+        .unwrap_or_else(|e| panic!("run_source failed: {e} ({e:?})"));
+    let dest = out
+        .dest
+        .unwrap_or_else(|e| panic!("run_dest failed: {e} ({e:?})"));
+    assert_eq!(source.devices.len(), t.devices.len());
+    assert_eq!(dest.devices.len(), t.devices.len());
+    let (mut total_bytes, mut total_packets, mut total_wire) = (0u64, 0u64, 0u64);
+    for (i, spec) in t.devices.iter().enumerate() {
+        let id = device_id(i);
+        let (s, d) = (&source.devices[i], &dest.devices[i]);
+        assert!(
+            out.received[i] == data_of(i, spec),
+            "device {id}: destination got {} bytes, not the source's {} bytes",
+            out.received[i].len(),
+            spec.size
+        );
+        assert_eq!(d.config, config_of(i, spec), "device {id}: config blob");
+        assert_eq!(s.bytes, spec.size as u64, "device {id}: source bytes");
+        assert_eq!(d.bytes, spec.size as u64, "device {id}: destination bytes");
+        let full_reads = spec.size.div_ceil(spec.read_size) as u32;
+        match spec.source {
+            Source::Memfd => assert_eq!(s.data_packets, full_reads, "device {id}: data packets"),
+            _ => assert!(s.data_packets >= full_reads, "device {id}: data packets"),
+        }
+        assert_eq!(d.data_packets, s.data_packets, "device {id}: data packets");
+        assert_eq!(
+            s.read_issued_ns.len(),
+            s.data_packets as usize,
+            "device {id}"
+        );
+        assert_eq!(d.written_ns.len(), d.data_packets as usize, "device {id}");
+        assert!(
+            s.read_issued_ns.is_sorted(),
+            "device {id}: reads are issued in idx order"
+        );
+        assert!(
+            d.written_ns.is_sorted(),
+            "device {id}: writes complete in idx order"
+        );
+        for (idx, (&read, &written)) in s.read_issued_ns.iter().zip(&d.written_ns).enumerate() {
+            assert!(
+                written >= read,
+                "device {id} idx {idx}: written at {written} ns before its read at {read} ns"
+            );
+        }
+        assert!(d.loaded_ns > 0, "device {id}: loaded_ns");
+        assert!(d.loaded_ns >= d.written_ns.last().copied().unwrap_or(0));
+        total_bytes += spec.size as u64;
+        total_packets += u64::from(s.data_packets);
+        total_wire +=
+            spec.size as u64 + spec.config_len as u64 + (u64::from(s.data_packets) + 1) * OVERHEAD;
+    }
+    assert_eq!(source.channels.len(), t.channels);
+    assert_eq!(dest.channels.len(), t.channels);
+    for (n, (s, d)) in source.channels.iter().zip(&dest.channels).enumerate() {
+        assert_eq!(s.bytes, d.bytes, "channel {n}: bytes sent and received");
+        assert_eq!(
+            s.packets, d.packets,
+            "channel {n}: packets sent and received"
+        );
+    }
+    let sent_packets: u64 = source.channels.iter().map(|c| c.packets).sum();
+    let sent_bytes: u64 = source.channels.iter().map(|c| c.bytes).sum();
+    assert_eq!(sent_packets, total_packets + t.devices.len() as u64);
+    assert_eq!(sent_bytes, total_wire, "wire bytes over all channels");
+    if sent_packets >= 4 * t.channels as u64 {
+        for (n, c) in source.channels.iter().enumerate() {
+            assert!(
+                c.packets > 0,
+                "channel {n} carried nothing: packets must spread"
+            );
+        }
+    }
+    for (side, progress) in [
+        ("source", &out.source_progress),
+        ("dest", &out.dest_progress),
+    ] {
+        assert_eq!(
+            progress.bytes.load(Ordering::Relaxed),
+            total_bytes,
+            "{side} progress"
+        );
+        assert_eq!(
+            progress.packets.load(Ordering::Relaxed),
+            total_packets,
+            "{side} progress"
+        );
+    }
+}
+
+fn transfer_verifies(kind: EngineKind, t: Transfer) {
+    if let Some(out) = run_transfer(kind, kind, &t) {
+        verify(&t, out);
+    }
+}
+
+/// Devices of different sizes and read sizes (memfd sources, memfd sinks).
+fn mixed_devices(n: usize) -> Vec<DevSpec> {
+    let read_sizes = [16 << 10, 64 << 10, 4097, 30_000];
+    (0..n)
+        .map(|i| DevSpec::memfd(300_000 + i * 123_457 + 7, read_sizes[i % read_sizes.len()]))
+        .collect()
+}
+
+fn matrix(kind: EngineKind, channels: usize, devices: usize) {
+    transfer_verifies(kind, Transfer::new(channels, mixed_devices(devices)));
+}
+
+fn matrix_1ch_1dev(kind: EngineKind) {
+    matrix(kind, 1, 1)
+}
+fn matrix_1ch_4dev(kind: EngineKind) {
+    matrix(kind, 1, 4)
+}
+fn matrix_4ch_1dev(kind: EngineKind) {
+    matrix(kind, 4, 1)
+}
+fn matrix_4ch_4dev(kind: EngineKind) {
+    matrix(kind, 4, 4)
+}
+fn matrix_16ch_1dev(kind: EngineKind) {
+    matrix(kind, 16, 1)
+}
+fn matrix_16ch_4dev(kind: EngineKind) {
+    matrix(kind, 16, 4)
+}
+
+/// Pipe sources fed in small pieces: reads come back short and packets have odd sizes; pipe
+/// sinks take partial writes.
+fn short_reads_from_pipes(kind: EngineKind) {
+    let pipe = |size, read_size, piece, sink| DevSpec {
+        size,
+        read_size,
+        source: Source::Pipe { piece },
+        sink,
+        config_len: 33,
+    };
+    let t = Transfer::new(
+        4,
+        vec![
+            pipe(200_000, 16 << 10, 1000, SinkKind::Pipe),
+            pipe(150_001, 64 << 10, 3333, SinkKind::Memfd),
+            pipe(300, 4096, 1, SinkKind::Pipe),
+        ],
+    );
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    let short = match &out.source {
+        Ok(report) => report.devices[0].data_packets > 200_000u32.div_ceil(16 << 10),
+        Err(_) => true, // verify() reports the error
+    };
+    verify(&t, out);
+    assert!(
+        short,
+        "a source fed 1000 bytes at a time must give short reads"
+    );
+}
+
+fn zero_byte_device(kind: EngineKind) {
+    let mut empty_config = DevSpec::memfd(0, 4096);
+    empty_config.config_len = 0;
+    transfer_verifies(
+        kind,
+        Transfer::new(4, vec![DevSpec::memfd(0, 4096), empty_config]),
+    );
+}
+
+fn one_chunk_device(kind: EngineKind) {
+    transfer_verifies(
+        kind,
+        Transfer::new(4, vec![DevSpec::memfd(64 << 10, 64 << 10)]),
+    );
+}
+
+fn one_byte_device(kind: EngineKind) {
+    transfer_verifies(
+        kind,
+        Transfer::new(4, vec![DevSpec::memfd(1, 64 << 10), DevSpec::memfd(1, 1)]),
+    );
+}
+
+fn cross_engine(src: EngineKind, dst: EngineKind) {
+    let mut devices = mixed_devices(3);
+    devices.push(DevSpec::memfd(0, 4096));
+    devices.push(DevSpec {
+        source: Source::Pipe { piece: 5000 },
+        sink: SinkKind::Pipe,
+        ..DevSpec::memfd(100_000, 16 << 10)
+    });
+    let t = Transfer::new(6, devices);
+    if let Some(out) = run_transfer(src, dst, &t) {
+        verify(&t, out);
+    }
+}
+
+#[test]
+fn cross_engine_threads_to_uring() {
+    cross_engine(EngineKind::Threads, EngineKind::Uring);
+}
+
+#[test]
+fn cross_engine_uring_to_threads() {
+    cross_engine(EngineKind::Uring, EngineKind::Threads);
+}
+
+/// One packet as QEMU frames it.
+fn packet(id: &DeviceId, idx: u32, config: bool, data: &[u8]) -> Vec<u8> {
+    let mut room = [0u8; PACKET_HEADER_ROOM];
+    write_packet_headers(
+        &mut room,
+        &id.idstr_field(),
+        id.instance_id,
+        idx,
+        config,
+        data.len() as u32,
+    );
+    let mut out = room.to_vec();
+    out.extend_from_slice(data);
+    out
+}
+
+/// A source engine's stream is QEMU's framing byte for byte: one channel, one device of three
+/// reads (the last one short), then the config packet, then EOF.
+fn source_wire_bytes(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, mut dst) = channel_streams(1);
+    let id = device_id(0);
+    let data = pattern(7, 10_000);
+    let blob = pattern(8, 21);
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: id.clone(),
+            data_fd: memfd_with(&data),
+            read_size: 4096,
+            config: blob.clone(),
+        }],
+        channels: src.into_iter().map(OwnedFd::from).collect(),
+        progress: Arc::new(Progress::default()),
+    };
+    let progress = plan.progress.clone();
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    let mut stream = dst.remove(0);
+    let reader = spawn_side("test-capture", move || {
+        let mut captured = Vec::new();
+        stream.read_to_end(&mut captured).map(|_| captured)
+    });
+    let report = await_side(&rx, &[&progress], "run_source").unwrap();
+    let captured = await_side(&reader, &[], "reading the channel").unwrap();
+    let mut expected = packet(&id, 0, false, &data[..4096]);
+    expected.extend(packet(&id, 1, false, &data[4096..8192]));
+    expected.extend(packet(&id, 2, false, &data[8192..]));
+    expected.extend(packet(&id, 3, true, &blob));
+    assert_eq!(captured.len(), expected.len());
+    assert!(
+        captured == expected,
+        "the stream differs from QEMU's framing"
+    );
+    assert_eq!(report.devices[0].data_packets, 3);
+    assert_eq!(report.channels[0].packets, 4);
+    assert_eq!(report.channels[0].bytes, expected.len() as u64);
+}
+
+/// A destination fed by hand: the test writes raw streams into the source ends.
+struct RawDest {
+    feeds: Vec<TcpStream>,
+    result: mpsc::Receiver<Result<DestReport, DataPlaneError>>,
+    progress: Arc<Progress>,
+    sinks: Vec<Sink>,
+    ids: Vec<DeviceId>,
+}
+
+impl RawDest {
+    fn start(
+        kind: EngineKind,
+        channels: usize,
+        devices: usize,
+        config: EngineConfig,
+    ) -> Option<Self> {
+        let engine = engine_or_skip(kind, &config)?;
+        let (feeds, dst) = channel_streams(channels);
+        let ids: Vec<DeviceId> = (0..devices).map(device_id).collect();
+        let mut dest_devices = Vec::new();
+        let mut sinks = Vec::new();
+        for id in &ids {
+            let (data_fd, sink) = Sink::memfd();
+            dest_devices.push(DestDevice {
+                id: id.clone(),
+                data_fd,
+            });
+            sinks.push(sink);
+        }
+        let progress = Arc::new(Progress::default());
+        let plan = DestPlan {
+            devices: dest_devices,
+            channels: dst.into_iter().map(OwnedFd::from).collect(),
+            progress: progress.clone(),
+        };
+        let result = spawn_side("test-dest", move || engine.run_dest(plan));
+        Some(Self {
+            feeds,
+            result,
+            progress,
+            sinks,
+            ids,
+        })
+    }
+
+    fn send(&mut self, channel: usize, bytes: &[u8]) {
+        // The engine may already have failed and shut the channel: that is fine here.
+        let _ = self.feeds[channel].write_all(bytes);
+    }
+
+    fn close(&mut self, channel: usize) {
+        let _ = self.feeds[channel].shutdown(std::net::Shutdown::Write);
+    }
+
+    fn finish(self) -> (Result<DestReport, DataPlaneError>, Vec<Vec<u8>>) {
+        let result = await_side(&self.result, &[&self.progress], "run_dest");
+        drop(self.feeds);
+        (result, self.sinks.into_iter().map(Sink::contents).collect())
+    }
+
+    /// The run's error; the feeds stay open until it arrives, so it cannot depend on EOF.
+    fn error(self) -> DataPlaneError {
+        let (result, _) = self.finish();
+        match result {
+            Ok(_) => panic!("run_dest succeeded on bad input"),
+            Err(e) => e,
+        }
+    }
+}
+
+fn assert_names(err: &DataPlaneError, parts: &[&str]) {
+    let text = err.to_string();
+    for part in parts {
+        assert!(text.contains(part), "error {text:?} does not name {part:?}");
+    }
+}
+
+fn dest_bad_magic(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let mut bad = packet(&d.ids[0], 0, false, b"data");
+    bad[0] = 0x55;
+    d.send(1, &bad);
+    let err = d.error();
+    assert!(
+        matches!(
+            err,
+            DataPlaneError::Wire {
+                channel: 1,
+                offset: 64,
+                source: WireError::BadMagic {
+                    got: 0x5522_3344,
+                    offset: 0
+                }
+            }
+        ),
+        "{err:?}"
+    );
+    assert_names(&err, &["channel 1", "offset 64"]);
+}
+
+fn dest_unknown_idstr(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let first = packet(&d.ids[0], 0, false, b"fine");
+    d.send(0, &first);
+    let stranger = DeviceId::new("0000:00:1f.0/vfio", 3).unwrap();
+    d.send(0, &packet(&stranger, 0, false, b"data"));
+    let err = d.error();
+    match &err {
+        DataPlaneError::UnknownDevice {
+            channel: 0,
+            idstr,
+            instance_id: 3,
+            offset,
+        } => {
+            assert_eq!(idstr, "0000:00:1f.0/vfio");
+            assert_eq!(*offset, 64 + first.len() as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_names(&err, &["channel 0", "0000:00:1f.0/vfio", "instance id 3"]);
+}
+
+fn expect_reassembly(
+    err: &DataPlaneError,
+    channel: usize,
+    device: &DeviceId,
+    idx: u32,
+    want: ReassemblyError,
+) {
+    match err {
+        DataPlaneError::Reassembly {
+            channel: c,
+            device: d,
+            idx: i,
+            source,
+        } => {
+            assert_eq!((*c, d, *i), (channel, device, idx), "{err}");
+            assert_eq!(source, &want);
+        }
+        other => panic!("expected a reassembly error, got {other:?}"),
+    }
+    assert_names(
+        err,
+        &[
+            &format!("channel {channel}"),
+            &device.to_string(),
+            &format!("idx {idx}"),
+        ],
+    );
+}
+
+fn dest_duplicate_idx(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 2, test_config()) else {
+        return;
+    };
+    let id = d.ids[1].clone();
+    d.send(1, &packet(&id, 1, false, b"first"));
+    d.send(1, &packet(&id, 1, false, b"again"));
+    let err = d.error();
+    expect_reassembly(&err, 1, &id, 1, ReassemblyError::Duplicate { idx: 1 });
+}
+
+fn dest_second_config(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    d.send(1, &packet(&id, 3, true, b"config"));
+    d.send(1, &packet(&id, 5, true, b"config again"));
+    let err = d.error();
+    expect_reassembly(
+        &err,
+        1,
+        &id,
+        5,
+        ReassemblyError::SecondConfig { idx: 5, first: 3 },
+    );
+}
+
+fn dest_data_above_config(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    d.send(0, &packet(&id, 2, true, b"config"));
+    d.send(0, &packet(&id, 3, false, b"late data"));
+    let err = d.error();
+    expect_reassembly(
+        &err,
+        0,
+        &id,
+        3,
+        ReassemblyError::AboveConfig {
+            idx: 3,
+            config_idx: 2,
+        },
+    );
+}
+
+/// A peer-given size above the bound fails at once: nothing is allocated or read by it (the
+/// payload never comes and the channel stays open).
+fn dest_packet_too_large(kind: EngineKind) {
+    let config = EngineConfig {
+        max_packet_size: 4096 + 12,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let mut header = packet(&d.ids[0], 0, false, &[]);
+    header.truncate(276);
+    header[272..276].copy_from_slice(&0xFFFF_FF00u32.to_be_bytes());
+    d.send(1, &header);
+    let err = d.error();
+    assert!(
+        matches!(
+            err,
+            DataPlaneError::Wire {
+                channel: 1,
+                offset: 64,
+                source: WireError::PacketTooLarge {
+                    size: 0xFFFF_FF00,
+                    max: 4108,
+                    ..
+                }
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+fn dest_truncated_payload(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let full = packet(&d.ids[0], 0, false, &[7u8; 1000]);
+    d.send(0, &full[..full.len() - 500]);
+    d.close(0);
+    let err = d.error();
+    assert!(
+        matches!(
+            err,
+            DataPlaneError::TruncatedPacket {
+                channel: 0,
+                offset: 64
+            }
+        ),
+        "{err:?}"
+    );
+    assert_names(&err, &["channel 0"]);
+}
+
+fn dest_truncated_header(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let first = packet(&d.ids[0], 1, false, b"some data");
+    d.send(1, &first);
+    d.send(1, &packet(&d.ids[0], 2, false, b"x")[..100]);
+    d.close(1);
+    let err = d.error();
+    let at = 64 + first.len() as u64;
+    assert!(
+        matches!(err, DataPlaneError::TruncatedPacket { channel: 1, offset } if offset == at),
+        "{err:?}"
+    );
+}
+
+/// Every channel closes cleanly but idx 1 never came: the device is named with its next idx
+/// and its config idx, and what was deliverable was written.
+fn dest_channel_closed_early(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    d.send(0, &packet(&id, 0, false, b"idx zero"));
+    d.send(0, &packet(&id, 2, true, b"config"));
+    d.close(1);
+    thread::sleep(Duration::from_millis(50));
+    d.close(0);
+    let (result, received) = d.finish();
+    match result {
+        Err(DataPlaneError::Incomplete {
+            ref device,
+            next_idx: 1,
+            config_idx: Some(2),
+        }) if *device == id => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(received[0], b"idx zero");
+}
+
+/// With room for two packets per device, packets sent far out of order across channels
+/// (channel 0 runs ahead, idx 0 comes late on channel 1) still all arrive: the destination
+/// stops reading channel 0 instead of failing.
+fn dest_backpressure_out_of_order(kind: EngineKind) {
+    let config = EngineConfig {
+        max_queued_bytes: 2000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let data = pattern(3, 8000);
+    for (idx, chunk) in data.chunks(1000).enumerate().skip(1) {
+        d.send(0, &packet(&id, idx as u32, false, chunk));
+    }
+    d.close(0);
+    thread::sleep(Duration::from_millis(100));
+    d.send(1, &packet(&id, 0, false, &data[..1000]));
+    d.send(1, &packet(&id, 8, true, b"config"));
+    d.close(1);
+    let (result, received) = d.finish();
+    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+    assert!(received[0] == data, "bytes differ");
+    assert_eq!(report.devices[0].data_packets, 8);
+    assert_eq!(report.devices[0].config, b"config");
+}
+
+/// Every open channel holds a packet its device has no room for and the device's next idx is
+/// behind them: a clear error naming both channels, the device and the idx, and no hang (the
+/// channels stay open).
+fn dest_stall_detected(kind: EngineKind) {
+    let config = EngineConfig {
+        max_queued_bytes: 1000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let chunk = [1u8; 1000];
+    d.send(0, &packet(&id, 1, false, &chunk));
+    d.send(0, &packet(&id, 2, false, &chunk));
+    d.send(0, &packet(&id, 3, false, &chunk));
+    // Let channel 0's receiver take idx 1 and hold idx 2 before channel 1 has anything.
+    thread::sleep(Duration::from_millis(100));
+    d.send(1, &packet(&id, 4, false, &chunk));
+    d.send(1, &packet(&id, 0, false, &chunk));
+    let err = d.error();
+    assert!(matches!(err, DataPlaneError::Stalled { .. }), "{err:?}");
+    assert_names(
+        &err,
+        &["channel 0", "channel 1", &id.to_string(), "idx 2", "idx 4"],
+    );
+}
+
+/// Channels that never end: cancel stops the run and every thread.
+fn dest_cancel(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 3, 2, test_config()) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    d.send(2, &packet(&id, 0, false, b"some"));
+    thread::sleep(Duration::from_millis(100));
+    d.progress.cancel.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let err = d.error();
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A destination that never reads: the source blocks on full sockets until cancelled.
+fn source_cancel(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, _dst_kept_open) = channel_pairs(2);
+    let progress = Arc::new(Progress::default());
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: device_id(0),
+            data_fd: memfd_with(&pattern(1, 64 << 20)),
+            read_size: 64 << 10,
+            config: vec![1, 2, 3],
+        }],
+        channels: src,
+        progress: progress.clone(),
+    };
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    thread::sleep(Duration::from_millis(300));
+    progress.cancel.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let err = await_side(&rx, &[], "run_source").unwrap_err();
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The destination goes away: the source fails naming the channel, device and idx.
+fn source_peer_gone(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, dst) = channel_pairs(2);
+    drop(dst);
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: device_id(0),
+            data_fd: memfd_with(&pattern(1, 64 << 20)),
+            read_size: 64 << 10,
+            config: vec![],
+        }],
+        channels: src,
+        progress: Arc::new(Progress::default()),
+    };
+    let progress = plan.progress.clone();
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    let err = await_side(&rx, &[&progress], "run_source").unwrap_err();
+    match &err {
+        DataPlaneError::Send {
+            channel, device, ..
+        } => {
+            assert!(*channel < 2);
+            assert_eq!(*device, device_id(0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_names(&err, &["channel", &device_id(0).to_string(), "idx"]);
+}
+
+/// One device's data_fd cannot be read: the run fails naming it and idx 0, and the other
+/// device's threads are stopped too.
+fn source_read_error(kind: EngineKind) {
+    let mut devices = mixed_devices(1);
+    devices.push(DevSpec {
+        source: Source::Unreadable,
+        ..DevSpec::memfd(1000, 4096)
+    });
+    let t = Transfer::new(2, devices);
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    match out.source {
+        Err(DataPlaneError::ReadDevice {
+            ref device, idx: 0, ..
+        }) if *device == device_id(1) => {}
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("run_source succeeded with an unreadable device"),
+    }
+    assert!(
+        out.dest.is_err(),
+        "the destination cannot complete without the source"
+    );
+}
+
+/// A destination data_fd that cannot be written: the error names the device, idx 0 and the
+/// channel the packet came on.
+fn dest_write_error(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (mut feeds, dst) = channel_streams(2);
+    let id = device_id(0);
+    let (read_end, _write_end) = nix::unistd::pipe().unwrap();
+    let progress = Arc::new(Progress::default());
+    let plan = DestPlan {
+        devices: vec![DestDevice {
+            id: id.clone(),
+            data_fd: read_end,
+        }],
+        channels: dst.into_iter().map(OwnedFd::from).collect(),
+        progress: progress.clone(),
+    };
+    let rx = spawn_side("test-dest", move || engine.run_dest(plan));
+    feeds[1]
+        .write_all(&packet(&id, 0, false, b"cannot land"))
+        .unwrap();
+    let err = await_side(&rx, &[&progress], "run_dest").unwrap_err();
+    match &err {
+        DataPlaneError::WriteDevice {
+            device,
+            idx: 0,
+            channel: 1,
+            ..
+        } if *device == id => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Plans an engine must refuse before moving anything.
+fn invalid_plans(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, _dst) = channel_pairs(1);
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: device_id(0),
+            data_fd: memfd_with(b"abc"),
+            read_size: 0,
+            config: vec![],
+        }],
+        channels: src,
+        progress: Arc::new(Progress::default()),
+    };
+    let err = engine.run_source(plan).unwrap_err();
+    assert!(matches!(err, DataPlaneError::Setup { .. }), "{err:?}");
+    let plan = DestPlan {
+        devices: vec![
+            DestDevice {
+                id: device_id(0),
+                data_fd: Sink::memfd().0,
+            },
+            DestDevice {
+                id: device_id(0),
+                data_fd: Sink::memfd().0,
+            },
+        ],
+        channels: channel_pairs(1).1,
+        progress: Arc::new(Progress::default()),
+    };
+    let err = engine.run_dest(plan).unwrap_err();
+    assert!(matches!(err, DataPlaneError::Setup { .. }), "{err:?}");
+}
+
+/// `cargo test --release -p vfio-multifd engine::conformance::speed -- --ignored --nocapture`:
+/// 4 devices x 100 MiB over 6 channels, 1 MiB chunks, memfd to memfd, each engine to itself.
+/// Prints numbers; asserts only that the bytes arrived.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn speed() {
+    for kind in [EngineKind::Threads, EngineKind::Uring] {
+        let mut t = Transfer::new(6, vec![DevSpec::memfd(100 << 20, 1 << 20); 4]);
+        t.config.chunk_size = 1 << 20;
+        t.config.workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        t.config.pool_buffers = 64;
+        let Some(out) = run_transfer(kind, kind, &t) else {
+            continue;
+        };
+        let secs = out.elapsed.as_secs_f64();
+        let mut latencies: Vec<u64> = Vec::new();
+        if let (Ok(s), Ok(d)) = (&out.source, &out.dest) {
+            for (s, d) in s.devices.iter().zip(&d.devices) {
+                latencies.extend(
+                    s.read_issued_ns
+                        .iter()
+                        .zip(&d.written_ns)
+                        .map(|(r, w)| w - r),
+                );
+            }
+        }
+        latencies.sort_unstable();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * p) as usize)
+                .map_or(0, |ns| ns / 1000)
+        };
+        println!(
+            "{:>7}: 400 MiB in {:.3} s = {:.2} GiB/s; per-packet latency us p50 {} p99 {} max {}",
+            kind.name(),
+            secs,
+            0.390625 / secs,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+        verify(&t, out);
+    }
+}
+
+/// Every case, once per engine: `engine::conformance::threads::<case>` and `...::uring::<case>`.
+macro_rules! per_engine {
+    ($($case:ident),* $(,)?) => {
+        mod threads {
+            $(#[test] fn $case() { super::$case(super::EngineKind::Threads) })*
+        }
+        mod uring {
+            $(#[test] fn $case() { super::$case(super::EngineKind::Uring) })*
+        }
+    };
+}
+
+per_engine!(
+    matrix_1ch_1dev,
+    matrix_1ch_4dev,
+    matrix_4ch_1dev,
+    matrix_4ch_4dev,
+    matrix_16ch_1dev,
+    matrix_16ch_4dev,
+    short_reads_from_pipes,
+    zero_byte_device,
+    one_chunk_device,
+    one_byte_device,
+    source_wire_bytes,
+    dest_bad_magic,
+    dest_unknown_idstr,
+    dest_duplicate_idx,
+    dest_second_config,
+    dest_data_above_config,
+    dest_packet_too_large,
+    dest_truncated_payload,
+    dest_truncated_header,
+    dest_channel_closed_early,
+    dest_backpressure_out_of_order,
+    dest_stall_detected,
+    dest_cancel,
+    source_cancel,
+    source_peer_gone,
+    source_read_error,
+    dest_write_error,
+    invalid_plans,
+);
