@@ -1,9 +1,16 @@
-//! Command line: one subcommand per job.
+//! Command line: one subcommand per job. Values are parsed as text here and checked in
+//! [`crate::config`], which turns them into a validated [`crate::config::Config`].
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::EngineKind;
 
 #[derive(Debug, Parser)]
-#[command(name = "vfio-multifd", version, about = "VFIO device state over QEMU 10.x multifd channels")]
+#[command(
+    name = "vfio-multifd",
+    version,
+    about = "VFIO device state over QEMU 10.x multifd channels"
+)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
@@ -16,4 +23,150 @@ pub struct Cli {
 pub enum Command {
     /// Decode raw captures of migration connections (main or multifd) and summarise them.
     Inspect(crate::inspect::InspectArgs),
+    /// Source helper without a VMM: migrate simulated devices to a `recv` helper.
+    Send(SendArgs),
+    /// Destination helper without a VMM: receive simulated devices from a `send` helper and
+    /// verify every byte.
+    Recv(RecvArgs),
+    /// Migrate simulated devices between two helpers on loopback and print the numbers.
+    Demo(DemoArgs),
+}
+
+/// `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Destination address (HOST:PORT) of the `recv` helper.
+    #[arg(long, value_name = "ADDR")]
+    pub connect: String,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Order in which the multifd channels connect: in order (QEMU's), reversed, or shuffled
+    /// by --seed (the main channel then connects last). For testing destinations.
+    #[arg(long, value_enum, default_value = "ascending", hide = true)]
+    pub channel_order: ChannelOrderArg,
+}
+
+/// `recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Address to listen on (HOST:PORT; port 0 picks a free one, printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+}
+
+/// `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Engine of the destination helper, if it should differ from --engine.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub dest_engine: Option<EngineKind>,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Settings shared by `send`, `recv` and `demo`. Both helpers of one migration must agree on
+/// the device list (`--devices`, `--seed`, `--size`, `--config-len`), `--channels` and
+/// `--uuid`; the destination checks what it can on the main channel.
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Simulated devices (1 to 256).
+    #[arg(long, default_value = "4", value_name = "N")]
+    pub devices: String,
+    /// Device state per device: BYTES with an optional K/KiB, M/MiB, G/GiB or T/TiB suffix
+    /// (binary); 0 is allowed.
+    #[arg(long, default_value = "100MiB", value_name = "BYTES")]
+    pub size: String,
+    /// Multifd channels (1 to 255; QEMU's multifd-channels).
+    #[arg(long, default_value = "6", value_name = "N")]
+    pub channels: String,
+    /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
+    #[arg(long, default_value = "1MiB", value_name = "BYTES")]
+    pub chunk: String,
+    /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
+    #[arg(long, value_enum, default_value = "uring")]
+    pub engine: EngineKind,
+    /// io_uring workers (one ring each) per helper [default: the usable cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<String>,
+    /// Simulated device read speed, BYTES per second (e.g. 2GiB/s); the device then streams
+    /// through a pipe, so reads come back short.
+    #[arg(long, value_name = "BYTES/s")]
+    pub device_speed: Option<String>,
+    /// Per device, out-of-order bytes a destination may hold (QEMU 10.1
+    /// x-migration-max-queued-buffers-size); beyond it the destination stops reading that
+    /// channel for a while [default: unlimited].
+    #[arg(long, value_name = "BYTES")]
+    pub queued_bytes_limit: Option<String>,
+    /// Packet buffers per helper, fixed at start (2 to 65536; at most 4 GiB with --chunk).
+    #[arg(long, default_value = "32", value_name = "N")]
+    pub pool_buffers: String,
+    /// Migration uuid sent in every init packet (QEMU's -uuid) [default: all zeros, as QEMU
+    /// without -uuid].
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// Seed of the simulated device contents; both helpers must use the same one.
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub seed: String,
+    /// Config-space bytes in each simulated device's config blob, which adds 16 bytes of QEMU
+    /// markers and must fit one chunk [default: 1 KiB, less if --chunk is smaller].
+    #[arg(long, value_name = "BYTES")]
+    pub config_len: Option<String>,
+    /// io_uring features not to use (comma-separated: send-zc, fixed-buffers, linked-chains,
+    /// defer-taskrun, coop-taskrun, sqpoll, buffer-ring, io-uring, all); added to
+    /// VFIO_MULTIFD_FORBID. Forbidding io-uring selects the threads engine.
+    #[arg(long, value_name = "FEATURES")]
+    pub forbid: Option<String>,
+    /// Seconds any step may wait without progress (connecting, accepting, moving bytes, the
+    /// peer's answer) before the migration fails (1 to 3600).
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    pub timeout: String,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Print QMP-style JSON-line events (listening, progress, report) on stdout; used by
+    /// `demo` to drive its two helpers.
+    #[arg(long, hide = true)]
+    pub events: bool,
+}
+
+/// `--channel-order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelOrderArg {
+    Ascending,
+    Reverse,
+    Shuffle,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from(["vfio-multifd", "demo"]).unwrap();
+        let Command::Demo(args) = cli.command else {
+            panic!("demo expected")
+        };
+        assert_eq!(args.migration.devices, "4");
+        assert_eq!(args.migration.size, "100MiB");
+        assert_eq!(args.migration.channels, "6");
+        assert_eq!(args.migration.engine, EngineKind::Uring);
+    }
+
+    #[test]
+    fn send_needs_connect_and_recv_needs_listen() {
+        assert!(Cli::try_parse_from(["vfio-multifd", "send"]).is_err());
+        assert!(Cli::try_parse_from(["vfio-multifd", "recv"]).is_err());
+        assert!(Cli::try_parse_from(["vfio-multifd", "recv", "--listen", "127.0.0.1:0"]).is_ok());
+    }
+
+    #[test]
+    fn unknown_engine_is_rejected() {
+        assert!(Cli::try_parse_from(["vfio-multifd", "demo", "--engine", "epoll"]).is_err());
+    }
 }

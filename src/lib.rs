@@ -3,7 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod engine;
+pub mod error;
 pub mod inspect;
+pub mod metrics;
 pub mod session;
 pub mod wire;

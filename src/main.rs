@@ -1,14 +1,53 @@
-use clap::Parser;
-use vfio_multifd::cli::{Cli, Command};
+//! Parse, validate into a `Config`, run the library, log the error, exit code.
 
-fn main() {
+use std::process::ExitCode;
+
+use clap::Parser;
+use vfio_multifd::cli::Cli;
+use vfio_multifd::config::Config;
+use vfio_multifd::error::error_chain;
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
         .parse_default_env()
         .init();
-    let code = match &cli.command {
-        Command::Inspect(args) => vfio_multifd::inspect::run(args),
+    let config = match Config::try_from(cli.command) {
+        Ok(config) => config,
+        Err(err) => {
+            log::error!("{}", error_chain(&err));
+            return ExitCode::from(2);
+        }
     };
-    std::process::exit(code);
+    let outcome = match config {
+        Config::Inspect(args) => {
+            return ExitCode::from(vfio_multifd::inspect::run(&args).clamp(0, 255) as u8)
+        }
+        Config::Send(config) => vfio_multifd::demo::run_send(&config)
+            .map(|report| report.ok)
+            .map_err(|e| error_chain(&e)),
+        Config::Recv(config) => vfio_multifd::demo::run_recv(&config)
+            .map(|report| report.ok)
+            .map_err(|e| error_chain(&e)),
+        Config::Demo(config) => vfio_multifd::demo::run_demo(&config, &cli.log_level)
+            .map(|summary| {
+                if !summary.verified {
+                    log::error!(
+                        "demo: not verified{}",
+                        summary.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+                summary.verified
+            })
+            .map_err(|e| error_chain(&e)),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(text) => {
+            log::error!("{text}");
+            ExitCode::FAILURE
+        }
+    }
 }

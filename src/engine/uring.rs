@@ -107,30 +107,54 @@ impl Failure {
     }
 }
 
+/// Records a worker's error unless it only stopped because another worker failed first.
+fn record_failure<T>(
+    result: Result<T, DataPlaneError>,
+    failure: &Failure,
+    progress: &Progress,
+) -> Result<T, DataPlaneError> {
+    match result {
+        Err(DataPlaneError::Cancelled) if !progress.cancelled() && failure.is_set() => {
+            Err(DataPlaneError::Cancelled)
+        }
+        Err(err) => {
+            failure.set(err);
+            Err(DataPlaneError::Cancelled)
+        }
+        ok => ok,
+    }
+}
+
+/// Joins the workers: every worker's value, or the first real error (else Cancelled).
 fn join_workers<T>(
     handles: Vec<io::Result<std::thread::ScopedJoinHandle<'_, Result<T, DataPlaneError>>>>,
     failure: &Failure,
-) -> Vec<T> {
+    progress: &Progress,
+) -> Result<Vec<T>, DataPlaneError> {
     let mut results = Vec::new();
+    let mut all_ok = true;
     for handle in handles {
-        let outcome = match handle {
+        match handle {
             Ok(handle) => match handle.join() {
-                Ok(result) => result,
-                Err(_) => Err(DataPlaneError::Stalled {
+                Ok(Ok(value)) => results.push(value),
+                Ok(Err(_)) => all_ok = false,
+                Err(_) => failure.set(DataPlaneError::Stalled {
                     detail: "an io_uring worker panicked".into(),
                 }),
             },
-            Err(source) => Err(DataPlaneError::Setup {
+            Err(source) => failure.set(DataPlaneError::Setup {
                 engine: "uring",
                 source,
             }),
-        };
-        match outcome {
-            Ok(value) => results.push(value),
-            Err(err) => failure.set(err),
         }
     }
-    results
+    if let Some(err) = failure.take() {
+        return Err(err);
+    }
+    if !all_ok || progress.cancelled() {
+        return Err(DataPlaneError::Cancelled);
+    }
+    Ok(results)
 }
 
 fn shutdown(channels: &[OwnedFd], how: nix::sys::socket::Shutdown) {
@@ -227,7 +251,7 @@ impl UringEngine {
                 .map(|(index, d)| SrcDevice {
                     index,
                     idstr_field: d.id.idstr_field(),
-                    read_size: d.read_size.clamp(1, self.config.chunk_size),
+                    read_size: d.read_size,
                     id: d.id,
                     fd: d.data_fd,
                     config: Some(d.config),
@@ -642,6 +666,21 @@ impl Engine for UringEngine {
                 detail: "no channels to send on".into(),
             });
         }
+        if let Some(device) = devices
+            .iter()
+            .find(|d| d.read_size == 0 || d.read_size > self.config.chunk_size)
+        {
+            return Err(DataPlaneError::Setup {
+                engine: "uring",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "device {}: read size {} is outside 1..={} (the chunk size)",
+                        device.id, device.read_size, self.config.chunk_size
+                    ),
+                ),
+            });
+        }
         let workers = self
             .config
             .workers
@@ -674,30 +713,19 @@ impl Engine for UringEngine {
                             );
                             let result =
                                 self.source_worker(devs, chans, buffers, progress, failure);
-                            if let Err(err) = &result {
-                                if !matches!(err, DataPlaneError::Cancelled) || progress.cancelled()
-                                {
-                                    failure.failed.store(true, Ordering::SeqCst);
-                                }
-                            }
-                            result
+                            record_failure(result, failure, progress)
                         })
                 })
                 .collect();
-            join_workers(handles, &failure)
+            join_workers(handles, &failure, &progress)
         });
-        if let Some(err) = failure.take() {
-            shutdown(&channels, nix::sys::socket::Shutdown::Both);
-            return Err(if progress.cancelled() {
-                DataPlaneError::Cancelled
-            } else {
-                err
-            });
-        }
-        if progress.cancelled() {
-            shutdown(&channels, nix::sys::socket::Shutdown::Both);
-            return Err(DataPlaneError::Cancelled);
-        }
+        let results = match results {
+            Ok(results) => results,
+            Err(err) => {
+                shutdown(&channels, nix::sys::socket::Shutdown::Both);
+                return Err(err);
+            }
+        };
         shutdown(&channels, nix::sys::socket::Shutdown::Write);
         let mut report = SourceReport {
             devices: vec![SourceDeviceReport::default(); n_devices],
@@ -728,6 +756,17 @@ impl Engine for UringEngine {
                 detail: "no channels to receive on".into(),
             });
         }
+        for (i, device) in devices.iter().enumerate() {
+            if devices[..i].iter().any(|other| other.id == device.id) {
+                return Err(DataPlaneError::Setup {
+                    engine: "uring",
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("device {} is listed twice", device.id),
+                    ),
+                });
+            }
+        }
         let workers = self.config.workers.clamp(1, n_channels);
         let shared = DestShared::new(devices, self.config.max_queued_bytes, workers, n_channels);
         let worker_channels: Vec<OwnedFd> = channels
@@ -756,24 +795,23 @@ impl Engine for UringEngine {
                             );
                             let result =
                                 self.dest_worker(w, chans, buffers, shared, barrier, progress);
+                            let result = record_failure(result, &shared.failure, progress);
                             if result.is_err() {
-                                shared.failure.failed.store(true, Ordering::SeqCst);
                                 shared.wake_all();
                             }
                             result
                         })
                 })
                 .collect();
-            join_workers(handles, &shared.failure)
+            join_workers(handles, &shared.failure, &progress)
         });
-        if let Some(err) = shared.failure.take() {
-            shutdown(&channels, nix::sys::socket::Shutdown::Both);
-            return Err(if progress.cancelled() {
-                DataPlaneError::Cancelled
-            } else {
-                err
-            });
-        }
+        let notes = match notes {
+            Ok(notes) => notes,
+            Err(err) => {
+                shutdown(&channels, nix::sys::socket::Shutdown::Both);
+                return Err(err);
+            }
+        };
         let mut report = DestReport {
             devices: Vec::new(),
             channels: vec![ChannelReport::default(); n_channels],
@@ -827,12 +865,16 @@ struct DestShared {
     active_ops: AtomicUsize,
     progress_events: AtomicU64,
     loaded: AtomicUsize,
+    done_channels: AtomicUsize,
+    n_channels: usize,
+    /// Channels parked anywhere, with what they hold, for the stall message.
+    parked_detail: Mutex<HashMap<usize, String>>,
     failure: Failure,
     channel_reports: Mutex<Vec<(usize, ChannelReport)>>,
 }
 
 impl DestShared {
-    fn new(devices: Vec<DestDevice>, max_queued: u64, workers: usize, _channels: usize) -> Self {
+    fn new(devices: Vec<DestDevice>, max_queued: u64, workers: usize, n_channels: usize) -> Self {
         let by_id = devices
             .iter()
             .enumerate()
@@ -856,6 +898,9 @@ impl DestShared {
             active_ops: AtomicUsize::new(0),
             progress_events: AtomicU64::new(0),
             loaded: AtomicUsize::new(0),
+            done_channels: AtomicUsize::new(0),
+            n_channels,
+            parked_detail: Mutex::new(HashMap::new()),
             failure: Failure::default(),
             channel_reports: Mutex::new(Vec::new()),
         }
@@ -971,7 +1016,7 @@ impl UringEngine {
                     state: ChanState::Header { got: 0 },
                     hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
                     payload: None,
-                    offset: 0,
+                    offset: crate::wire::INIT_PACKET_LEN as u64,
                     report: ChannelReport::default(),
                 })
                 .collect(),
@@ -1011,7 +1056,7 @@ impl DestWorker<'_> {
             if self.shared.failure.is_set() {
                 return Err(DataPlaneError::Cancelled);
             }
-            if self.finished() {
+            if self.finished()? {
                 return Ok(());
             }
             self.ring
@@ -1040,14 +1085,34 @@ impl DestWorker<'_> {
     /// This worker is done when its channels reached EOF, nothing of its is in flight, and no
     /// buffer of its pool waits in a reassembly (another worker's write may still make it
     /// deliverable, and only this worker may write from it).
-    fn finished(&self) -> bool {
-        self.channels
+    fn finished(&mut self) -> Result<bool, DataPlaneError> {
+        let idle = self
+            .channels
             .iter()
             .all(|c| matches!(c.state, ChanState::Done))
             && self.writes.is_empty()
-            && self.ring.in_flight() == 0
-            && self.heap_held == 0
-            && self.ring.buffers().free_slots() == self.ring.buffers().slots()
+            && self.ring.in_flight() == 0;
+        if !idle {
+            return Ok(false);
+        }
+        if self.heap_held == 0 && self.ring.buffers().free_slots() == self.ring.buffers().slots() {
+            return Ok(true);
+        }
+        // Buffers of this worker wait in a reassembly. Once every channel everywhere has ended
+        // and nothing is in flight anywhere, only deliveries can still happen: stay while any
+        // device's next buffer is here (deliver it, or wake its owner), leave when none is.
+        let all_ended = self.shared.done_channels.load(Ordering::SeqCst) == self.shared.n_channels
+            && self.shared.active_ops.load(Ordering::SeqCst) == 0;
+        if !all_ended {
+            return Ok(false);
+        }
+        let deliverable = (0..self.shared.devices.len())
+            .any(|d| self.shared.state(d).reassembly.peek_ready().is_some());
+        if deliverable {
+            self.deliver_mine()?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     fn has_parked(&self) -> bool {
@@ -1063,14 +1128,15 @@ impl DestWorker<'_> {
             .hdr
             .take()
             .expect("header buffer is home between packets");
+        // The device-state header first, so a bad one is reported even if nothing follows.
+        let end = if got < DEVICE_STATE_HEADER_LEN {
+            DEVICE_STATE_HEADER_LEN
+        } else {
+            PACKET_HEADER_ROOM
+        };
         self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
         self.ring
-            .recv(
-                c as u64,
-                channel.fd.as_fd(),
-                Buffer::Heap(hdr),
-                got..PACKET_HEADER_ROOM,
-            )
+            .recv(c as u64, channel.fd.as_fd(), Buffer::Heap(hdr), got..end)
             .map_err(|source| DataPlaneError::Recv {
                 channel: channel.index,
                 offset: channel.offset + got as u64,
@@ -1102,6 +1168,7 @@ impl DestWorker<'_> {
                 };
                 if n == 0 && *got == 0 {
                     channel.state = ChanState::Done;
+                    self.shared.done_channels.fetch_add(1, Ordering::SeqCst);
                     return Ok(());
                 }
                 if n == 0 {
@@ -1111,7 +1178,11 @@ impl DestWorker<'_> {
                     });
                 }
                 *got += n;
-                if *got < PACKET_HEADER_ROOM {
+                let got = *got;
+                if got == DEVICE_STATE_HEADER_LEN {
+                    self.check_device_state_header(c)?;
+                }
+                if got < PACKET_HEADER_ROOM {
                     return self.recv_header(c);
                 }
                 let info = self.decode_header(c)?;
@@ -1134,6 +1205,24 @@ impl DestWorker<'_> {
             }
             ChanState::Done => Ok(()),
         }
+    }
+
+    fn check_device_state_header(&self, c: usize) -> Result<(), DataPlaneError> {
+        let channel = &self.channels[c];
+        let hdr = channel
+            .hdr
+            .as_deref()
+            .expect("header buffer is home after its recv");
+        let ds: &[u8; DEVICE_STATE_HEADER_LEN] = hdr[..DEVICE_STATE_HEADER_LEN]
+            .try_into()
+            .expect("288-byte header buffer");
+        DeviceStatePacketHeader::decode(ds, self.max_packet_size)
+            .map(drop)
+            .map_err(|source| DataPlaneError::Wire {
+                channel: channel.index,
+                offset: channel.offset,
+                source,
+            })
     }
 
     fn decode_header(&mut self, c: usize) -> Result<PacketInfo, DataPlaneError> {
@@ -1198,6 +1287,27 @@ impl DestWorker<'_> {
         let free = self.ring.buffers().free_slots();
         let buffer_ok = !fits_slot || free > 1 || (free == 1 && is_next);
         if admission == Admission::Wait || !buffer_ok {
+            let why = if admission == Admission::Wait {
+                format!(
+                    "over the queued-bytes limit with {} bytes queued",
+                    state.reassembly.queued_bytes()
+                )
+            } else {
+                "no free buffer".to_string()
+            };
+            let detail = format!(
+                "channel {index} holds device {} idx {} ({} bytes) while the device waits for idx {} ({why})",
+                self.shared.devices[info.device].id,
+                info.idx,
+                info.len,
+                state.reassembly.next_idx(),
+            );
+            drop(state);
+            self.shared
+                .parked_detail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(index, detail);
             if !info.parked {
                 info.parked = true;
                 self.shared.parked[self.w].fetch_add(1, Ordering::SeqCst);
@@ -1210,6 +1320,11 @@ impl DestWorker<'_> {
         if info.parked {
             info.parked = false;
             self.shared.parked[self.w].fetch_sub(1, Ordering::SeqCst);
+            self.shared
+                .parked_detail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&index);
         }
         let buf = if fits_slot {
             Buffer::Pool(self.ring.pool().take().expect("checked a free slot"))
@@ -1338,7 +1453,14 @@ impl DestWorker<'_> {
     }
 
     fn write_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        // `active_ops` drops only after the next write was handed out, so a worker deciding
+        // whether anything can still happen never sees a gap between two writes.
+        let result = self.write_finished(done);
         self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn write_finished(&mut self, done: Completion) -> Result<(), DataPlaneError> {
         let Some(op) = self.writes.get_mut(&done.tag) else {
             return Ok(());
         };
@@ -1433,25 +1555,16 @@ impl DestWorker<'_> {
         {
             return Ok(());
         }
-        let parked: Vec<String> = self
-            .channels
+        let mut parked: Vec<(usize, String)> = self
+            .shared
+            .parked_detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(|c| match c.state {
-                ChanState::Packet(info) if info.parked => {
-                    let state = self.shared.state(info.device);
-                    Some(format!(
-                        "channel {} holds device {} idx {} ({} bytes) while the device waits for idx {} with {} bytes queued",
-                        c.index,
-                        self.shared.devices[info.device].id,
-                        info.idx,
-                        info.len,
-                        state.reassembly.next_idx(),
-                        state.reassembly.queued_bytes()
-                    ))
-                }
-                _ => None,
-            })
+            .map(|(c, d)| (*c, d.clone()))
             .collect();
+        parked.sort();
+        let parked: Vec<String> = parked.into_iter().map(|(_, d)| d).collect();
         Err(DataPlaneError::Stalled {
             detail: format!(
                 "{}; {} of {} buffers free: raise the queued-bytes limit or the buffer pool",

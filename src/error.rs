@@ -1,0 +1,291 @@
+//! Errors, one enum per layer. Each variant names the step that failed; the cause rides in
+//! `#[source]` (never repeated in the message) and the context (device, channel, address) sits
+//! in fields. Lower layers keep their own enums: [`crate::wire::WireError`] (framing) and
+//! [`crate::engine::DataPlaneError`] (moving bytes).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::engine::DataPlaneError;
+use crate::wire::{DeviceId, WireError};
+use vfio::{MigState, VfioError};
+
+/// A command line or configuration value out of bounds. Messages name the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} {value:?}: {why}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("--{flag} {value}: {why}")]
+    OutOfRange {
+        flag: &'static str,
+        value: u64,
+        why: String,
+    },
+    #[error("VFIO_MULTIFD_FORBID={value:?}: {why}")]
+    ForbidEnv { value: String, why: String },
+    #[error("resolving --{flag} {value:?}")]
+    Resolve {
+        flag: &'static str,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Setting up the main and multifd channels (connect, accept, init packets).
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("connecting the main channel to {addr}")]
+    ConnectMain {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting multifd channel {channel} to {addr}")]
+    Connect {
+        channel: u8,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending the init packet of multifd channel {channel}")]
+    SendInit {
+        channel: u8,
+        #[source]
+        source: io::Error,
+    },
+    #[error("accepting connections (main channel {main}, {accepted} of {expected} multifd channels so far)")]
+    Accept {
+        main: &'static str,
+        accepted: usize,
+        expected: u8,
+        #[source]
+        source: io::Error,
+    },
+    #[error("timed out after {waited:?}: main channel {main}, {accepted} of {expected} multifd channels connected")]
+    AcceptTimeout {
+        waited: Duration,
+        main: &'static str,
+        accepted: usize,
+        expected: u8,
+    },
+    #[error("reading the first bytes of the connection from {peer}")]
+    Classify {
+        peer: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the init packet of the connection from {peer}")]
+    RecvInit {
+        peer: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to receive packet via multifd channel from {peer}")]
+    BadInit {
+        peer: SocketAddr,
+        #[source]
+        source: WireError,
+    },
+    #[error("a second main channel (QEVM) connected from {peer}")]
+    SecondMain { peer: SocketAddr },
+    #[error("no main channel expected, but {peer} opened one (QEVM)")]
+    UnexpectedMain { peer: SocketAddr },
+    #[error("configuring the socket from {peer}")]
+    Socket {
+        peer: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The standalone main channel: QEMU main-stream framing plus our setup and result records.
+#[derive(Debug, thiserror::Error)]
+pub enum MainChannelError {
+    #[error("writing {what} on the main channel")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {what} on the main channel")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the peer closed the main channel while {what} was expected")]
+    Closed { what: &'static str },
+    #[error("main channel: malformed {what} at stream offset {offset}")]
+    Wire {
+        what: &'static str,
+        offset: u64,
+        #[source]
+        source: WireError,
+    },
+    #[error("main channel: {what}")]
+    Malformed { what: String },
+    #[error("main channel: {what} is {len} bytes, above the {max}-byte limit")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("main channel: decoding the {what} JSON")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A migration session, by step. Device variants name the device, data-plane failures carry
+/// the engine's error (which names channel, device and idx).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("setting up channels")]
+    Channels(#[source] ChannelError),
+    #[error("main channel")]
+    Main(#[source] MainChannelError),
+    #[error("source and destination disagree: {what}")]
+    Mismatch { what: String },
+    #[error("reading the migration state of device {device}")]
+    DeviceGetState {
+        device: DeviceId,
+        #[source]
+        source: VfioError,
+    },
+    #[error("moving device {device} to {to}")]
+    DeviceState {
+        device: DeviceId,
+        to: MigState,
+        #[source]
+        source: VfioError,
+    },
+    #[error("device {device} is in {state}; a source device must be RUNNING or PRE_COPY")]
+    SourceState { device: DeviceId, state: MigState },
+    #[error("device {device} is in PRE_COPY but its saving data_fd was not handed over")]
+    NoPrecopyFd { device: DeviceId },
+    #[error("device {device} entered {state} without a data_fd")]
+    NoDataFd { device: DeviceId, state: MigState },
+    #[error("starting the {what} thread")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("data plane ({engine} engine)")]
+    DataPlane {
+        engine: &'static str,
+        #[source]
+        source: DataPlaneError,
+    },
+    #[error("the {engine} engine thread panicked")]
+    EnginePanicked { engine: &'static str },
+    #[error("the engine reported {got} devices, {expected} expected")]
+    ReportShape { got: usize, expected: usize },
+    #[error("config blob of device {device} differs from the source's ({got} bytes, {expected} expected)")]
+    ConfigMismatch {
+        device: DeviceId,
+        got: usize,
+        expected: usize,
+    },
+    #[error("no progress for {idle:?} while {step}")]
+    Stalled { step: &'static str, idle: Duration },
+    #[error("the destination failed: {message}")]
+    DestinationFailed { message: String },
+    #[error("the source ended the main channel before EOF while {step}")]
+    SourceVanished { step: &'static str },
+    #[error("cancelled while {step}")]
+    Cancelled { step: &'static str },
+    #[error("returning devices to their pre-migration state failed too ({rollback}) after")]
+    RollbackFailed {
+        #[source]
+        first: Box<SessionError>,
+        rollback: String,
+    },
+}
+
+/// `send` and `recv` with simulated devices.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    #[error("building simulated device {device}")]
+    SimDevice {
+        device: String,
+        #[source]
+        source: VfioError,
+    },
+    #[error("listening on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the {what} thread")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {side} failed")]
+    Session {
+        side: &'static str,
+        #[source]
+        source: SessionError,
+    },
+}
+
+/// `demo`: two child helpers and the numbers they report.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("locating the vfio-multifd executable to spawn the {side}")]
+    CurrentExe {
+        side: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spawning the {side} helper")]
+    Spawn {
+        side: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {side} helper did not say where it listens within {waited:?}")]
+    NoListenAddr {
+        side: &'static str,
+        waited: Duration,
+    },
+    #[error("waiting for the {side} helper")]
+    Wait {
+        side: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {side} helper ran longer than {limit:?} and was killed")]
+    Timeout { side: &'static str, limit: Duration },
+    #[error("the {side} helper sent no report (exit status {status})")]
+    NoReport { side: &'static str, status: String },
+    #[error("starting the {what} thread")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An error and its causes on one line, `: `-separated (for logs and the peer).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}

@@ -1,0 +1,477 @@
+//! The destination session: channels -> packets -> devices, as a state machine with one step
+//! function. Reassembly by idx, the queued-bytes limit and backpressure live in the engine
+//! (over [`crate::session::reassembly`]); the session owns the devices, the main channel and
+//! the verdict.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Accepting
+//!     Accepting --> Loading: main (QEVM, setup agreed) + N multifd channels / devices RESUMING, engine runs, SWITCHOVER_ACK
+//!     Loading --> Loading: SWITCHOVER_START (downtime starts) / EOF / engine done
+//!     Loading --> Complete: EOF and engine done / devices STOP (stream verified) then RUNNING, config checked, result ok + SHUT 0
+//!     Accepting --> Failed: error
+//!     Loading --> Failed: error, source vanished, stall, cancel
+//!     Failed --> [*]: result with the error + SHUT 1; devices reset (helper-owned) or reported
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfio::{MigState, MigrationDevice, Owner};
+
+use crate::engine::{monotonic_ns, DestDevice, DestPlan, DestReport, Engine, EngineKind, Progress};
+use crate::error::error_chain;
+use crate::error::{MainChannelError, SessionError};
+use crate::metrics;
+use crate::session::channels::{Acceptor, Arrival};
+use crate::session::driver::{Driver, Event};
+use crate::session::main_channel::{
+    self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
+    ResultRecord, Setup,
+};
+use crate::wire::{DeviceId, InitExpectation};
+
+/// A device handed to a destination session.
+pub struct DestInput {
+    pub id: DeviceId,
+    pub device: Box<dyn MigrationDevice>,
+    /// The config blob the source must send (standalone and demo know it); `None` when the
+    /// VMM checks it.
+    pub expected_config: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for DestInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestInput")
+            .field("id", &self.id)
+            .field("device", &self.device.name())
+            .finish()
+    }
+}
+
+/// What a standalone destination expects.
+#[derive(Debug, Clone)]
+pub struct DestParams {
+    pub channels: u8,
+    pub uuid: [u8; 16],
+    /// Largest device bytes per packet accepted (`EngineConfig::chunk_size`).
+    pub chunk: usize,
+    /// Longest wait without progress, per step.
+    pub timeout: Duration,
+}
+
+/// A completed migration, as the destination saw it.
+#[derive(Debug, Clone)]
+pub struct DestOutcome {
+    pub engine: EngineKind,
+    pub report: DestReport,
+    /// CLOCK_MONOTONIC when SWITCHOVER_START arrived.
+    pub switchover_ns: u64,
+    /// When the last device was loaded.
+    pub loaded_ns: u64,
+    /// Per device, in input order, as sent to the source.
+    pub results: Vec<DeviceResult>,
+    /// Each device's config blob (config space is the VMM's).
+    pub configs: Vec<Vec<u8>>,
+    /// CPU seconds of this process from the session's start to the engine's end (see
+    /// [`crate::metrics`]).
+    pub cpu_s: f64,
+}
+
+enum State {
+    Accepting,
+    Loading {
+        main: TcpStream,
+        switchover_ns: Option<u64>,
+        eof: bool,
+        /// The engine's report and the process CPU seconds when it came.
+        report: Option<(DestReport, f64)>,
+    },
+    Complete(DestOutcome),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Accepting => "accepting channels",
+            State::Loading { .. } => "loading device state",
+            State::Complete(_) => "complete",
+        }
+    }
+}
+
+/// A standalone destination: one migration from a `send` helper.
+pub struct DestSession<'a> {
+    listener: &'a TcpListener,
+    params: DestParams,
+    devices: &'a mut [DestInput],
+    engine: Arc<dyn Engine>,
+    driver: Driver<MainEvent, DestReport>,
+    /// The return path, once the main channel is here.
+    reply: Option<TcpStream>,
+    cpu_start: f64,
+    /// Devices this session moved out of RUNNING (a prefix of `devices`).
+    touched: usize,
+}
+
+impl<'a> DestSession<'a> {
+    pub fn new(
+        listener: &'a TcpListener,
+        params: DestParams,
+        devices: &'a mut [DestInput],
+        engine: Arc<dyn Engine>,
+        progress: Arc<Progress>,
+    ) -> Self {
+        let timeout = params.timeout;
+        Self {
+            listener,
+            params,
+            devices,
+            engine,
+            driver: Driver::new(progress, timeout),
+            reply: None,
+            cpu_start: metrics::process_cpu_seconds(),
+            touched: 0,
+        }
+    }
+
+    /// Receives one migration. On failure the source is told why (when the main channel is
+    /// up), and helper-owned devices are reset; devices the VMM owns are named in the error.
+    pub fn run(mut self) -> Result<DestOutcome, SessionError> {
+        let mut state = State::Accepting;
+        let result = loop {
+            let step = state.name();
+            match self.step(state) {
+                Ok(State::Complete(outcome)) => break Ok(outcome),
+                Ok(next) => state = next,
+                Err(err) => {
+                    log::debug!("destination failed while {step}: {}", error_chain(&err));
+                    break Err(err);
+                }
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                self.driver.finish();
+                Ok(outcome)
+            }
+            Err(err) => {
+                if let Some(reply) = self.reply.as_mut() {
+                    let record = ResultRecord::failure(&error_chain(&err));
+                    match encode_result(&record) {
+                        Ok(bytes) => {
+                            if let Err(e) = main_channel::send(reply, "the failure result", &bytes)
+                            {
+                                log::warn!("telling the source: {}", error_chain(&e));
+                            }
+                        }
+                        Err(e) => log::warn!("encoding the failure result: {}", error_chain(&e)),
+                    }
+                }
+                self.driver.cancel();
+                let err = recover(&mut self.devices[..self.touched], err);
+                self.driver.finish();
+                Err(err)
+            }
+        }
+    }
+
+    fn step(&mut self, state: State) -> Result<State, SessionError> {
+        match state {
+            State::Accepting => self.accept(),
+            State::Loading {
+                mut main,
+                mut switchover_ns,
+                mut eof,
+                mut report,
+            } => {
+                let event = self.driver.wait("loading device state")?;
+                if self.driver.progress.cancelled() {
+                    return Err(SessionError::Cancelled {
+                        step: "loading device state",
+                    });
+                }
+                match event {
+                    Event::Peer(Ok(MainEvent::SwitchoverStart)) => {
+                        switchover_ns = Some(monotonic_ns())
+                    }
+                    Event::Peer(Ok(MainEvent::Eof)) => eof = true,
+                    Event::Peer(Err(MainChannelError::Closed { .. })) => {
+                        return Err(SessionError::SourceVanished {
+                            step: if switchover_ns.is_some() {
+                                "loading device state"
+                            } else {
+                                "waiting for SWITCHOVER_START"
+                            },
+                        })
+                    }
+                    Event::Peer(Err(err)) => return Err(SessionError::Main(err)),
+                    Event::Engine(Ok(Ok(done))) => {
+                        report = Some((done, metrics::process_cpu_seconds() - self.cpu_start))
+                    }
+                    Event::Engine(Ok(Err(source))) => {
+                        return Err(SessionError::DataPlane {
+                            engine: self.engine.kind().name(),
+                            source,
+                        })
+                    }
+                    Event::Engine(Err(())) => {
+                        return Err(SessionError::EnginePanicked {
+                            engine: self.engine.kind().name(),
+                        })
+                    }
+                }
+                match (eof, report) {
+                    (true, Some((report, cpu_s))) => {
+                        let switchover_ns = switchover_ns.ok_or_else(|| {
+                            SessionError::Main(MainChannelError::Malformed {
+                                what: "EOF without SWITCHOVER_START".into(),
+                            })
+                        })?;
+                        self.complete(&mut main, report, switchover_ns, cpu_s)
+                    }
+                    (eof, report) => Ok(State::Loading {
+                        main,
+                        switchover_ns,
+                        eof,
+                        report,
+                    }),
+                }
+            }
+            State::Complete(outcome) => Ok(State::Complete(outcome)),
+        }
+    }
+
+    /// Main + N multifd channels in any order; the setup is checked as soon as the main
+    /// channel arrives, so a disagreement fails at once instead of timing out.
+    fn accept(&mut self) -> Result<State, SessionError> {
+        let expect = InitExpectation {
+            uuid: self.params.uuid,
+            channels: self.params.channels,
+        };
+        let mut acceptor = Acceptor::new(self.listener, expect, true, self.params.timeout);
+        let mut reader = None;
+        while !acceptor.complete() {
+            if self.driver.progress.cancelled() {
+                return Err(SessionError::Cancelled {
+                    step: "accepting channels",
+                });
+            }
+            if acceptor.accept_next().map_err(SessionError::Channels)? == Arrival::Main {
+                let main = acceptor.main_mut().expect("the main channel just arrived");
+                let socket_err = |source| {
+                    SessionError::Main(MainChannelError::Read {
+                        what: "the setup (socket setup)",
+                        source,
+                    })
+                };
+                self.reply = Some(main.try_clone().map_err(socket_err)?);
+                self.driver.watch(main).map_err(socket_err)?;
+                let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
+                let setup = main_reader.read_setup().map_err(SessionError::Main)?;
+                self.check_setup(&setup)?;
+                reader = Some(main_reader);
+            }
+        }
+        let (main, multifd) = acceptor.finish();
+        let mut main = main.expect("complete() includes the main channel");
+        let mut reader = reader.expect("the setup was read when the main channel arrived");
+        let socket_err = |source| {
+            SessionError::Main(MainChannelError::Read {
+                what: "the main channel (socket setup)",
+                source,
+            })
+        };
+        main.set_read_timeout(None)
+            .and_then(|()| main.set_write_timeout(Some(self.params.timeout)))
+            .map_err(socket_err)?;
+        for channel in &multifd {
+            self.driver.watch(channel).map_err(socket_err)?;
+        }
+
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for input in self.devices.iter_mut() {
+            // Counted first: a device that fails on its way to RESUMING needs recovery too.
+            self.touched += 1;
+            let fd = to_resuming(input)?;
+            devices.push(DestDevice {
+                id: input.id.clone(),
+                data_fd: fd,
+            });
+        }
+        let plan = DestPlan {
+            devices,
+            channels: multifd.into_iter().map(OwnedFd::from).collect(),
+            progress: self.driver.progress.clone(),
+        };
+        let engine = self.engine.clone();
+        self.driver
+            .spawn_engine("dest-engine", move || engine.run_dest(plan))?;
+        self.driver
+            .spawn_reader("main-channel", move || reader.next_event())?;
+        main_channel::send(&mut main, "SWITCHOVER_ACK", &encode_switchover_ack())
+            .map_err(SessionError::Main)?;
+        Ok(State::Loading {
+            main,
+            switchover_ns: None,
+            eof: false,
+            report: None,
+        })
+    }
+
+    fn check_setup(&self, setup: &Setup) -> Result<(), SessionError> {
+        let mismatch = |what: String| Err(SessionError::Mismatch { what });
+        if setup.uuid != self.params.uuid {
+            return mismatch(format!(
+                "source uuid {} but destination uuid {}",
+                uuid_text(&setup.uuid),
+                uuid_text(&self.params.uuid)
+            ));
+        }
+        if setup.channels != self.params.channels {
+            return mismatch(format!(
+                "the source opens {} multifd channels, the destination expects {}",
+                setup.channels, self.params.channels
+            ));
+        }
+        if setup.chunk > self.params.chunk as u64 {
+            return mismatch(format!(
+                "the source sends chunks of up to {} bytes, the destination accepts {}",
+                setup.chunk, self.params.chunk
+            ));
+        }
+        let ours: BTreeSet<&DeviceId> = self.devices.iter().map(|d| &d.id).collect();
+        let theirs: BTreeSet<&DeviceId> = setup.devices.iter().collect();
+        if theirs.len() != setup.devices.len() {
+            return mismatch("the source lists a device twice".into());
+        }
+        if let Some(extra) = theirs.difference(&ours).next() {
+            return mismatch(format!("the source sends device {extra}, unknown here"));
+        }
+        if let Some(missing) = ours.difference(&theirs).next() {
+            return mismatch(format!("device {missing} is not sent by the source"));
+        }
+        Ok(())
+    }
+
+    /// Every device loaded and the source's EOF read: RESUMING -> STOP (the device checks the
+    /// stream) -> RUNNING, configs checked, the result sent.
+    fn complete(
+        &mut self,
+        main: &mut TcpStream,
+        report: DestReport,
+        switchover_ns: u64,
+        cpu_s: f64,
+    ) -> Result<State, SessionError> {
+        if report.devices.len() != self.devices.len() {
+            return Err(SessionError::ReportShape {
+                got: report.devices.len(),
+                expected: self.devices.len(),
+            });
+        }
+        let mut results = Vec::with_capacity(self.devices.len());
+        let mut configs = Vec::with_capacity(self.devices.len());
+        for (input, device_report) in self.devices.iter_mut().zip(&report.devices) {
+            if let Some(expected) = &input.expected_config {
+                if *expected != device_report.config {
+                    return Err(SessionError::ConfigMismatch {
+                        device: input.id.clone(),
+                        got: device_report.config.len(),
+                        expected: expected.len(),
+                    });
+                }
+            }
+            for target in [MigState::Stop, MigState::Running] {
+                input
+                    .device
+                    .set_state(target)
+                    .map_err(|source| SessionError::DeviceState {
+                        device: input.id.clone(),
+                        to: target,
+                        source,
+                    })?;
+            }
+            results.push(DeviceResult {
+                idstr: input.id.idstr.clone(),
+                instance_id: input.id.instance_id,
+                bytes: device_report.bytes,
+                data_packets: device_report.data_packets,
+                config_len: device_report.config.len(),
+                loaded_ns: device_report.loaded_ns,
+            });
+            configs.push(device_report.config.clone());
+        }
+        let loaded_ns = report
+            .devices
+            .iter()
+            .map(|d| d.loaded_ns)
+            .max()
+            .unwrap_or(switchover_ns);
+        let bytes =
+            encode_result(&ResultRecord::success(results.clone())).map_err(SessionError::Main)?;
+        main_channel::send(main, "the result", &bytes).map_err(SessionError::Main)?;
+        // Sent: a later failure must not send a second result.
+        self.reply = None;
+        Ok(State::Complete(DestOutcome {
+            engine: self.engine.kind(),
+            report,
+            switchover_ns,
+            loaded_ns,
+            results,
+            configs,
+            cpu_s,
+        }))
+    }
+}
+
+/// -> RESUMING; the resuming data_fd.
+fn to_resuming(input: &mut DestInput) -> Result<OwnedFd, SessionError> {
+    let opened = input
+        .device
+        .set_state(MigState::Resuming)
+        .map_err(|source| SessionError::DeviceState {
+            device: input.id.clone(),
+            to: MigState::Resuming,
+            source,
+        })?;
+    opened.ok_or_else(|| SessionError::NoDataFd {
+        device: input.id.clone(),
+        state: MigState::Resuming,
+    })
+}
+
+/// After a failure, for each device the session touched: the helper resets the devices it
+/// owns (loaded or not, none of them may keep a half-migrated state); devices the VMM owns are
+/// left to it and named in the error.
+fn recover(devices: &mut [DestInput], err: SessionError) -> SessionError {
+    let mut problems = Vec::new();
+    for input in devices.iter_mut() {
+        let state = input.device.state().ok();
+        match input.device.owner() {
+            Owner::Helper => match input.device.reset() {
+                Ok(()) => log::info!("device {} reset after the failed migration", input.id),
+                Err(e) => problems.push(format!(
+                    "resetting device {}: {}",
+                    input.id,
+                    error_chain(&e)
+                )),
+            },
+            Owner::Vmm => problems.push(format!(
+                "device {} is left in {} for the VMM to recover",
+                input.id,
+                state.map_or("an unknown state", |s| s.kernel_name())
+            )),
+        }
+    }
+    if problems.is_empty() {
+        err
+    } else {
+        SessionError::RollbackFailed {
+            first: Box::new(err),
+            rollback: problems.join("; "),
+        }
+    }
+}

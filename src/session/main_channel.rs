@@ -1,0 +1,727 @@
+//! The standalone main channel: what two helpers without a VMM say to each other. It is a QEMU
+//! main stream wherever QEMU has an equivalent (framing from [`crate::wire::main_stream`]), so
+//! `inspect` and QEMU's own tools can walk it; the two additions are marked "ours".
+//!
+//! Source to destination:
+//!
+//! | record | bytes | meaning |
+//! |---|---|---|
+//! | file header | `51 45 56 4d 00 00 00 03` | `QEVM`, version 3 |
+//! | CONFIGURATION | `07 <be32 len> "vfio-multifd"` + subsection `configuration/uuid` | the migration uuid (QEMU's validate-uuid check) |
+//! | per device: SECTION_START | `01 <be32 sid> <len> idstr <be32 instance_id> 00 00 00 01`, `DEV_SETUP_STATE`, `END_OF_STATE`, footer `7e <be32 sid>` | the device list, as QEMU's VFIO `save_setup` in multifd mode |
+//! | VMDESCRIPTION (ours: early) | `06 <be32 len> {"vfio-multifd":{"version":1,"channels":N,"chunk":C}}` | what QEMU leaves to configuration on both sides: channel count, largest chunk |
+//! | SWITCHOVER_START | `08 00 0b 00 00` | the VM is stopped: downtime starts |
+//! | per device: SECTION_END | `03 <be32 sid>`, `END_OF_STATE`, footer | QEMU's "dummy EOS" at completion in multifd mode |
+//! | EOF | `00` | every packet was handed to the multifd channels |
+//!
+//! Destination to source (the return path, `be16 type, be16 len, data`):
+//!
+//! | message | bytes | meaning |
+//! |---|---|---|
+//! | SWITCHOVER_ACK | `00 07 00 00` | channels accepted, setup agreed, devices RESUMING: the source may switch over |
+//! | VFIO_MULTIFD_RESULT (ours) | `01 00 <be16 len> <json>` | [`ResultRecord`]: per-device results, or the destination's error text |
+//! | SHUT | `00 01 00 04 <be32 status>` | QEMU's last word: 0 = everything loaded, 1 = failed |
+//!
+//! Nothing is allocated from a peer-given length beyond [`MAX_RECORD`].
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::MainChannelError;
+use crate::wire::main_stream::{
+    decode_file_header, decode_footer, decode_record, decode_rp_message, decode_vfio_item,
+    encode_file_header, encode_rp_shut, Configuration, MigCommand, Record, RpMessage,
+    RpMessageType, SectionHeader, VfioItem, VfioMarker,
+};
+use crate::wire::{fmt_uuid, DeviceId, WireError};
+
+/// Machine name in the CONFIGURATION record.
+pub const MACHINE: &str = "vfio-multifd";
+/// Version of the VMDESCRIPTION setup JSON and the result JSON.
+pub const STANDALONE_PROTOCOL_VERSION: u32 = 1;
+/// VFIO's section version_id (`vfio_migration_init`).
+pub const VFIO_VERSION_ID: u32 = 1;
+/// Ours: the destination's result message type (QEMU's return-path types end at 7).
+pub const MIG_RP_MSG_VFIO_MULTIFD_RESULT: u16 = 0x0100;
+/// Largest record a reader buffers.
+pub const MAX_RECORD: usize = 1 << 20;
+/// Longest error text a result record carries (cut at a char boundary below this).
+pub const MAX_ERROR_TEXT: usize = 4096;
+
+/// What the source announces before switchover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    pub uuid: [u8; 16],
+    pub channels: u8,
+    /// Largest device bytes per packet the source sends.
+    pub chunk: u64,
+    pub devices: Vec<DeviceId>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Description {
+    #[serde(rename = "vfio-multifd")]
+    vfio_multifd: DescriptionBody,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DescriptionBody {
+    version: u32,
+    channels: u8,
+    chunk: u64,
+}
+
+/// One device's outcome on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceResult {
+    pub idstr: String,
+    pub instance_id: u32,
+    /// Device data bytes written to its `data_fd`.
+    pub bytes: u64,
+    pub data_packets: u32,
+    pub config_len: usize,
+    /// CLOCK_MONOTONIC on the destination when the device was loaded.
+    pub loaded_ns: u64,
+}
+
+/// `VFIO_MULTIFD_RESULT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub version: u32,
+    pub ok: bool,
+    /// The destination's error with its causes, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<DeviceResult>,
+}
+
+impl ResultRecord {
+    pub fn success(devices: Vec<DeviceResult>) -> Self {
+        Self {
+            version: STANDALONE_PROTOCOL_VERSION,
+            ok: true,
+            error: None,
+            devices,
+        }
+    }
+
+    /// A failure record; the text is cut to [`MAX_ERROR_TEXT`].
+    pub fn failure(text: &str) -> Self {
+        let mut end = text.len().min(MAX_ERROR_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self {
+            version: STANDALONE_PROTOCOL_VERSION,
+            ok: false,
+            error: Some(text[..end].to_string()),
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// What the destination reads after the setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MainEvent {
+    SwitchoverStart,
+    /// EOF, after every device's END section.
+    Eof,
+}
+
+/// What the source reads on the return path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnMessage {
+    SwitchoverAck,
+    Result(ResultRecord),
+    /// SHUT with its status (0 = ok).
+    Shut(u32),
+}
+
+fn section_id(index: usize) -> u32 {
+    index as u32
+}
+
+/// Source: the file header, CONFIGURATION, one SECTION_START per device and the setup JSON.
+pub fn encode_setup(setup: &Setup) -> Result<Vec<u8>, MainChannelError> {
+    let mut out = Vec::new();
+    encode_file_header(&mut out);
+    Record::Configuration(Configuration {
+        machine: MACHINE.as_bytes(),
+        target_page_bits: None,
+        capabilities: None,
+        uuid: Some(setup.uuid),
+    })
+    .encode(&mut out);
+    for (i, id) in setup.devices.iter().enumerate() {
+        let header = SectionHeader {
+            section_id: section_id(i),
+            idstr: id.idstr.as_bytes(),
+            instance_id: id.instance_id,
+            version_id: VFIO_VERSION_ID,
+        };
+        let start = out.len();
+        out.resize(start + Record::SectionStart(header).encoded_len(), 0);
+        Record::SectionStart(header)
+            .encode_to_slice(&mut out[start..])
+            .map_err(|source| MainChannelError::Wire {
+                what: "SECTION_START",
+                offset: start as u64,
+                source,
+            })?;
+        VfioMarker::DevSetupState.encode(&mut out);
+        VfioMarker::EndOfState.encode(&mut out);
+        Record::Footer {
+            section_id: section_id(i),
+        }
+        .encode(&mut out);
+    }
+    let json = serde_json::to_vec(&Description {
+        vfio_multifd: DescriptionBody {
+            version: STANDALONE_PROTOCOL_VERSION,
+            channels: setup.channels,
+            chunk: setup.chunk,
+        },
+    })
+    .map_err(|source| MainChannelError::Json {
+        what: "setup",
+        source,
+    })?;
+    Record::VmDescription { json: &json }.encode(&mut out);
+    Ok(out)
+}
+
+/// Source: `SWITCHOVER_START`.
+pub fn encode_switchover_start() -> Vec<u8> {
+    let mut out = Vec::new();
+    Record::switchover_start().encode(&mut out);
+    out
+}
+
+/// Source: one SECTION_END with VFIO's dummy END_OF_STATE per device, then EOF.
+pub fn encode_completion(devices: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..devices {
+        Record::SectionEnd {
+            section_id: section_id(i),
+        }
+        .encode(&mut out);
+        VfioMarker::EndOfState.encode(&mut out);
+        Record::Footer {
+            section_id: section_id(i),
+        }
+        .encode(&mut out);
+    }
+    Record::Eof.encode(&mut out);
+    out
+}
+
+/// Destination: `SWITCHOVER_ACK`.
+pub fn encode_switchover_ack() -> Vec<u8> {
+    let mut out = Vec::new();
+    RpMessage::SWITCHOVER_ACK.encode(&mut out);
+    out
+}
+
+/// Destination: the result record followed by SHUT (0 when `result.ok`, else 1).
+pub fn encode_result(result: &ResultRecord) -> Result<Vec<u8>, MainChannelError> {
+    let json = serde_json::to_vec(result).map_err(|source| MainChannelError::Json {
+        what: "result",
+        source,
+    })?;
+    if json.len() > usize::from(u16::MAX) {
+        return Err(MainChannelError::TooLong {
+            what: "result",
+            len: json.len(),
+            max: usize::from(u16::MAX),
+        });
+    }
+    let mut out = Vec::with_capacity(json.len() + 12);
+    out.extend_from_slice(&MIG_RP_MSG_VFIO_MULTIFD_RESULT.to_be_bytes());
+    out.extend_from_slice(&(json.len() as u16).to_be_bytes());
+    out.extend_from_slice(&json);
+    encode_rp_shut(u32::from(!result.ok), &mut out);
+    Ok(out)
+}
+
+/// Writes `bytes` and flushes.
+pub fn send(w: &mut impl Write, what: &'static str, bytes: &[u8]) -> Result<(), MainChannelError> {
+    w.write_all(bytes)
+        .and_then(|()| w.flush())
+        .map_err(|source| MainChannelError::Write { what, source })
+}
+
+/// Buffers a byte stream and hands whole records to the incremental decoders.
+#[derive(Debug)]
+struct Buffered<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    base: u64,
+}
+
+impl<R: Read> Buffered<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            base: 0,
+        }
+    }
+
+    /// Runs `decode` until it has a whole item; consumes its bytes. `decode` turns the
+    /// borrowed item into an owned value.
+    fn next<T>(
+        &mut self,
+        what: &'static str,
+        mut decode: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, WireError>,
+    ) -> Result<T, MainChannelError> {
+        loop {
+            match decode(&self.buf) {
+                Ok(Some((item, used))) => {
+                    self.buf.drain(..used);
+                    self.base += used as u64;
+                    return Ok(item);
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(MainChannelError::Wire {
+                        what,
+                        offset: self.base + source.offset() as u64,
+                        source,
+                    })
+                }
+            }
+            if self.buf.len() >= MAX_RECORD {
+                return Err(MainChannelError::TooLong {
+                    what,
+                    len: self.buf.len(),
+                    max: MAX_RECORD,
+                });
+            }
+            let mut chunk = [0u8; 4096];
+            let want = chunk.len().min(MAX_RECORD - self.buf.len());
+            match self.inner.read(&mut chunk[..want]) {
+                Ok(0) => return Err(MainChannelError::Closed { what }),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(MainChannelError::Read { what, source }),
+            }
+        }
+    }
+}
+
+/// Owned form of the records the destination expects.
+enum Owned {
+    Configuration {
+        machine: Vec<u8>,
+        uuid: Option<[u8; 16]>,
+    },
+    SectionStart(DeviceId, u32),
+    SectionEnd(u32),
+    Description(Vec<u8>),
+    Switchover,
+    Eof,
+    Other(String),
+}
+
+fn own(record: &Record<'_>) -> Owned {
+    match record {
+        Record::Configuration(c) => Owned::Configuration {
+            machine: c.machine.to_vec(),
+            uuid: c.uuid,
+        },
+        Record::SectionStart(h) => Owned::SectionStart(
+            DeviceId {
+                idstr: String::from_utf8_lossy(h.idstr).into_owned(),
+                instance_id: h.instance_id,
+            },
+            h.section_id,
+        ),
+        Record::SectionEnd { section_id } => Owned::SectionEnd(*section_id),
+        Record::VmDescription { json } => Owned::Description(json.to_vec()),
+        Record::Command {
+            cmd: MigCommand::SwitchoverStart,
+            ..
+        } => Owned::Switchover,
+        Record::Eof => Owned::Eof,
+        other => Owned::Other(format!("{other:?}")),
+    }
+}
+
+/// The destination's reader of the source's main stream.
+#[derive(Debug)]
+pub struct MainReader<R> {
+    stream: Buffered<R>,
+    devices: usize,
+    ended: Vec<bool>,
+    switched_over: bool,
+}
+
+impl<R: Read> MainReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            stream: Buffered::new(inner),
+            devices: 0,
+            ended: Vec::new(),
+            switched_over: false,
+        }
+    }
+
+    fn record(&mut self, what: &'static str) -> Result<Owned, MainChannelError> {
+        self.stream.next(what, |buf| {
+            Ok(decode_record(buf)?.map(|(r, n)| (own(&r), n)))
+        })
+    }
+
+    fn vfio_marker(
+        &mut self,
+        what: &'static str,
+        want: VfioMarker,
+    ) -> Result<(), MainChannelError> {
+        let got = self.stream.next(what, |buf| {
+            Ok(decode_vfio_item(buf)?.map(|(item, n)| {
+                let marker = match item {
+                    VfioItem::Marker(m) => Some(m),
+                    VfioItem::Data(_) => None,
+                };
+                (marker, n)
+            }))
+        })?;
+        if got != Some(want) {
+            return Err(MainChannelError::Malformed {
+                what: format!(
+                    "{what}: expected {}, found {}",
+                    want.name(),
+                    got.map_or("DEV_DATA_STATE", |m| m.name())
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn footer(&mut self, what: &'static str, id: u32) -> Result<(), MainChannelError> {
+        self.stream
+            .next(what, |buf| Ok(decode_footer(buf, id)?.map(|n| ((), n))))
+    }
+
+    /// Reads the file header, CONFIGURATION, the device sections and the setup JSON.
+    pub fn read_setup(&mut self) -> Result<Setup, MainChannelError> {
+        self.stream.next("the QEVM header", |buf| {
+            Ok(decode_file_header(buf)?.map(|n| ((), n)))
+        })?;
+        let uuid = match self.record("the CONFIGURATION section")? {
+            Owned::Configuration { machine, uuid } => {
+                if machine != MACHINE.as_bytes() {
+                    return Err(MainChannelError::Malformed {
+                        what: format!(
+                            "machine type {:?}, expected {MACHINE:?}",
+                            String::from_utf8_lossy(&machine)
+                        ),
+                    });
+                }
+                uuid.unwrap_or([0; 16])
+            }
+            _ => {
+                return Err(MainChannelError::Malformed {
+                    what: "the CONFIGURATION section must follow the QEVM header".into(),
+                })
+            }
+        };
+        let mut devices = Vec::new();
+        loop {
+            match self.record("a device SECTION_START or the setup description")? {
+                Owned::SectionStart(id, sid) => {
+                    if sid != section_id(devices.len()) {
+                        return Err(MainChannelError::Malformed {
+                            what: format!(
+                                "section id {sid} for device {id}, expected {}",
+                                devices.len()
+                            ),
+                        });
+                    }
+                    self.vfio_marker("the device setup section", VfioMarker::DevSetupState)?;
+                    self.vfio_marker("the device setup section", VfioMarker::EndOfState)?;
+                    self.footer("the device setup section", sid)?;
+                    devices.push(id);
+                }
+                Owned::Description(json) => {
+                    let description: Description =
+                        serde_json::from_slice(&json).map_err(|source| MainChannelError::Json {
+                            what: "setup description",
+                            source,
+                        })?;
+                    let body = description.vfio_multifd;
+                    if body.version != STANDALONE_PROTOCOL_VERSION {
+                        return Err(MainChannelError::Malformed {
+                            what: format!(
+                                "setup version {}, this helper speaks {STANDALONE_PROTOCOL_VERSION}",
+                                body.version
+                            ),
+                        });
+                    }
+                    self.devices = devices.len();
+                    self.ended = vec![false; devices.len()];
+                    return Ok(Setup {
+                        uuid,
+                        channels: body.channels,
+                        chunk: body.chunk,
+                        devices,
+                    });
+                }
+                Owned::Other(what) => {
+                    return Err(MainChannelError::Malformed {
+                        what: format!("unexpected {what} during setup"),
+                    })
+                }
+                _ => {
+                    return Err(MainChannelError::Malformed {
+                        what: "unexpected record during setup".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// After the setup: `SWITCHOVER_START`, then (consuming each device's END section) EOF.
+    pub fn next_event(&mut self) -> Result<MainEvent, MainChannelError> {
+        loop {
+            let what = if self.switched_over {
+                "a device SECTION_END or EOF"
+            } else {
+                "SWITCHOVER_START"
+            };
+            match self.record(what)? {
+                Owned::Switchover if !self.switched_over => {
+                    self.switched_over = true;
+                    return Ok(MainEvent::SwitchoverStart);
+                }
+                Owned::SectionEnd(sid) if self.switched_over => {
+                    let seen = self.ended.get_mut(sid as usize).ok_or_else(|| {
+                        MainChannelError::Malformed {
+                            what: format!("SECTION_END for unknown section {sid}"),
+                        }
+                    })?;
+                    if std::mem::replace(seen, true) {
+                        return Err(MainChannelError::Malformed {
+                            what: format!("second SECTION_END for section {sid}"),
+                        });
+                    }
+                    self.vfio_marker("a device END section", VfioMarker::EndOfState)?;
+                    self.footer("a device END section", sid)?;
+                }
+                Owned::Eof if self.switched_over => {
+                    if let Some(missing) = self.ended.iter().position(|e| !e) {
+                        return Err(MainChannelError::Malformed {
+                            what: format!("EOF before the END section of device section {missing}"),
+                        });
+                    }
+                    return Ok(MainEvent::Eof);
+                }
+                Owned::Other(record) => {
+                    return Err(MainChannelError::Malformed {
+                        what: format!("unexpected {record} where {what} belongs"),
+                    })
+                }
+                _ => {
+                    return Err(MainChannelError::Malformed {
+                        what: format!("unexpected record where {what} belongs"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The source's reader of the return path.
+#[derive(Debug)]
+pub struct ReturnReader<R> {
+    stream: Buffered<R>,
+}
+
+enum OwnedRp {
+    Ack,
+    Shut(u32),
+    Result(Vec<u8>),
+    Other(String),
+}
+
+impl<R: Read> ReturnReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            stream: Buffered::new(inner),
+        }
+    }
+
+    pub fn next_message(&mut self) -> Result<ReturnMessage, MainChannelError> {
+        let message = self.stream.next("a return-path message", |buf| {
+            // Ours first: QEMU's decoder rightly rejects types above 7.
+            if buf.len() >= 4
+                && u16::from_be_bytes([buf[0], buf[1]]) == MIG_RP_MSG_VFIO_MULTIFD_RESULT
+            {
+                let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+                return Ok(buf
+                    .get(4..4 + len)
+                    .map(|json| (OwnedRp::Result(json.to_vec()), 4 + len)));
+            }
+            Ok(decode_rp_message(buf)?.map(|(m, n)| {
+                let owned = match m.msg_type {
+                    RpMessageType::SwitchoverAck => OwnedRp::Ack,
+                    RpMessageType::Shut => OwnedRp::Shut(m.value_u32().unwrap_or(1)),
+                    other => OwnedRp::Other(other.name().to_string()),
+                };
+                (owned, n)
+            }))
+        })?;
+        match message {
+            OwnedRp::Ack => Ok(ReturnMessage::SwitchoverAck),
+            OwnedRp::Shut(status) => Ok(ReturnMessage::Shut(status)),
+            OwnedRp::Result(json) => serde_json::from_slice(&json)
+                .map(ReturnMessage::Result)
+                .map_err(|source| MainChannelError::Json {
+                    what: "result",
+                    source,
+                }),
+            OwnedRp::Other(name) => Err(MainChannelError::Malformed {
+                what: format!("return-path message {name} is not used by vfio-multifd"),
+            }),
+        }
+    }
+}
+
+/// `uuid` as text, for messages.
+pub fn uuid_text(uuid: &[u8; 16]) -> String {
+    fmt_uuid(uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> Setup {
+        Setup {
+            uuid: [0x11; 16],
+            channels: 6,
+            chunk: 1 << 20,
+            devices: vec![
+                DeviceId::new("0000:00:02.0/vfio", 0).unwrap(),
+                DeviceId::new("0000:01:02.0/vfio", 0).unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn source_stream_is_qemu_framed_and_round_trips() {
+        let mut out = encode_setup(&setup()).unwrap();
+        assert_eq!(&out[..8], b"QEVM\x00\x00\x00\x03");
+        assert_eq!(out[8], 0x07, "CONFIGURATION follows the header");
+        let switchover_at = out.len();
+        out.extend(encode_switchover_start());
+        assert_eq!(&out[switchover_at..], &[0x08, 0x00, 0x0b, 0x00, 0x00]);
+        let end_at = out.len();
+        out.extend(encode_completion(2));
+        // SECTION_END 0, END_OF_STATE, footer 0, ... EOF.
+        assert_eq!(&out[end_at..end_at + 5], &[0x03, 0, 0, 0, 0]);
+        assert_eq!(
+            &out[end_at + 5..end_at + 13],
+            &[0xff, 0xff, 0xff, 0xff, 0xef, 0x10, 0x00, 0x01]
+        );
+        assert_eq!(out.last(), Some(&0x00));
+
+        let mut reader = MainReader::new(&out[..]);
+        assert_eq!(reader.read_setup().unwrap(), setup());
+        assert_eq!(reader.next_event().unwrap(), MainEvent::SwitchoverStart);
+        assert_eq!(reader.next_event().unwrap(), MainEvent::Eof);
+        assert!(matches!(
+            reader.next_event(),
+            Err(MainChannelError::Closed { .. })
+        ));
+    }
+
+    #[test]
+    fn the_stream_decodes_with_qemu_record_rules_one_byte_at_a_time() {
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let Some((&first, rest)) = self.0.split_first() else {
+                    return Ok(0);
+                };
+                buf[0] = first;
+                self.0 = rest;
+                Ok(1)
+            }
+        }
+        let mut out = encode_setup(&setup()).unwrap();
+        out.extend(encode_switchover_start());
+        out.extend(encode_completion(2));
+        let mut reader = MainReader::new(Trickle(&out));
+        assert_eq!(reader.read_setup().unwrap().devices.len(), 2);
+        assert_eq!(reader.next_event().unwrap(), MainEvent::SwitchoverStart);
+        assert_eq!(reader.next_event().unwrap(), MainEvent::Eof);
+    }
+
+    #[test]
+    fn eof_before_every_end_section_and_bad_commands_are_errors() {
+        let mut out = encode_setup(&setup()).unwrap();
+        out.extend(encode_switchover_start());
+        out.extend(encode_completion(1));
+        let mut reader = MainReader::new(&out[..]);
+        reader.read_setup().unwrap();
+        reader.next_event().unwrap();
+        let err = reader.next_event().unwrap_err();
+        assert!(
+            err.to_string().contains("END section of device section 1"),
+            "{err}"
+        );
+
+        let mut out = encode_setup(&setup()).unwrap();
+        out.extend([0x08, 0x00, 0x0b, 0x00, 0x01, 0xff]);
+        let mut reader = MainReader::new(&out[..]);
+        reader.read_setup().unwrap();
+        let err = reader.next_event().unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains("SWITCHOVER_START received with bad length"),
+            "{chain}"
+        );
+
+        let mut reader = MainReader::new(&b"QEVM\x00\x00\x00\x02"[..]);
+        let err = reader.read_setup().unwrap_err();
+        assert!(matches!(
+            err,
+            MainChannelError::Wire {
+                source: WireError::StreamVersion { got: 2, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn return_path_is_qemu_framed() {
+        let mut out = encode_switchover_ack();
+        assert_eq!(out, [0x00, 0x07, 0x00, 0x00]);
+        let result = ResultRecord::failure("device 0000:00:02.0/vfio/0: bad");
+        out.extend(encode_result(&result).unwrap());
+        assert_eq!(&out[4..6], &[0x01, 0x00]);
+        assert_eq!(&out[out.len() - 8..], &[0x00, 0x01, 0x00, 0x04, 0, 0, 0, 1]);
+        let mut r = ReturnReader::new(&out[..]);
+        assert_eq!(r.next_message().unwrap(), ReturnMessage::SwitchoverAck);
+        assert_eq!(r.next_message().unwrap(), ReturnMessage::Result(result));
+        assert_eq!(r.next_message().unwrap(), ReturnMessage::Shut(1));
+        assert!(matches!(
+            r.next_message(),
+            Err(MainChannelError::Closed { .. })
+        ));
+        let pong = [0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0];
+        assert!(ReturnReader::new(&pong[..]).next_message().is_err());
+    }
+
+    #[test]
+    fn failure_text_is_cut_at_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let text = ResultRecord::failure(&long).error.unwrap();
+        assert!(text.len() <= MAX_ERROR_TEXT);
+        assert!(text.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,369 @@
+//! The sessions through the library: simulated devices on real fds, real loopback sockets, and
+//! the device states checked after success, a destination failure, a cancel and a stall.
+
+// Test helpers unwrap too: a failed step is a failed test (clippy allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vfio::sim::{config_blob, DeviceSpeed, SimSink, SimSource, SimSpec};
+use vfio::{MigState, MigrationDevice, Owner};
+use vfio_multifd::config::ChannelOrder;
+use vfio_multifd::engine::{self, Engine, EngineConfig, EngineKind, Progress};
+use vfio_multifd::error::SessionError;
+use vfio_multifd::session::dest::{DestInput, DestOutcome, DestParams, DestSession};
+use vfio_multifd::session::source::{SourceInput, SourceParams, SourceSession};
+use vfio_multifd::wire::DeviceId;
+
+const UUID: [u8; 16] = *b"session-test-uid";
+const CHUNK: usize = 256 << 10;
+
+fn engine(kind: EngineKind) -> Arc<dyn Engine> {
+    let config = EngineConfig {
+        workers: 2,
+        chunk_size: CHUNK,
+        pool_buffers: 16,
+        max_packet_size: (CHUNK + 12) as u32,
+        ..EngineConfig::default()
+    };
+    Arc::from(engine::select(kind, &config))
+}
+
+fn spec(i: u32, size: u64, speed: Option<u64>) -> SimSpec {
+    SimSpec {
+        size,
+        seed: 100 + u64::from(i),
+        precopy_initial: 0,
+        precopy_dirty: 0,
+        speed: speed.map(|rate| DeviceSpeed {
+            save_bytes_per_sec: rate,
+            load_bytes_per_sec: 0,
+            per_read_latency: Duration::ZERO,
+        }),
+        config_len: 512,
+    }
+}
+
+fn id(i: u32) -> DeviceId {
+    DeviceId::new(format!("0000:{i:02x}:02.0/vfio"), 0).unwrap()
+}
+
+fn sources(n: u32, size: u64, speed: Option<u64>) -> Vec<SourceInput> {
+    (0..n)
+        .map(|i| {
+            let device = SimSource::new(&id(i).to_string(), spec(i, size, speed)).unwrap();
+            SourceInput {
+                id: id(i),
+                config: device.config_blob(),
+                device: Box::new(device),
+                precopy_fd: None,
+            }
+        })
+        .collect()
+}
+
+fn sinks(n: u32, size: u64, seed_shift: u64) -> Vec<DestInput> {
+    (0..n)
+        .map(|i| {
+            let mut spec = spec(i, size, None);
+            spec.seed += seed_shift;
+            DestInput {
+                id: id(i),
+                device: Box::new(SimSink::new(&id(i).to_string(), spec).unwrap()),
+                expected_config: Some(config_blob(&spec)),
+            }
+        })
+        .collect()
+}
+
+fn states<'a>(devices: impl Iterator<Item = &'a dyn MigrationDevice>) -> Vec<MigState> {
+    devices.map(|d| d.state().unwrap()).collect()
+}
+
+/// Runs a destination session on its own thread; returns its result and its devices.
+fn spawn_dest(
+    listener: TcpListener,
+    mut devices: Vec<DestInput>,
+    kind: EngineKind,
+    channels: u8,
+    timeout: Duration,
+) -> thread::JoinHandle<(Result<DestOutcome, SessionError>, Vec<DestInput>)> {
+    thread::spawn(move || {
+        let params = DestParams {
+            channels,
+            uuid: UUID,
+            chunk: CHUNK,
+            timeout,
+        };
+        let result = DestSession::new(
+            &listener,
+            params,
+            &mut devices,
+            engine(kind),
+            Arc::new(Progress::default()),
+        )
+        .run();
+        (result, devices)
+    })
+}
+
+fn source_params(listener: &TcpListener, channels: u8, timeout: Duration) -> SourceParams {
+    SourceParams {
+        connect: listener.local_addr().unwrap(),
+        channels,
+        uuid: UUID,
+        chunk: CHUNK,
+        timeout,
+        order: ChannelOrder::Shuffle(3),
+    }
+}
+
+#[test]
+fn success_leaves_source_devices_stopped_and_destination_devices_running() {
+    for (src_kind, dst_kind) in [
+        (EngineKind::Threads, EngineKind::Threads),
+        (EngineKind::Uring, EngineKind::Threads),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let params = source_params(&listener, 3, Duration::from_secs(30));
+        let dest = spawn_dest(
+            listener,
+            sinks(3, 1_500_000, 0),
+            dst_kind,
+            3,
+            Duration::from_secs(30),
+        );
+        let mut devices = sources(3, 1_500_000, None);
+        let outcome = SourceSession::new(
+            params,
+            &mut devices,
+            engine(src_kind),
+            Arc::new(Progress::default()),
+        )
+        .run()
+        .unwrap();
+        let (dest_result, dest_devices) = dest.join().unwrap();
+        let dest_outcome = dest_result.unwrap();
+
+        assert_eq!(
+            states(devices.iter().map(|d| d.device.as_ref())),
+            vec![MigState::Stop; 3]
+        );
+        assert_eq!(
+            states(dest_devices.iter().map(|d| d.device.as_ref())),
+            vec![MigState::Running; 3]
+        );
+        assert!(outcome.result.ok);
+        assert_eq!(outcome.result.devices.len(), 3);
+        for (i, result) in outcome.result.devices.iter().enumerate() {
+            assert_eq!(result.bytes, 1_500_000);
+            assert_eq!(result.idstr, id(i as u32).idstr);
+        }
+        for (input, config) in devices.iter().zip(&dest_outcome.configs) {
+            assert_eq!(&input.config, config, "config blob handed over unchanged");
+        }
+        assert!(
+            outcome.switchover_ns <= dest_outcome.loaded_ns,
+            "downtime is positive"
+        );
+        assert!(dest_outcome.switchover_ns >= outcome.switchover_ns);
+        let packets = 1_500_000usize.div_ceil(CHUNK);
+        for report in &outcome.report.devices {
+            assert_eq!(report.read_issued_ns.len(), packets);
+        }
+    }
+}
+
+#[test]
+fn destination_rejection_returns_source_devices_to_running() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    // The destination expects other content for every device.
+    let dest = spawn_dest(
+        listener,
+        sinks(2, 1 << 20, 1000),
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let mut devices = sources(2, 1 << 20, None);
+    let err = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap_err();
+    let text = vfio_multifd::error::error_chain(&err);
+    assert!(
+        matches!(err, SessionError::DestinationFailed { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains(&id(0).to_string()),
+        "names the device: {text}"
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 2]
+    );
+
+    let (dest_result, dest_devices) = dest.join().unwrap();
+    assert!(dest_result.is_err());
+    // The helper owns the simulated sinks: it reset them.
+    assert_eq!(
+        states(dest_devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 2]
+    );
+}
+
+#[test]
+fn borrowed_destination_devices_are_named_not_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    // The right config blob but other stream content: RESUMING -> STOP rejects the stream.
+    let right = spec(0, 1 << 20, None);
+    let mut wrong = right;
+    wrong.seed += 1000;
+    let borrowed = vec![DestInput {
+        id: id(0),
+        device: Box::new(
+            SimSink::new(&id(0).to_string(), wrong)
+                .unwrap()
+                .with_owner(Owner::Vmm),
+        ),
+        expected_config: Some(config_blob(&right)),
+    }];
+    let dest = spawn_dest(
+        listener,
+        borrowed,
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let mut devices = sources(1, 1 << 20, None);
+    let err = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap_err();
+    assert!(
+        matches!(err, SessionError::DestinationFailed { .. }),
+        "{err:?}"
+    );
+    assert_eq!(devices[0].device.state().unwrap(), MigState::Running);
+    let (dest_result, dest_devices) = dest.join().unwrap();
+    let text = vfio_multifd::error::error_chain(&dest_result.unwrap_err());
+    assert!(text.contains("for the VMM to recover"), "{text}");
+    assert_eq!(
+        dest_devices[0].device.state().unwrap(),
+        MigState::Error,
+        "not reset by the helper"
+    );
+}
+
+#[test]
+fn cancel_mid_stream_rolls_both_sides_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let dest = spawn_dest(
+        listener,
+        sinks(2, 16 << 20, 0),
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    // 16 MiB at 32 MiB/s per device: half a second of streaming, cancelled after 150 ms.
+    let mut devices = sources(2, 16 << 20, Some(32 << 20));
+    let progress = Arc::new(Progress::default());
+    let canceller = {
+        let progress = progress.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while progress.bytes.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            thread::sleep(Duration::from_millis(150));
+            progress.cancel.store(true, Ordering::Relaxed);
+        })
+    };
+    let started = Instant::now();
+    let err = SourceSession::new(params, &mut devices, engine(EngineKind::Threads), progress)
+        .run()
+        .unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, SessionError::Cancelled { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancel is prompt"
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 2]
+    );
+
+    let (dest_result, dest_devices) = dest.join().unwrap();
+    let err = dest_result.unwrap_err();
+    let text = vfio_multifd::error::error_chain(&err);
+    assert!(
+        matches!(
+            err,
+            SessionError::SourceVanished { .. } | SessionError::DataPlane { .. }
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        states(dest_devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 2]
+    );
+}
+
+#[test]
+fn a_destination_that_never_answers_is_a_stall_not_a_hang() {
+    // Connections complete in the kernel's backlog, but nobody reads or answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_millis(500));
+    let mut devices = sources(1, 64 << 10, None);
+    let started = Instant::now();
+    let err = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap_err();
+    assert!(matches!(err, SessionError::Stalled { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(devices[0].device.state().unwrap(), MigState::Running);
+    drop(listener);
+}
+
+#[test]
+fn a_source_that_never_connects_times_the_destination_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = spawn_dest(
+        listener,
+        sinks(1, 4096, 0),
+        EngineKind::Threads,
+        2,
+        Duration::from_millis(300),
+    );
+    let (result, devices) = dest.join().unwrap();
+    let err = result.unwrap_err();
+    let text = vfio_multifd::error::error_chain(&err);
+    assert!(text.contains("0 of 2 multifd channels"), "{text}");
+    assert_eq!(
+        devices[0].device.state().unwrap(),
+        MigState::Running,
+        "never touched"
+    );
+}
