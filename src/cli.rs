@@ -38,6 +38,12 @@ pub struct SendArgs {
     /// Destination address (HOST:PORT) of the `recv` helper.
     #[arg(long, value_name = "ADDR")]
     pub connect: String,
+    /// A real VFIO device to migrate instead of the simulated ones (repeatable): its sysfs
+    /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
+    /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
+    /// i-th `--vfio` of `recv`.
+    #[arg(long = "vfio", value_name = "NAME")]
+    pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
     /// Order in which the multifd channels connect: in order (QEMU's), reversed, or shuffled
@@ -52,6 +58,12 @@ pub struct RecvArgs {
     /// Address to listen on (HOST:PORT; port 0 picks a free one, printed on stderr).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
+    /// A real VFIO device to migrate instead of the simulated ones (repeatable): its sysfs
+    /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
+    /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
+    /// i-th `--vfio` of `recv`.
+    #[arg(long = "vfio", value_name = "NAME")]
+    pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
 }

@@ -46,6 +46,8 @@ pub struct SendConfig {
     pub connect: SocketAddr,
     pub migration: MigrationConfig,
     pub channel_order: ChannelOrder,
+    /// Real VFIO devices (sysfs names) instead of simulated ones.
+    pub vfio: Vec<String>,
 }
 
 /// `recv`: listen for one migration from a `send` helper.
@@ -53,6 +55,8 @@ pub struct SendConfig {
 pub struct RecvConfig {
     pub listen: SocketAddr,
     pub migration: MigrationConfig,
+    /// Real VFIO devices (sysfs names) instead of simulated ones.
+    pub vfio: Vec<String>,
 }
 
 /// `demo`: both helpers on loopback.
@@ -158,6 +162,7 @@ impl TryFrom<&SendArgs> for SendConfig {
             connect: resolve("connect", &args.connect)?,
             migration,
             channel_order,
+            vfio: args.vfio.clone(),
         })
     }
 }
@@ -169,6 +174,7 @@ impl TryFrom<&RecvArgs> for RecvConfig {
         Ok(Self {
             listen: resolve("listen", &args.listen)?,
             migration: MigrationConfig::from_args(&args.migration, std::env::var(FORBID_ENV).ok())?,
+            vfio: args.vfio.clone(),
         })
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use vfio::sim::{config_blob, DeviceSpeed, SimSink, SimSource, SimSpec};
-use vfio::MigrationDevice;
+use vfio::{MigrationDevice, VfioContainer, VfioDevice};
 
 use crate::cli::MigrationArgs;
 use crate::config::{DemoConfig, MigrationConfig, RecvConfig, SendConfig};
@@ -99,6 +99,59 @@ pub fn sim_sinks(config: &MigrationConfig) -> Result<Vec<DestInput>, StandaloneE
             })
         })
         .collect()
+}
+
+/// The config blob a standalone helper sends for a real device: QEMU's framing of an empty
+/// config (config space belongs to a VMM, and there is none here).
+const EMPTY_VFIO_CONFIG: [u8; 16] = [
+    0xff, 0xff, 0xff, 0xff, 0xef, 0x10, 0x00, 0x02, 0xff, 0xff, 0xff, 0xff, 0xef, 0x10, 0x00, 0x01,
+];
+
+/// Real VFIO devices opened by the helper through the legacy group path (all in one
+/// container), named on the wire by position like the simulated ones.
+fn open_vfio(names: &[String]) -> Result<Vec<(DeviceId, VfioDevice)>, StandaloneError> {
+    let container = VfioContainer::open().map_err(|source| StandaloneError::VfioDevice {
+        device: "/dev/vfio/vfio".into(),
+        source,
+    })?;
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let device = VfioDevice::open_legacy(&container, name).map_err(|source| {
+                StandaloneError::VfioDevice {
+                    device: name.clone(),
+                    source,
+                }
+            })?;
+            Ok((sim_device_id(i as u32), device))
+        })
+        .collect()
+}
+
+/// The source's real devices, as opened (RUNNING).
+pub fn vfio_sources(names: &[String]) -> Result<Vec<SourceInput>, StandaloneError> {
+    Ok(open_vfio(names)?
+        .into_iter()
+        .map(|(id, device)| SourceInput {
+            id,
+            device: Box::new(device),
+            config: EMPTY_VFIO_CONFIG.to_vec(),
+            precopy_fd: None,
+        })
+        .collect())
+}
+
+/// The destination's real devices; their driver checks the stream on RESUMING -> STOP.
+pub fn vfio_sinks(names: &[String]) -> Result<Vec<DestInput>, StandaloneError> {
+    Ok(open_vfio(names)?
+        .into_iter()
+        .map(|(id, device)| DestInput {
+            id,
+            device: Box::new(device),
+            expected_config: Some(EMPTY_VFIO_CONFIG.to_vec()),
+        })
+        .collect())
 }
 
 /// The engine for `config`, and notes on any fallback.
@@ -264,7 +317,11 @@ fn print_side(config: &MigrationConfig, report: &SideReport) {
 /// `send`: migrate simulated devices to a `recv` helper.
 pub fn run_send(config: &SendConfig) -> Result<SideReport, StandaloneError> {
     let m = &config.migration;
-    let mut devices = sim_sources(m)?;
+    let mut devices = if config.vfio.is_empty() {
+        sim_sources(m)?
+    } else {
+        vfio_sources(&config.vfio)?
+    };
     let (engine, mut notes) = make_engine(m);
     let progress = Arc::new(Progress::default());
     let events = ProgressEvents::start(m.events, &progress, m.total_bytes())?;
@@ -349,7 +406,11 @@ pub fn run_recv(config: &RecvConfig) -> Result<SideReport, StandaloneError> {
             addr: config.listen,
             source,
         })?;
-    let mut devices = sim_sinks(m)?;
+    let mut devices = if config.vfio.is_empty() {
+        sim_sinks(m)?
+    } else {
+        vfio_sinks(&config.vfio)?
+    };
     let (engine, mut notes) = make_engine(m);
     if m.events {
         emit("LISTENING", serde_json::json!({ "addr": addr.to_string() }));

@@ -220,6 +220,12 @@ pub enum StandaloneError {
         #[source]
         source: VfioError,
     },
+    #[error("opening VFIO device {device}")]
+    VfioDevice {
+        device: String,
+        #[source]
+        source: VfioError,
+    },
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,

@@ -61,7 +61,7 @@ fn vfio_lab_mtty_migration() {
     );
 
     let lines: Vec<&str> = stdout.lines().collect();
-    for test in ["stop-copy", "pre-copy", "corrupt"] {
+    for test in ["stop-copy", "pre-copy", "corrupt", "multifd"] {
         let pass = format!("LAB {test} PASS");
         assert!(
             lines.iter().any(|l| l.starts_with(&pass)),
@@ -96,4 +96,7 @@ fn vfio_lab_mtty_migration() {
     assert_eq!(field(pre, "total"), Some(96), "{pre}");
     let corrupt = bytes("corrupt");
     assert_eq!(field(corrupt, "stop_copy"), Some(96), "{corrupt}");
+    // The full migration by two helper processes moved the same 96 bytes over multifd.
+    let multifd = bytes("multifd");
+    assert!(multifd.starts_with("LAB-BYTES multifd A 96 "), "{multifd}");
 }

@@ -61,10 +61,10 @@ lab_fetch_kernel
 lab_fetch_busybox
 [ "$mtty" = 1 ] && lab_build_mtty
 
-# The project's own binaries for the guest, built static. The full multifd migration test
-# adds the helper here (vfio-multifd) and one entry in guest/src/tests.rs.
+# The project's own binaries for the guest, built static: the lab tests, and the helper
+# itself for the full multifd migration test.
 GUEST_TARGET=x86_64-unknown-linux-gnu
-GUEST_PACKAGES=(vfio-lab-guest)
+GUEST_PACKAGES=(vfio-lab-guest vfio-multifd)
 if [ -z "$guest_cmd" ] || [[ $guest_cmd == *vfio-lab-guest* ]]; then
   lab_log "building ${GUEST_PACKAGES[*]} (static, $GUEST_TARGET)"
   # Own target dir: this may run under `cargo test`, which holds the workspace's.
