@@ -1128,15 +1128,16 @@ impl DestWorker<'_> {
             .hdr
             .take()
             .expect("header buffer is home between packets");
-        // The device-state header first, so a bad one is reported even if nothing follows.
-        let end = if got < DEVICE_STATE_HEADER_LEN {
-            DEVICE_STATE_HEADER_LEN
-        } else {
-            PACKET_HEADER_ROOM
-        };
+        // Without MSG_WAITALL: one recv when the header is there (the common case), and a bad
+        // device-state header is reported even if its VFIO header never follows.
         self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
         self.ring
-            .recv(c as u64, channel.fd.as_fd(), Buffer::Heap(hdr), got..end)
+            .recv_some(
+                c as u64,
+                channel.fd.as_fd(),
+                Buffer::Heap(hdr),
+                got..PACKET_HEADER_ROOM,
+            )
             .map_err(|source| DataPlaneError::Recv {
                 channel: channel.index,
                 offset: channel.offset + got as u64,
@@ -1178,8 +1179,8 @@ impl DestWorker<'_> {
                     });
                 }
                 *got += n;
-                let got = *got;
-                if got == DEVICE_STATE_HEADER_LEN {
+                let (before, got) = (*got - n, *got);
+                if before < DEVICE_STATE_HEADER_LEN && got >= DEVICE_STATE_HEADER_LEN {
                     self.check_device_state_header(c)?;
                 }
                 if got < PACKET_HEADER_ROOM {

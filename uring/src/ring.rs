@@ -351,17 +351,35 @@ impl Ring {
         buf: Buffer,
         range: Range<usize>,
     ) -> io::Result<()> {
+        self.recv_with(tag, sock, buf, range, libc::MSG_WAITALL)
+    }
+
+    /// Receives what the socket has, at least one byte, at most `range.len()`.
+    pub fn recv_some(
+        &mut self,
+        tag: u64,
+        sock: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+    ) -> io::Result<()> {
+        self.recv_with(tag, sock, buf, range, 0)
+    }
+
+    fn recv_with(
+        &mut self,
+        tag: u64,
+        sock: BorrowedFd<'_>,
+        buf: Buffer,
+        range: Range<usize>,
+        flags: i32,
+    ) -> io::Result<()> {
         let fd = types::Fd(sock.as_raw_fd());
         let len = range.len() as u32;
         self.submit_single(
             OpKind::Recv,
             tag,
             buf,
-            |ptr, _| {
-                opcode::Recv::new(fd, ptr, len)
-                    .flags(libc::MSG_WAITALL)
-                    .build()
-            },
+            |ptr, _| opcode::Recv::new(fd, ptr, len).flags(flags).build(),
             range,
         )
     }
