@@ -137,6 +137,10 @@ pub struct MigrationArgs {
     /// peer's answer) before the migration fails (1 to 3600).
     #[arg(long, default_value = "60", value_name = "SECONDS")]
     pub timeout: String,
+    /// Save devices one after another, as QEMU before 10.0 did on its main channel (the
+    /// benchmark's `single` baseline); by default every device streams at once.
+    #[arg(long)]
+    pub sequential_devices: bool,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     pub json: bool,

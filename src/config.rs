@@ -334,6 +334,7 @@ impl MigrationConfig {
             max_packet_size: (chunk + VFIO_HEADER_LEN) as u32,
             max_queued_bytes,
             forbid,
+            sequential_devices: args.sequential_devices,
         };
         Ok(Self {
             devices,

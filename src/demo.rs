@@ -516,6 +516,9 @@ fn child_args(args: &MigrationArgs) -> Vec<String> {
             argv.push(value.clone());
         }
     }
+    if args.sequential_devices {
+        argv.push("--sequential-devices".into());
+    }
     argv.push("--events".into());
     argv
 }

@@ -501,6 +501,30 @@ fn matrix_16ch_4dev(kind: EngineKind) {
     matrix(kind, 16, 4)
 }
 
+/// QEMU before 10.0 saved devices one after another: with `sequential_devices`, no read of a
+/// device is issued before the previous device's last read, and every byte still arrives.
+fn sequential_devices(kind: EngineKind) {
+    let mut t = Transfer::new(2, mixed_devices(4));
+    t.config.sequential_devices = true;
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    let source = out
+        .source
+        .as_ref()
+        .expect("sequential source succeeds")
+        .clone();
+    for pair in source.devices.windows(2) {
+        let previous_last = pair[0].read_issued_ns.last().copied().unwrap_or(0);
+        let next_first = pair[1].read_issued_ns.first().copied().unwrap_or(u64::MAX);
+        assert!(
+            next_first >= previous_last,
+            "a device started reading before the previous one finished"
+        );
+    }
+    verify(&t, out);
+}
+
 /// Pipe sources fed in small pieces: reads come back short and packets have odd sizes; pipe
 /// sinks take partial writes.
 fn short_reads_from_pipes(kind: EngineKind) {
@@ -1230,6 +1254,7 @@ macro_rules! per_engine {
 }
 
 per_engine!(
+    sequential_devices,
     matrix_1ch_1dev,
     matrix_1ch_4dev,
     matrix_4ch_1dev,

@@ -59,6 +59,10 @@ pub struct EngineConfig {
     pub max_queued_bytes: u64,
     /// io_uring features the engine must not use (forced fallbacks).
     pub forbid: ::uring::FeatureMask,
+    /// Save devices one after another instead of all at once: how QEMU before 10.0 (and 10.x
+    /// with `x-migration-multifd-transfer=off`) streamed device state on its main channel.
+    /// The benchmark's `single` row models that baseline with one channel and this set.
+    pub sequential_devices: bool,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             max_packet_size: (64 << 20) + crate::wire::VFIO_HEADER_LEN as u32,
             max_queued_bytes: u64::MAX,
             forbid: ::uring::FeatureMask::empty(),
+            sequential_devices: false,
         }
     }
 }

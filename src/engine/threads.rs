@@ -93,6 +93,8 @@ impl Engine for ThreadsEngine {
             savers: Live::default(),
             senders: Live::default(),
             progress: &progress,
+            turn: self.config.sequential_devices.then(|| Mutex::new(0)),
+            turn_changed: Condvar::new(),
         };
         let shared = &shared;
         let devices = &devices;
@@ -492,6 +494,21 @@ struct SourceShared<'a> {
     savers: Live,
     senders: Live,
     progress: &'a Progress,
+    /// With `sequential_devices`: the device whose save thread may run now.
+    turn: Option<Mutex<usize>>,
+    turn_changed: Condvar,
+}
+
+/// Passes the turn to the next device when a sequential save thread ends, however it ends.
+struct TurnGuard<'a, 'b>(&'a SourceShared<'b>);
+
+impl Drop for TurnGuard<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(turn) = &self.0.turn {
+            *lock(turn) += 1;
+            self.0.turn_changed.notify_all();
+        }
+    }
 }
 
 impl Side for SourceShared<'_> {
@@ -500,6 +517,10 @@ impl Side for SourceShared<'_> {
             shutdown_all(self.channels);
         }
         drop(lock(&self.queue));
+        if let Some(turn) = &self.turn {
+            drop(lock(turn));
+            self.turn_changed.notify_all();
+        }
         self.idle.notify_all();
         for cv in &self.slot_ready {
             cv.notify_all();
@@ -540,6 +561,19 @@ impl SourceShared<'_> {
 
     /// `vfio_multifd_save_complete_precopy_thread`.
     fn save_thread(&self, i: usize, device: &SourceDevice) -> Option<SourceDeviceReport> {
+        if let Some(turn) = &self.turn {
+            let mut current = lock(turn);
+            while *current != i {
+                if self.abort.failed() {
+                    return None;
+                }
+                current = self
+                    .turn_changed
+                    .wait_timeout(current, std::time::Duration::from_millis(50))
+                    .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            }
+        }
+        let _turn = TurnGuard(self);
         let mut report = SourceDeviceReport::default();
         let mut buf = vec![0u8; VFIO_HEADER_LEN + device.read_size];
         let mut idx: u32 = 0;

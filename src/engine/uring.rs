@@ -222,6 +222,7 @@ struct SourceWorker<'a> {
     ready: VecDeque<ReadyPacket>,
     next_channel: usize,
     next_device: usize,
+    sequential: bool,
     progress: &'a Progress,
     failure: &'a Failure,
     notes: Vec<String>,
@@ -274,6 +275,7 @@ impl UringEngine {
             ready: VecDeque::new(),
             next_channel: 0,
             next_device: 0,
+            sequential: self.config.sequential_devices,
             progress,
             failure,
         };
@@ -347,10 +349,15 @@ impl SourceWorker<'_> {
             self.send_ready(c, packet)?;
         }
         let n = self.devices.len();
+        // Sequential mode: only the first device not yet finished may read.
+        let current = self
+            .sequential
+            .then(|| self.devices.iter().position(|d| !d.at_end))
+            .flatten();
         for i in 0..n {
             let d = (self.next_device + i) % n;
             let device = &self.devices[d];
-            if device.reading || device.at_end {
+            if device.reading || device.at_end || current.is_some_and(|c| c != d) {
                 continue;
             }
             if self.ring.pool().free_slots() == 0 {
@@ -681,11 +688,16 @@ impl Engine for UringEngine {
                 ),
             });
         }
-        let workers = self
-            .config
-            .workers
-            .clamp(1, n_channels)
-            .min(n_devices.max(1));
+        // Devices one after another is one stream of work: one worker, as QEMU's single
+        // migration thread was.
+        let workers = if self.config.sequential_devices {
+            1
+        } else {
+            self.config
+                .workers
+                .clamp(1, n_channels)
+                .min(n_devices.max(1))
+        };
         // Channel fds stay here (dup'd for the workers) so they can be shut down at the end.
         let dup = |fd: &OwnedFd| {
             fd.try_clone().map_err(|source| DataPlaneError::Setup {
