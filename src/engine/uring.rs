@@ -32,7 +32,9 @@ use crate::wire::{
 
 const POLL: Duration = Duration::from_millis(100);
 /// With every channel parked and nothing in flight anywhere, how long before "no progress".
-const STALL_GRACE: Duration = Duration::from_millis(500);
+/// With a channel parked, no write in flight anywhere and no packet moving, how long before
+/// "no progress possible" (a receive idling on an empty channel is not progress).
+const STALL_GRACE: Duration = Duration::from_secs(3);
 
 pub struct UringEngine {
     config: EngineConfig,
@@ -175,6 +177,9 @@ struct SrcDevice {
     config: Option<Vec<u8>>,
     next_idx: u32,
     reading: bool,
+    /// A short read cancelled its linked send: the packet must be queued for resending before
+    /// this device's next read, so each channel carries each device's idx in order.
+    resend_pending: bool,
     at_end: bool,
     report: SourceDeviceReport,
 }
@@ -258,6 +263,7 @@ impl UringEngine {
                     config: Some(d.config),
                     next_idx: 0,
                     reading: false,
+                    resend_pending: false,
                     at_end: false,
                     report: SourceDeviceReport::default(),
                 })
@@ -357,7 +363,11 @@ impl SourceWorker<'_> {
         for i in 0..n {
             let d = (self.next_device + i) % n;
             let device = &self.devices[d];
-            if device.reading || device.at_end || current.is_some_and(|c| c != d) {
+            if device.reading
+                || device.resend_pending
+                || device.at_end
+                || current.is_some_and(|c| c != d)
+            {
                 continue;
             }
             if self.ring.pool().free_slots() == 0 {
@@ -521,20 +531,20 @@ impl SourceWorker<'_> {
         });
     }
 
-    /// Rewrites `next_packet_size` for a short read of `n` bytes and queues the packet.
-    fn queue_short(&mut self, d: usize, idx: u32, buf: Buffer, n: usize) {
-        let Buffer::Pool(id) = buf else { return };
+    /// The packet for a short read of `n` bytes: `next_packet_size` rewritten.
+    fn short_packet(&mut self, d: usize, idx: u32, buf: Buffer, n: usize) -> Option<ReadyPacket> {
+        let Buffer::Pool(id) = buf else { return None };
         let slot = self.ring.pool().slot_mut(&id);
         let header: &mut [u8; DEVICE_STATE_HEADER_LEN] = (&mut slot[..DEVICE_STATE_HEADER_LEN])
             .try_into()
             .expect("slot holds the header");
         DeviceStatePacketHeader::set_next_packet_size(header, (VFIO_HEADER_LEN + n) as u32);
-        self.ready.push_front(ReadyPacket {
+        Some(ReadyPacket {
             device: d,
             idx,
             buf: Buffer::Pool(id),
             len: PACKET_HEADER_ROOM + n,
-        });
+        })
     }
 
     fn recycle(&mut self, buf: Option<Buffer>) {
@@ -553,7 +563,10 @@ impl SourceWorker<'_> {
                 if n == 0 {
                     self.recycle(done.buf);
                 } else if let Some(buf) = done.buf {
-                    self.queue_short(d, idx, buf, n);
+                    // Queue order is read order.
+                    if let Some(packet) = self.short_packet(d, idx, buf, n) {
+                        self.ready.push_back(packet);
+                    }
                 }
                 Ok(())
             }
@@ -564,6 +577,9 @@ impl SourceWorker<'_> {
                 };
                 let d = sending.device;
                 let n = self.read_done(d, done.result)?;
+                if n > 0 && n < self.devices[d].read_size {
+                    self.devices[d].resend_pending = true;
+                }
                 if let Some(sending) = self.channels[c].sending.as_mut() {
                     sending.read = Some(n);
                 }
@@ -596,9 +612,15 @@ impl SourceWorker<'_> {
                 Ok(())
             }
             Err(err) if sending.chained && err.raw_os_error() == Some(libc::ECANCELED) => {
+                self.devices[sending.device].resend_pending = false;
                 match (sending.read, done.buf) {
                     (Some(n), Some(buf)) if n > 0 => {
-                        self.queue_short(sending.device, sending.idx, buf, n)
+                        let packet = self.short_packet(sending.device, sending.idx, buf, n);
+                        // The channel the chain had is idle now: the packet goes out on it at
+                        // once, before this device's next read.
+                        if let Some(packet) = packet {
+                            self.send_ready(c, packet)?;
+                        }
                     }
                     (_, buf) => self.recycle(buf),
                 }
@@ -628,15 +650,19 @@ impl SourceWorker<'_> {
                     Some(n) if sending.chained => PACKET_HEADER_ROOM + n,
                     _ => sending.len,
                 };
-                if sending.chained && len < sending.len {
-                    self.queue_short(sending.device, sending.idx, buf, len - PACKET_HEADER_ROOM);
+                let packet = if sending.chained && len < sending.len {
+                    self.short_packet(sending.device, sending.idx, buf, len - PACKET_HEADER_ROOM)
                 } else {
-                    self.ready.push_front(ReadyPacket {
+                    Some(ReadyPacket {
                         device: sending.device,
                         idx: sending.idx,
                         buf,
                         len,
-                    });
+                    })
+                };
+                // Plain send on the same, now idle, channel.
+                if let Some(packet) = packet {
+                    self.send_ready(c, packet)?;
                 }
                 Ok(())
             }
@@ -875,6 +901,8 @@ struct DestShared {
     parked: Vec<AtomicUsize>,
     /// recvs + writes in flight, all workers.
     active_ops: AtomicUsize,
+    /// Device writes in flight, all workers.
+    writes_in_flight: AtomicUsize,
     progress_events: AtomicU64,
     loaded: AtomicUsize,
     done_channels: AtomicUsize,
@@ -908,6 +936,7 @@ impl DestShared {
             wakers: Mutex::new(vec![None; workers]),
             parked: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             active_ops: AtomicUsize::new(0),
+            writes_in_flight: AtomicUsize::new(0),
             progress_events: AtomicU64::new(0),
             loaded: AtomicUsize::new(0),
             done_channels: AtomicUsize::new(0),
@@ -1455,6 +1484,7 @@ impl DestWorker<'_> {
         let op = &self.writes[&tag];
         let device = &self.shared.devices[op.device];
         self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        self.shared.writes_in_flight.fetch_add(1, Ordering::SeqCst);
         self.ring
             .write(tag, device.data_fd.as_fd(), buf, from..op.len)
             .map_err(|source| DataPlaneError::WriteDevice {
@@ -1469,6 +1499,7 @@ impl DestWorker<'_> {
         // `active_ops` drops only after the next write was handed out, so a worker deciding
         // whether anything can still happen never sees a gap between two writes.
         let result = self.write_finished(done);
+        self.shared.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
         self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
         result
     }
@@ -1563,7 +1594,7 @@ impl DestWorker<'_> {
             self.last_progress = (events, Instant::now());
             return Ok(());
         }
-        if self.shared.active_ops.load(Ordering::SeqCst) > 0
+        if self.shared.writes_in_flight.load(Ordering::SeqCst) > 0
             || self.last_progress.1.elapsed() < STALL_GRACE
         {
             return Ok(());
