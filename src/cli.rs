@@ -30,6 +30,9 @@ pub enum Command {
     Recv(RecvArgs),
     /// Migrate simulated devices between two helpers on loopback and print the numbers.
     Demo(DemoArgs),
+    /// What this kernel gives the data plane: io_uring features, pinning, VFIO interfaces, and
+    /// the path a helper would take here.
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// `send`.

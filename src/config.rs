@@ -38,6 +38,7 @@ pub enum Config {
     Send(Box<SendConfig>),
     Recv(Box<RecvConfig>),
     Demo(Box<DemoConfig>),
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// `send`: connect to a `recv` helper and migrate simulated devices to it.
@@ -143,6 +144,7 @@ impl TryFrom<Command> for Config {
             Command::Send(args) => Config::Send(Box::new(SendConfig::try_from(&args)?)),
             Command::Recv(args) => Config::Recv(Box::new(RecvConfig::try_from(&args)?)),
             Command::Demo(args) => Config::Demo(Box::new(DemoConfig::try_from(&args)?)),
+            Command::Probe(args) => Config::Probe(args),
         })
     }
 }

@@ -9,5 +9,6 @@ pub mod engine;
 pub mod error;
 pub mod inspect;
 pub mod metrics;
+pub mod probe;
 pub mod session;
 pub mod wire;

@@ -24,6 +24,9 @@ fn main() -> ExitCode {
         Config::Inspect(args) => {
             return ExitCode::from(vfio_multifd::inspect::run(&args).clamp(0, 255) as u8)
         }
+        Config::Probe(args) => {
+            return ExitCode::from(vfio_multifd::probe::run(&args).clamp(0, 255) as u8)
+        }
         Config::Send(config) => vfio_multifd::demo::run_send(&config)
             .map(|report| report.ok)
             .map_err(|e| error_chain(&e)),

@@ -24,7 +24,7 @@ mod worker;
 
 pub use ops::{Completion, OpKind};
 pub use pool::{BufId, Buffer, BufferPool};
-pub use probe::{probe, Feature, FeatureMask, Probe};
+pub use probe::{data_path, probe, probe_pool, Check, DataPath, Feature, FeatureMask, Probe};
 pub use ring::{Ring, RingConfig, RingError};
 pub use seccomp::deny_io_uring_setup;
 pub use worker::{allowed_cpus, pin_current_thread, spawn_worker, Waker};
