@@ -1019,6 +1019,12 @@ struct WriteOp {
 
 const TAG_WRITE: u64 = 1 << 40;
 
+/// Whether a write completion finished its logical write or continued it.
+enum WriteProgress {
+    Partial,
+    Done,
+}
+
 struct DestWorker<'a> {
     w: usize,
     ring: Ring,
@@ -1192,8 +1198,16 @@ impl DestWorker<'_> {
             })
     }
 
+    /// `active_ops` drops only after the completion's effects (a filled reassembly slot, the
+    /// next receive, a write handed out) are in place: a worker that sees nothing in flight and
+    /// nothing deliverable may leave, so there must be no gap between the two.
     fn recv_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        let result = self.recv_finished(done);
         self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn recv_finished(&mut self, done: Completion) -> Result<(), DataPlaneError> {
         let c = done.tag as usize;
         let channel = &mut self.channels[c];
         let index = channel.index;
@@ -1469,6 +1483,10 @@ impl DestWorker<'_> {
             }
             return Ok(());
         }
+        // Counted while the device is still locked: its next buffer is out of the reassembly
+        // now, so "in flight" must already say so.
+        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        self.shared.writes_in_flight.fetch_add(1, Ordering::SeqCst);
         drop(state);
         let tag = TAG_WRITE | self.next_write_tag;
         self.next_write_tag += 1;
@@ -1489,8 +1507,6 @@ impl DestWorker<'_> {
     fn submit_write(&mut self, tag: u64, buf: Buffer, from: usize) -> Result<(), DataPlaneError> {
         let op = &self.writes[&tag];
         let device = &self.shared.devices[op.device];
-        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
-        self.shared.writes_in_flight.fetch_add(1, Ordering::SeqCst);
         self.ring
             .write(tag, device.data_fd.as_fd(), buf, from..op.len)
             .map_err(|source| DataPlaneError::WriteDevice {
@@ -1502,17 +1518,19 @@ impl DestWorker<'_> {
     }
 
     fn write_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
-        // `active_ops` drops only after the next write was handed out, so a worker deciding
-        // whether anything can still happen never sees a gap between two writes.
+        // One count per logical write (a partial write continues it); it drops only after the
+        // next write was handed out, so there is no gap between two writes.
         let result = self.write_finished(done);
-        self.shared.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
-        result
+        if !matches!(result, Ok(WriteProgress::Partial)) {
+            self.shared.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
+        }
+        result.map(drop)
     }
 
-    fn write_finished(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+    fn write_finished(&mut self, done: Completion) -> Result<WriteProgress, DataPlaneError> {
         let Some(op) = self.writes.get_mut(&done.tag) else {
-            return Ok(());
+            return Ok(WriteProgress::Done);
         };
         let written = match done.result {
             Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -1528,7 +1546,9 @@ impl DestWorker<'_> {
         let buf = done.buf.expect("a write returns its buffer");
         if op.done < op.len {
             let from = op.done;
-            return self.submit_write(done.tag, buf, from);
+            return self
+                .submit_write(done.tag, buf, from)
+                .map(|()| WriteProgress::Partial);
         }
         let op = self.writes.remove(&done.tag).expect("looked up above");
         self.release(buf);
@@ -1556,7 +1576,7 @@ impl DestWorker<'_> {
                 }
             }
         }
-        self.retry_parked()
+        self.retry_parked().map(|()| WriteProgress::Done)
     }
 
     fn buffer_bytes(&mut self, buf: &Buffer, len: usize) -> Vec<u8> {
