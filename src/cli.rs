@@ -33,6 +33,49 @@ pub enum Command {
     /// What this kernel gives the data plane: io_uring features, pinning, VFIO interfaces, and
     /// the path a helper would take here.
     Probe(crate::probe::ProbeArgs),
+    /// Serve a VMM on a unix socket: it hands over devices (or their data_fds) and channel
+    /// sockets and drives the migration (protocol: docs/control-protocol.md).
+    Serve(ServeArgs),
+}
+
+/// `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Create a unix socket (mode 0600) at PATH and serve one VMM at a time on it.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "fd",
+        required_unless_present_any = ["fd", "print_capabilities"]
+    )]
+    pub socket_path: Option<std::path::PathBuf>,
+    /// Serve on inherited descriptor N: a listening unix socket (one VMM at a time) or a
+    /// connected one (that VMM only; the helper exits when it leaves).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// Print this helper's capabilities (protocol, engines, io_uring features, limits) as
+    /// JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
+    #[arg(long, value_enum, default_value = "uring")]
+    pub engine: EngineKind,
+    /// io_uring workers (one ring each) [default: the usable cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<String>,
+    /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
+    #[arg(long, default_value = "1MiB", value_name = "BYTES")]
+    pub chunk: String,
+    /// Packet buffers per migration, fixed at its start (2 to 65536).
+    #[arg(long, default_value = "32", value_name = "N")]
+    pub pool_buffers: String,
+    /// io_uring features not to use (as for `demo --forbid`); added to VFIO_MULTIFD_FORBID.
+    #[arg(long, value_name = "FEATURES")]
+    pub forbid: Option<String>,
+    /// Seconds a migration step may wait without progress once the VM is stopped (and while
+    /// channels connect) before it fails (1 to 3600); a migrate command may override it.
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    pub timeout: String,
 }
 
 /// `send`.

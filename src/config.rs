@@ -39,6 +39,7 @@ pub enum Config {
     Recv(Box<RecvConfig>),
     Demo(Box<DemoConfig>),
     Probe(crate::probe::ProbeArgs),
+    Serve(Box<crate::control::ServeConfig>),
 }
 
 /// `send`: connect to a `recv` helper and migrate simulated devices to it.
@@ -145,6 +146,9 @@ impl TryFrom<Command> for Config {
             Command::Recv(args) => Config::Recv(Box::new(RecvConfig::try_from(&args)?)),
             Command::Demo(args) => Config::Demo(Box::new(DemoConfig::try_from(&args)?)),
             Command::Probe(args) => Config::Probe(args),
+            Command::Serve(args) => {
+                Config::Serve(Box::new(crate::control::ServeConfig::try_from(&args)?))
+            }
         })
     }
 }

@@ -76,29 +76,39 @@ pub enum ChannelError {
     },
     #[error("reading the first bytes of the connection from {peer}")]
     Classify {
-        peer: SocketAddr,
+        peer: String,
         #[source]
         source: io::Error,
     },
     #[error("reading the init packet of the connection from {peer}")]
     RecvInit {
-        peer: SocketAddr,
+        peer: String,
         #[source]
         source: io::Error,
     },
     #[error("failed to receive packet via multifd channel from {peer}")]
     BadInit {
-        peer: SocketAddr,
+        peer: String,
         #[source]
         source: WireError,
     },
     #[error("a second main channel (QEVM) connected from {peer}")]
-    SecondMain { peer: SocketAddr },
+    SecondMain { peer: String },
     #[error("no main channel expected, but {peer} opened one (QEVM)")]
-    UnexpectedMain { peer: SocketAddr },
+    UnexpectedMain { peer: String },
+    #[error("cancelled while accepting connections (main channel {main}, {accepted} of {expected} multifd channels so far)")]
+    Cancelled {
+        main: &'static str,
+        accepted: usize,
+        expected: u8,
+    },
+    #[error(
+        "the VMM passed {got} sockets but the migration needs {expected} (main + multifd channels)"
+    )]
+    PassedCount { got: usize, expected: usize },
     #[error("configuring the socket from {peer}")]
     Socket {
-        peer: SocketAddr,
+        peer: String,
         #[source]
         source: io::Error,
     },
@@ -135,6 +145,12 @@ pub enum MainChannelError {
         what: &'static str,
         len: usize,
         max: usize,
+    },
+    #[error("writing precopy data to the data_fd of device {device}")]
+    PrecopyWrite {
+        device: DeviceId,
+        #[source]
+        source: io::Error,
     },
     #[error("main channel: decoding the {what} JSON")]
     Json {
@@ -198,11 +214,23 @@ pub enum SessionError {
     #[error("no progress for {idle:?} while {step}")]
     Stalled { step: &'static str, idle: Duration },
     #[error("the destination failed: {message}")]
-    DestinationFailed { message: String },
+    DestinationFailed {
+        message: String,
+        /// Where, as the destination located its error.
+        location: crate::session::link::Location,
+    },
     #[error("the source ended the main channel before EOF while {step}")]
     SourceVanished { step: &'static str },
     #[error("cancelled while {step}")]
     Cancelled { step: &'static str },
+    #[error("precopy: reading the data_fd of device {device}")]
+    Precopy {
+        device: DeviceId,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VMM's command does not fit the session: {what}")]
+    VmmCommand { what: String },
     #[error("returning devices to their pre-migration state failed too ({rollback}) after")]
     RollbackFailed {
         #[source]

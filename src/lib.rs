@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod error;

@@ -3,12 +3,27 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vfio_multifd::cli::Cli;
+use vfio_multifd::cli::{Cli, Command};
 use vfio_multifd::config::Config;
 use vfio_multifd::error::error_chain;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve(args) = &cli.command {
+        if args.print_capabilities {
+            // Before logging starts: stdout carries only the JSON.
+            return match vfio_multifd::control::ServeConfig::try_from(args) {
+                Ok(config) => {
+                    vfio_multifd::control::print_capabilities(&config);
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("vfio-multifd: {}", error_chain(&err));
+                    ExitCode::from(2)
+                }
+            };
+        }
+    }
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
         .parse_default_env()
@@ -43,6 +58,9 @@ fn main() -> ExitCode {
                 }
                 summary.verified
             })
+            .map_err(|e| error_chain(&e)),
+        Config::Serve(config) => vfio_multifd::control::serve(&config)
+            .map(|()| true)
             .map_err(|e| error_chain(&e)),
     };
     match outcome {

@@ -3,20 +3,31 @@
 //! (over [`crate::session::reassembly`]); the session owns the devices, the main channel and
 //! the verdict.
 //!
+//! Precopy data (announced in the setup) is written to each device's data_fd by the
+//! main-channel reader, in stream order; the engine then starts only at SWITCHOVER_START, so
+//! every precopy byte is in the device before the first stop-copy byte, and SWITCHOVER_ACK
+//! waits for every precopy device's DEV_INIT_DATA_SENT (QEMU's switchover-ack). Under a VMM
+//! ([`ControlLink`]) the channels may be passed in, devices whose states the VMM drives are
+//! only written to, and a loaded device stays in STOP (the VMM starts the VM).
+//!
 //! ```mermaid
 //! stateDiagram-v2
 //!     [*] --> Accepting
-//!     Accepting --> Loading: main (QEVM, setup agreed) + N multifd channels / devices RESUMING, engine runs, SWITCHOVER_ACK
-//!     Loading --> Loading: SWITCHOVER_START (downtime starts) / EOF / engine done
+//!     Accepting --> Loading: main (QEVM, setup agreed) + N multifd channels / devices RESUMING, engine runs (no precopy), SWITCHOVER_ACK (no precopy)
+//!     Loading --> Loading: precopy data / written; DEV_INIT_DATA_SENT of the last precopy device / SWITCHOVER_ACK
+//!     Loading --> Loading: SWITCHOVER_START (downtime starts) / engine runs (precopy) / EOF / engine done
 //!     Loading --> Complete: EOF and engine done / devices STOP (stream verified) then RUNNING, config checked, result ok + SHUT 0
 //!     Accepting --> Failed: error
 //!     Loading --> Failed: error, source vanished, stall, cancel
 //!     Failed --> [*]: result with the error + SHUT 1; devices reset (helper-owned) or reported
 //! ```
 
-use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::net::TcpListener;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +39,12 @@ use crate::error::{MainChannelError, SessionError};
 use crate::metrics;
 use crate::session::channels::{Acceptor, Arrival};
 use crate::session::driver::{Driver, Event};
+use crate::session::link::{locate, Commander, ControlLink, EngineNumbers, Notice, Phase};
 use crate::session::main_channel::{
     self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
     ResultRecord, Setup,
 };
+use crate::session::stream::Conn;
 use crate::wire::{DeviceId, InitExpectation};
 
 /// A device handed to a destination session.
@@ -84,11 +97,16 @@ pub struct DestOutcome {
 enum State {
     Accepting,
     Loading {
-        main: TcpStream,
+        main: Conn,
         switchover_ns: Option<u64>,
         eof: bool,
         /// The engine's report and the process CPU seconds when it came.
         report: Option<(DestReport, f64)>,
+        /// With precopy devices, the engine starts at SWITCHOVER_START.
+        pending: Option<DestPlan>,
+        /// Precopy sections whose DEV_INIT_DATA_SENT has not come yet; SWITCHOVER_ACK goes
+        /// out when it is empty.
+        awaiting_init: BTreeSet<u32>,
     },
     Complete(DestOutcome),
 }
@@ -105,16 +123,19 @@ impl State {
 
 /// A standalone destination: one migration from a `send` helper.
 pub struct DestSession<'a> {
-    listener: &'a TcpListener,
+    /// None when a VMM passed the channels.
+    listener: Option<&'a TcpListener>,
     params: DestParams,
     devices: &'a mut [DestInput],
     engine: Arc<dyn Engine>,
     driver: Driver<MainEvent, DestReport>,
     /// The return path, once the main channel is here.
-    reply: Option<TcpStream>,
+    reply: Option<Conn>,
     cpu_start: f64,
     /// Devices this session moved out of RUNNING (a prefix of `devices`).
     touched: usize,
+    /// Present when a VMM drives the migration.
+    link: Option<ControlLink>,
 }
 
 impl<'a> DestSession<'a> {
@@ -127,6 +148,29 @@ impl<'a> DestSession<'a> {
     ) -> Self {
         let timeout = params.timeout;
         Self {
+            listener: Some(listener),
+            params,
+            devices,
+            engine,
+            driver: Driver::new(progress, timeout),
+            reply: None,
+            cpu_start: metrics::process_cpu_seconds(),
+            touched: 0,
+            link: None,
+        }
+    }
+
+    /// A destination a VMM drives: channels accepted on `listener`, or passed in the link.
+    pub fn controlled(
+        listener: Option<&'a TcpListener>,
+        params: DestParams,
+        devices: &'a mut [DestInput],
+        engine: Arc<dyn Engine>,
+        progress: Arc<Progress>,
+        link: ControlLink,
+    ) -> Self {
+        let timeout = params.timeout;
+        Self {
             listener,
             params,
             devices,
@@ -135,12 +179,29 @@ impl<'a> DestSession<'a> {
             reply: None,
             cpu_start: metrics::process_cpu_seconds(),
             touched: 0,
+            link: Some(link),
         }
+    }
+
+    /// The handle the control thread posts the VMM's commands with.
+    pub fn commander(&self) -> Commander {
+        self.driver.commander()
+    }
+
+    fn notify(&mut self, notice: Notice) {
+        if let Some(link) = self.link.as_mut() {
+            (link.notify)(notice);
+        }
+    }
+
+    fn vmm_driven(&self, device: usize) -> bool {
+        self.link.as_ref().is_some_and(|l| l.is_vmm_driven(device))
     }
 
     /// Receives one migration. On failure the source is told why (when the main channel is
     /// up), and helper-owned devices are reset; devices the VMM owns are named in the error.
     pub fn run(mut self) -> Result<DestOutcome, SessionError> {
+        self.notify(Notice::Phase(Phase::Setup));
         let mut state = State::Accepting;
         let result = loop {
             let step = state.name();
@@ -160,7 +221,8 @@ impl<'a> DestSession<'a> {
             }
             Err(err) => {
                 if let Some(reply) = self.reply.as_mut() {
-                    let record = ResultRecord::failure(&error_chain(&err));
+                    let mut record = ResultRecord::failure(&error_chain(&err));
+                    record.location = locate(&err);
                     match encode_result(&record) {
                         Ok(bytes) => {
                             if let Err(e) = main_channel::send(reply, "the failure result", &bytes)
@@ -172,7 +234,12 @@ impl<'a> DestSession<'a> {
                     }
                 }
                 self.driver.cancel();
-                let err = recover(&mut self.devices[..self.touched], err);
+                let skip: Vec<bool> = (0..self.touched).map(|i| self.vmm_driven(i)).collect();
+                if let Some(link) = self.link.as_mut() {
+                    // Nothing of a VMM-driven device stays open here.
+                    link.data_fds.clear();
+                }
+                let err = recover(&mut self.devices[..self.touched], &skip, err);
                 self.driver.finish();
                 Err(err)
             }
@@ -187,16 +254,47 @@ impl<'a> DestSession<'a> {
                 mut switchover_ns,
                 mut eof,
                 mut report,
+                mut pending,
+                mut awaiting_init,
             } => {
-                let event = self.driver.wait("loading device state")?;
+                let event = if switchover_ns.is_none() && self.link.is_some() {
+                    // The VM runs: the source's VMM decides when to switch over.
+                    self.driver.wait_unbounded("waiting for SWITCHOVER_START")?
+                } else {
+                    self.driver.wait("loading device state")?
+                };
                 if self.driver.progress.cancelled() {
                     return Err(SessionError::Cancelled {
                         step: "loading device state",
                     });
                 }
                 match event {
+                    Event::Peer(Ok(MainEvent::InitDataSent(section))) => {
+                        awaiting_init.remove(&section);
+                        if awaiting_init.is_empty() {
+                            main_channel::send(
+                                &mut main,
+                                "SWITCHOVER_ACK",
+                                &encode_switchover_ack(),
+                            )
+                            .map_err(SessionError::Main)?;
+                            self.notify(Notice::InitialDataLoaded);
+                        }
+                    }
                     Event::Peer(Ok(MainEvent::SwitchoverStart)) => {
-                        switchover_ns = Some(monotonic_ns())
+                        switchover_ns = Some(monotonic_ns());
+                        self.notify(Notice::Phase(Phase::StopCopy));
+                        if let Some(plan) = pending.take() {
+                            let engine = self.engine.clone();
+                            self.driver
+                                .spawn_engine("dest-engine", move || engine.run_dest(plan))?;
+                        }
+                    }
+                    Event::Vmm(_) => {}
+                    Event::Precopy(_) => {
+                        return Err(SessionError::Mismatch {
+                            what: "a precopy event on the destination".into(),
+                        })
                     }
                     Event::Peer(Ok(MainEvent::Eof)) => eof = true,
                     Event::Peer(Err(MainChannelError::Closed { .. })) => {
@@ -238,6 +336,8 @@ impl<'a> DestSession<'a> {
                         switchover_ns,
                         eof,
                         report,
+                        pending,
+                        awaiting_init,
                     }),
                 }
             }
@@ -245,22 +345,45 @@ impl<'a> DestSession<'a> {
         }
     }
 
-    /// Main + N multifd channels in any order; the setup is checked as soon as the main
-    /// channel arrives, so a disagreement fails at once instead of timing out.
+    /// Main + N multifd channels in any order (accepted, or passed by a VMM); the setup is
+    /// checked as soon as the main channel arrives, so a disagreement fails at once instead of
+    /// timing out.
     fn accept(&mut self) -> Result<State, SessionError> {
         let expect = InitExpectation {
             uuid: self.params.uuid,
             channels: self.params.channels,
         };
-        let mut acceptor = Acceptor::new(self.listener, expect, true, self.params.timeout);
+        let passed = self.link.as_mut().and_then(|l| l.passed.take());
+        let mut acceptor = match (passed, self.listener) {
+            (Some(passed), _) => {
+                let mut sockets = vec![passed.main];
+                sockets.extend(passed.multifd);
+                Acceptor::passed(sockets, expect, true, self.params.timeout)
+                    .map_err(SessionError::Channels)?
+            }
+            (None, Some(listener)) => Acceptor::new(listener, expect, true, self.params.timeout),
+            (None, None) => {
+                return Err(SessionError::VmmCommand {
+                    what: "neither a listener nor passed channels".into(),
+                })
+            }
+        }
+        .cancel_with(self.driver.progress.clone());
         let mut reader = None;
+        let mut precopy_sections = Vec::new();
         while !acceptor.complete() {
             if self.driver.progress.cancelled() {
                 return Err(SessionError::Cancelled {
                     step: "accepting channels",
                 });
             }
-            if acceptor.accept_next().map_err(SessionError::Channels)? == Arrival::Main {
+            let arrival = acceptor.accept_next().map_err(|err| match err {
+                crate::error::ChannelError::Cancelled { .. } => SessionError::Cancelled {
+                    step: "accepting channels",
+                },
+                other => SessionError::Channels(other),
+            })?;
+            if arrival == Arrival::Main {
                 let main = acceptor.main_mut().expect("the main channel just arrived");
                 let socket_err = |source| {
                     SessionError::Main(MainChannelError::Read {
@@ -273,6 +396,7 @@ impl<'a> DestSession<'a> {
                 let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
                 let setup = main_reader.read_setup().map_err(SessionError::Main)?;
                 self.check_setup(&setup)?;
+                precopy_sections = setup.precopy.clone();
                 reader = Some(main_reader);
             }
         }
@@ -293,32 +417,94 @@ impl<'a> DestSession<'a> {
         }
 
         let mut devices = Vec::with_capacity(self.devices.len());
-        for input in self.devices.iter_mut() {
+        for i in 0..self.devices.len() {
             // Counted first: a device that fails on its way to RESUMING needs recovery too.
             self.touched += 1;
-            let fd = to_resuming(input)?;
+            let fd = if self.vmm_driven(i) {
+                self.link
+                    .as_mut()
+                    .and_then(|l| l.take_data_fd(i))
+                    .ok_or_else(|| SessionError::NoDataFd {
+                        device: self.devices[i].id.clone(),
+                        state: MigState::Resuming,
+                    })?
+            } else {
+                to_resuming(&mut self.devices[i])?
+            };
             devices.push(DestDevice {
-                id: input.id.clone(),
+                id: self.devices[i].id.clone(),
                 data_fd: fd,
             });
         }
+        // The reader writes precopy data into duplicates of the resuming data_fds, and drops
+        // them at SWITCHOVER_START, before the engine writes the first stop-copy byte.
+        let mut precopy_fds: HashMap<u32, (DeviceId, File)> = HashMap::new();
+        for &section in &precopy_sections {
+            let device = &devices[section as usize];
+            let dup = device
+                .data_fd
+                .try_clone()
+                .map_err(|source| SessionError::Precopy {
+                    device: device.id.clone(),
+                    source,
+                })?;
+            precopy_fds.insert(section, (device.id.clone(), File::from(dup)));
+        }
+        let precopy_bytes = self
+            .link
+            .as_ref()
+            .map(|l| l.precopy_bytes.clone())
+            .unwrap_or_else(|| Arc::new(AtomicU64::new(0)));
         let plan = DestPlan {
             devices,
             channels: multifd.into_iter().map(OwnedFd::from).collect(),
             progress: self.driver.progress.clone(),
         };
-        let engine = self.engine.clone();
-        self.driver
-            .spawn_engine("dest-engine", move || engine.run_dest(plan))?;
-        self.driver
-            .spawn_reader("main-channel", move || reader.next_event())?;
-        main_channel::send(&mut main, "SWITCHOVER_ACK", &encode_switchover_ack())
-            .map_err(SessionError::Main)?;
+        let pending = if precopy_sections.is_empty() {
+            let engine = self.engine.clone();
+            self.driver
+                .spawn_engine("dest-engine", move || engine.run_dest(plan))?;
+            None
+        } else {
+            Some(plan)
+        };
+        self.driver.spawn_reader("main-channel", move || {
+            let mut sink = |section: u32, data: &[u8]| -> Result<(), MainChannelError> {
+                let Some((id, file)) = precopy_fds.get_mut(&section) else {
+                    return Err(MainChannelError::Malformed {
+                        what: format!("precopy data for section {section} after SWITCHOVER_START"),
+                    });
+                };
+                file.write_all(data)
+                    .map_err(|source| MainChannelError::PrecopyWrite {
+                        device: id.clone(),
+                        source,
+                    })?;
+                precopy_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                Ok(())
+            };
+            let event = reader.next_event_with(&mut sink);
+            if !matches!(event, Ok(MainEvent::InitDataSent(_))) {
+                // SWITCHOVER_START (or the end): the engine owns the data_fds from here.
+                precopy_fds.clear();
+            }
+            event
+        })?;
+        let awaiting_init: BTreeSet<u32> = precopy_sections.iter().copied().collect();
+        self.notify(Notice::Phase(Phase::Precopy));
+        if awaiting_init.is_empty() {
+            // No precopy device: QEMU acks at once.
+            main_channel::send(&mut main, "SWITCHOVER_ACK", &encode_switchover_ack())
+                .map_err(SessionError::Main)?;
+            self.notify(Notice::InitialDataLoaded);
+        }
         Ok(State::Loading {
             main,
             switchover_ns: None,
             eof: false,
             report: None,
+            pending,
+            awaiting_init,
         })
     }
 
@@ -361,7 +547,7 @@ impl<'a> DestSession<'a> {
     /// stream) -> RUNNING, configs checked, the result sent.
     fn complete(
         &mut self,
-        main: &mut TcpStream,
+        main: &mut Conn,
         report: DestReport,
         switchover_ns: u64,
         cpu_s: f64,
@@ -374,7 +560,11 @@ impl<'a> DestSession<'a> {
         }
         let mut results = Vec::with_capacity(self.devices.len());
         let mut configs = Vec::with_capacity(self.devices.len());
-        for (input, device_report) in self.devices.iter_mut().zip(&report.devices) {
+        let controlled = self.link.is_some();
+        let mut loaded = Vec::with_capacity(self.devices.len());
+        for (i, (input, device_report)) in self.devices.iter_mut().zip(&report.devices).enumerate()
+        {
+            let vmm_driven = self.link.as_ref().is_some_and(|l| l.is_vmm_driven(i));
             if let Some(expected) = &input.expected_config {
                 if *expected != device_report.config {
                     return Err(SessionError::ConfigMismatch {
@@ -384,7 +574,14 @@ impl<'a> DestSession<'a> {
                     });
                 }
             }
-            for target in [MigState::Stop, MigState::Running] {
+            // Under a VMM the device stays in STOP (the VMM starts the VM); a VMM-driven device
+            // is the VMM's to move at all.
+            let targets: &[MigState] = match (controlled, vmm_driven) {
+                (_, true) => &[],
+                (true, false) => &[MigState::Stop],
+                (false, false) => &[MigState::Stop, MigState::Running],
+            };
+            for &target in targets {
                 input
                     .device
                     .set_state(target)
@@ -403,6 +600,17 @@ impl<'a> DestSession<'a> {
                 loaded_ns: device_report.loaded_ns,
             });
             configs.push(device_report.config.clone());
+            loaded.push(Notice::DeviceLoaded {
+                device: i,
+                bytes: device_report.bytes,
+                data_packets: device_report.data_packets,
+                config: device_report.config.clone(),
+                state: if vmm_driven {
+                    None
+                } else {
+                    input.device.state().ok()
+                },
+            });
         }
         let loaded_ns = report
             .devices
@@ -415,6 +623,27 @@ impl<'a> DestSession<'a> {
         main_channel::send(main, "the result", &bytes).map_err(SessionError::Main)?;
         // Sent: a later failure must not send a second result.
         self.reply = None;
+        if controlled {
+            for notice in loaded {
+                self.notify(notice);
+            }
+            self.notify(Notice::Report(EngineNumbers {
+                devices: report
+                    .devices
+                    .iter()
+                    .map(|d| (d.bytes, d.data_packets, d.written_ns.clone()))
+                    .collect(),
+                channels: report
+                    .channels
+                    .iter()
+                    .map(|c| (c.bytes, c.packets))
+                    .collect(),
+                notes: report.notes.clone(),
+                switchover_ns,
+                end_ns: loaded_ns,
+            }));
+            self.notify(Notice::Phase(Phase::Loaded));
+        }
         Ok(State::Complete(DestOutcome {
             engine: self.engine.kind(),
             report,
@@ -446,9 +675,16 @@ fn to_resuming(input: &mut DestInput) -> Result<OwnedFd, SessionError> {
 /// After a failure, for each device the session touched: the helper resets the devices it
 /// owns (loaded or not, none of them may keep a half-migrated state); devices the VMM owns are
 /// left to it and named in the error.
-fn recover(devices: &mut [DestInput], err: SessionError) -> SessionError {
+fn recover(devices: &mut [DestInput], skip: &[bool], err: SessionError) -> SessionError {
     let mut problems = Vec::new();
-    for input in devices.iter_mut() {
+    for (i, input) in devices.iter_mut().enumerate() {
+        if skip.get(i).copied().unwrap_or(false) {
+            log::info!(
+                "device {}: its states are the VMM's; it recovers the device",
+                input.id
+            );
+            continue;
+        }
         let state = input.device.state().ok();
         match input.device.owner() {
             Owner::Helper => match input.device.reset() {

@@ -2,9 +2,10 @@
 //! reader run on named threads and report into one event queue; the session waits on that
 //! queue with an inactivity limit (no event and no byte moved for `timeout` is a stall), and
 //! cancels by setting the engine's cancel flag and shutting the sockets down, which wakes any
-//! blocked send or receive.
+//! blocked send or receive. Under a VMM, the control thread posts its commands into the same
+//! queue ([`Driver::commander`]), and the source's precopy thread its progress.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{DataPlaneError, Progress};
 use crate::error::{MainChannelError, SessionError};
+use crate::session::link::{Commander, PrecopyEvent, VmmCommand};
+use crate::session::stream::Conn;
 
 /// How often a waiting session looks at the progress counters and the cancel flag.
 const TICK: Duration = Duration::from_millis(50);
@@ -25,6 +28,10 @@ pub enum Event<P, R> {
     Peer(Result<P, MainChannelError>),
     /// The engine finished; `Err(())` when its thread panicked.
     Engine(Result<Result<R, DataPlaneError>, ()>),
+    /// A command of the VMM, through the control thread.
+    Vmm(VmmCommand),
+    /// The source's precopy thread: a device's initial data went out, or it failed.
+    Precopy(Result<PrecopyEvent, SessionError>),
 }
 
 /// The event queue, the progress counters and the sockets to shut down on cancel.
@@ -34,7 +41,7 @@ pub struct Driver<P, R> {
     rx: Receiver<Event<P, R>>,
     pub progress: Arc<Progress>,
     timeout: Duration,
-    wake: Vec<TcpStream>,
+    wake: Vec<Conn>,
     threads: Vec<JoinHandle<()>>,
     engine: Option<JoinHandle<()>>,
 }
@@ -54,7 +61,7 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
     }
 
     /// Keeps a duplicate of `stream` to shut it down on cancel.
-    pub fn watch(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+    pub fn watch(&mut self, stream: &Conn) -> std::io::Result<()> {
         self.wake.push(stream.try_clone()?);
         Ok(())
     }
@@ -106,6 +113,34 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
         Ok(())
     }
 
+    /// A handle the control thread posts VMM commands with (and wakes the session).
+    pub fn commander(&self) -> Commander {
+        let tx = self.tx.clone();
+        Commander::new(move |command| tx.send(Event::Vmm(command)).is_ok())
+    }
+
+    /// A sender for threads the session starts itself (the precopy thread).
+    pub fn sender(&self) -> Sender<Event<P, R>> {
+        self.tx.clone()
+    }
+
+    /// The next event, however long it takes (the VMM decides when to switch over); fails
+    /// only when the cancel flag is set.
+    pub fn wait_unbounded(&self, step: &'static str) -> Result<Event<P, R>, SessionError> {
+        loop {
+            if self.progress.cancelled() {
+                return Err(SessionError::Cancelled { step });
+            }
+            match self.rx.recv_timeout(TICK) {
+                Ok(event) => return Ok(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    unreachable!("the driver holds a sender")
+                }
+            }
+        }
+    }
+
     /// The next event. Fails when the cancel flag is set, or when `timeout` passes with no
     /// event and no byte moved.
     pub fn wait(&self, step: &'static str) -> Result<Event<P, R>, SessionError> {
@@ -152,7 +187,7 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
                     }
                 }
                 Ok(Event::Peer(Err(_))) => return None,
-                Ok(Event::Engine(_)) => {}
+                Ok(Event::Engine(_) | Event::Vmm(_) | Event::Precopy(_)) => {}
                 Err(_) => return None,
             }
         }

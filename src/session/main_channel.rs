@@ -9,7 +9,9 @@
 //! | file header | `51 45 56 4d 00 00 00 03` | `QEVM`, version 3 |
 //! | CONFIGURATION | `07 <be32 len> "vfio-multifd"` + subsection `configuration/uuid` | the migration uuid (QEMU's validate-uuid check) |
 //! | per device: SECTION_START | `01 <be32 sid> <len> idstr <be32 instance_id> 00 00 00 01`, `DEV_SETUP_STATE`, `END_OF_STATE`, footer `7e <be32 sid>` | the device list, as QEMU's VFIO `save_setup` in multifd mode |
-//! | VMDESCRIPTION (ours: early) | `06 <be32 len> {"vfio-multifd":{"version":1,"channels":N,"chunk":C}}` | what QEMU leaves to configuration on both sides: channel count, largest chunk |
+//! | VMDESCRIPTION (ours: early) | `06 <be32 len> {"vfio-multifd":{"version":1,"channels":N,"chunk":C,"precopy":[sid..]}}` | what QEMU leaves to configuration on both sides: channel count, largest chunk, and which device sections carry precopy data (they hold back SWITCHOVER_ACK, QEMU's `switchover_ack_needed`) |
+//! | per precopy device, repeated: SECTION_PART | `02 <be32 sid>`, `DEV_DATA_STATE <be64 len> data`, `END_OF_STATE`, footer | precopy data, as QEMU's VFIO `save_live_iterate` (only under a VMM, before switchover) |
+//! | per precopy device, once: SECTION_PART | `02 <be32 sid>`, `DEV_INIT_DATA_SENT`, footer | its initial bytes are sent (QEMU's switchover-ack flow) |
 //! | SWITCHOVER_START | `08 00 0b 00 00` | the VM is stopped: downtime starts |
 //! | per device: SECTION_END | `03 <be32 sid>`, `END_OF_STATE`, footer | QEMU's "dummy EOS" at completion in multifd mode |
 //! | EOF | `00` | every packet was handed to the multifd channels |
@@ -29,6 +31,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MainChannelError;
+use crate::session::link::Location;
 use crate::wire::main_stream::{
     decode_file_header, decode_footer, decode_record, decode_rp_message, decode_vfio_item,
     encode_file_header, encode_rp_shut, Configuration, MigCommand, Record, RpMessage,
@@ -44,8 +47,15 @@ pub const STANDALONE_PROTOCOL_VERSION: u32 = 1;
 pub const VFIO_VERSION_ID: u32 = 1;
 /// Ours: the destination's result message type (QEMU's return-path types end at 7).
 pub const MIG_RP_MSG_VFIO_MULTIFD_RESULT: u16 = 0x0100;
-/// Largest record a reader buffers.
-pub const MAX_RECORD: usize = 1 << 20;
+/// Largest record a reader buffers (a precopy DEV_DATA_STATE item carries at most
+/// [`PRECOPY_CHUNK`] bytes).
+pub const MAX_RECORD: usize = 2 << 20;
+/// Largest precopy data item a source sends (QEMU's 1 MiB data buffer).
+pub const PRECOPY_CHUNK: usize = 1 << 20;
+/// Bytes before the data of a precopy SECTION_PART: type, section id, DEV_DATA_STATE, size.
+pub const PRECOPY_HEAD: usize = 1 + 4 + 8 + 8;
+/// Bytes after the data of a precopy SECTION_PART: END_OF_STATE, footer.
+pub const PRECOPY_TAIL: usize = 8 + 5;
 /// Longest error text a result record carries (cut at a char boundary below this).
 pub const MAX_ERROR_TEXT: usize = 4096;
 
@@ -57,6 +67,9 @@ pub struct Setup {
     /// Largest device bytes per packet the source sends.
     pub chunk: u64,
     pub devices: Vec<DeviceId>,
+    /// Indexes into `devices` of the devices that send precopy data before switchover; the
+    /// destination acks only once each one's initial data is loaded.
+    pub precopy: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,6 +83,8 @@ struct DescriptionBody {
     version: u32,
     channels: u8,
     chunk: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    precopy: Vec<u32>,
 }
 
 /// One device's outcome on the destination.
@@ -93,6 +108,9 @@ pub struct ResultRecord {
     /// The destination's error with its causes, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where the destination's error happened (device, channel, idx), when it knows.
+    #[serde(default, skip_serializing_if = "Location::is_empty")]
+    pub location: Location,
     #[serde(default)]
     pub devices: Vec<DeviceResult>,
 }
@@ -103,6 +121,7 @@ impl ResultRecord {
             version: STANDALONE_PROTOCOL_VERSION,
             ok: true,
             error: None,
+            location: Location::default(),
             devices,
         }
     }
@@ -117,6 +136,7 @@ impl ResultRecord {
             version: STANDALONE_PROTOCOL_VERSION,
             ok: false,
             error: Some(text[..end].to_string()),
+            location: Location::default(),
             devices: Vec::new(),
         }
     }
@@ -125,6 +145,8 @@ impl ResultRecord {
 /// What the destination reads after the setup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MainEvent {
+    /// A precopy device's initial bytes are all here (DEV_INIT_DATA_SENT of this section).
+    InitDataSent(u32),
     SwitchoverStart,
     /// EOF, after every device's END section.
     Eof,
@@ -182,6 +204,7 @@ pub fn encode_setup(setup: &Setup) -> Result<Vec<u8>, MainChannelError> {
             version: STANDALONE_PROTOCOL_VERSION,
             channels: setup.channels,
             chunk: setup.chunk,
+            precopy: setup.precopy.clone(),
         },
     })
     .map_err(|source| MainChannelError::Json {
@@ -190,6 +213,37 @@ pub fn encode_setup(setup: &Setup) -> Result<Vec<u8>, MainChannelError> {
     })?;
     Record::VmDescription { json: &json }.encode(&mut out);
     Ok(out)
+}
+
+/// Source: frames `buf[PRECOPY_HEAD..PRECOPY_HEAD + len]`, already read in place, as one
+/// precopy SECTION_PART (DEV_DATA_STATE, END_OF_STATE, footer); returns the record's bytes.
+/// `buf` must hold `PRECOPY_HEAD + len + PRECOPY_TAIL` bytes.
+pub fn frame_precopy_part(section: u32, buf: &mut [u8], len: usize) -> &[u8] {
+    let total = PRECOPY_HEAD + len + PRECOPY_TAIL;
+    buf[0] = crate::wire::main_stream::QEMU_VM_SECTION_PART;
+    buf[1..5].copy_from_slice(&section.to_be_bytes());
+    buf[5..13].copy_from_slice(&VfioMarker::DevDataState.value().to_be_bytes());
+    buf[13..21].copy_from_slice(&(len as u64).to_be_bytes());
+    let tail = PRECOPY_HEAD + len;
+    buf[tail..tail + 8].copy_from_slice(&VfioMarker::EndOfState.value().to_be_bytes());
+    buf[tail + 8] = crate::wire::main_stream::QEMU_VM_SECTION_FOOTER;
+    buf[tail + 9..tail + 13].copy_from_slice(&section.to_be_bytes());
+    &buf[..total]
+}
+
+/// Source: the SECTION_PART that says a device's initial precopy bytes were all sent.
+pub fn encode_init_data_sent(section: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    Record::SectionPart {
+        section_id: section,
+    }
+    .encode(&mut out);
+    VfioMarker::DevInitDataSent.encode(&mut out);
+    Record::Footer {
+        section_id: section,
+    }
+    .encode(&mut out);
+    out
 }
 
 /// Source: `SWITCHOVER_START`.
@@ -319,6 +373,7 @@ enum Owned {
         uuid: Option<[u8; 16]>,
     },
     SectionStart(DeviceId, u32),
+    SectionPart(u32),
     SectionEnd(u32),
     Description(Vec<u8>),
     Switchover,
@@ -339,6 +394,7 @@ fn own(record: &Record<'_>) -> Owned {
             },
             h.section_id,
         ),
+        Record::SectionPart { section_id } => Owned::SectionPart(*section_id),
         Record::SectionEnd { section_id } => Owned::SectionEnd(*section_id),
         Record::VmDescription { json } => Owned::Description(json.to_vec()),
         Record::Command {
@@ -357,6 +413,17 @@ pub struct MainReader<R> {
     devices: usize,
     ended: Vec<bool>,
     switched_over: bool,
+    /// Per section: announced as a precopy device, and whether its DEV_INIT_DATA_SENT came.
+    precopy: Vec<Option<bool>>,
+}
+
+/// Takes each precopy data item: `(section, bytes)`.
+pub type PrecopySink<'a> = dyn FnMut(u32, &[u8]) -> Result<(), MainChannelError> + 'a;
+
+/// What a precopy SECTION_PART held.
+enum PartEnd {
+    EndOfState,
+    InitDataSent,
 }
 
 impl<R: Read> MainReader<R> {
@@ -366,6 +433,7 @@ impl<R: Read> MainReader<R> {
             devices: 0,
             ended: Vec::new(),
             switched_over: false,
+            precopy: Vec::new(),
         }
     }
 
@@ -463,11 +531,28 @@ impl<R: Read> MainReader<R> {
                     }
                     self.devices = devices.len();
                     self.ended = vec![false; devices.len()];
+                    self.precopy = vec![None; devices.len()];
+                    for &sid in &body.precopy {
+                        let slot = self.precopy.get_mut(sid as usize).ok_or_else(|| {
+                            MainChannelError::Malformed {
+                                what: format!(
+                                    "the setup names precopy section {sid} of {} devices",
+                                    devices.len()
+                                ),
+                            }
+                        })?;
+                        if slot.replace(false).is_some() {
+                            return Err(MainChannelError::Malformed {
+                                what: format!("the setup names precopy section {sid} twice"),
+                            });
+                        }
+                    }
                     return Ok(Setup {
                         uuid,
                         channels: body.channels,
                         chunk: body.chunk,
                         devices,
+                        precopy: body.precopy,
                     });
                 }
                 Owned::Other(what) => {
@@ -485,7 +570,59 @@ impl<R: Read> MainReader<R> {
     }
 
     /// After the setup: `SWITCHOVER_START`, then (consuming each device's END section) EOF.
+    /// Precopy data is refused (see [`Self::next_event_with`]).
     pub fn next_event(&mut self) -> Result<MainEvent, MainChannelError> {
+        self.next_event_with(&mut |sid, _| {
+            Err(MainChannelError::Malformed {
+                what: format!("precopy data for section {sid}, which this reader does not take"),
+            })
+        })
+    }
+
+    /// The body of a precopy SECTION_PART: data items to `on_data`, then END_OF_STATE or
+    /// DEV_INIT_DATA_SENT, then the footer.
+    fn precopy_part(
+        &mut self,
+        sid: u32,
+        on_data: &mut PrecopySink<'_>,
+    ) -> Result<PartEnd, MainChannelError> {
+        let what = "a precopy SECTION_PART";
+        loop {
+            let item = self.stream.next(what, |buf| {
+                Ok(decode_vfio_item(buf)?.map(|(item, n)| {
+                    let owned = match item {
+                        VfioItem::Marker(m) => Err(m),
+                        VfioItem::Data(data) => Ok(data.to_vec()),
+                    };
+                    (owned, n)
+                }))
+            })?;
+            match item {
+                Ok(data) => on_data(sid, &data)?,
+                Err(VfioMarker::EndOfState) => {
+                    self.footer(what, sid)?;
+                    return Ok(PartEnd::EndOfState);
+                }
+                Err(VfioMarker::DevInitDataSent) => {
+                    self.footer(what, sid)?;
+                    return Ok(PartEnd::InitDataSent);
+                }
+                Err(other) => {
+                    return Err(MainChannelError::Malformed {
+                        what: format!("{} in precopy section {sid}", other.name()),
+                    })
+                }
+            }
+        }
+    }
+
+    /// [`Self::next_event`], handing each precopy data item of an announced precopy section to
+    /// `on_data(section, bytes)` in stream order; returns [`MainEvent::InitDataSent`] once per
+    /// precopy section.
+    pub fn next_event_with(
+        &mut self,
+        on_data: &mut PrecopySink<'_>,
+    ) -> Result<MainEvent, MainChannelError> {
         loop {
             let what = if self.switched_over {
                 "a device SECTION_END or EOF"
@@ -496,6 +633,28 @@ impl<R: Read> MainReader<R> {
                 Owned::Switchover if !self.switched_over => {
                     self.switched_over = true;
                     return Ok(MainEvent::SwitchoverStart);
+                }
+                Owned::SectionPart(sid) if !self.switched_over => {
+                    let announced = self.precopy.get(sid as usize).copied().flatten();
+                    let Some(init_sent) = announced else {
+                        return Err(MainChannelError::Malformed {
+                            what: format!(
+                                "SECTION_PART for section {sid}, which the setup did not announce as a precopy device"
+                            ),
+                        });
+                    };
+                    match self.precopy_part(sid, on_data)? {
+                        PartEnd::EndOfState => {}
+                        PartEnd::InitDataSent if init_sent => {
+                            return Err(MainChannelError::Malformed {
+                                what: format!("second DEV_INIT_DATA_SENT for section {sid}"),
+                            })
+                        }
+                        PartEnd::InitDataSent => {
+                            self.precopy[sid as usize] = Some(true);
+                            return Ok(MainEvent::InitDataSent(sid));
+                        }
+                    }
                 }
                 Owned::SectionEnd(sid) if self.switched_over => {
                     let seen = self.ended.get_mut(sid as usize).ok_or_else(|| {
@@ -608,7 +767,70 @@ mod tests {
                 DeviceId::new("0000:00:02.0/vfio", 0).unwrap(),
                 DeviceId::new("0000:01:02.0/vfio", 0).unwrap(),
             ],
+            precopy: Vec::new(),
         }
+    }
+
+    #[test]
+    fn precopy_parts_are_qemu_framed_and_reach_the_sink_in_order() {
+        let mut with_precopy = setup();
+        with_precopy.precopy = vec![1];
+        let mut out = encode_setup(&with_precopy).unwrap();
+        let part_at = out.len();
+        let mut buf = vec![0u8; PRECOPY_HEAD + 5 + PRECOPY_TAIL];
+        buf[PRECOPY_HEAD..PRECOPY_HEAD + 5].copy_from_slice(b"hello");
+        out.extend_from_slice(frame_precopy_part(1, &mut buf, 5));
+        // QEMU: 02 <sid>, DEV_DATA_STATE, be64 size, data, END_OF_STATE, 7e <sid>.
+        assert_eq!(&out[part_at..part_at + 5], &[0x02, 0, 0, 0, 1]);
+        assert_eq!(
+            &out[part_at + 5..part_at + 13],
+            &[0xff, 0xff, 0xff, 0xff, 0xef, 0x10, 0x00, 0x04]
+        );
+        assert_eq!(&out[part_at + 13..part_at + 21], &5u64.to_be_bytes());
+        assert_eq!(&out[out.len() - 5..], &[0x7e, 0, 0, 0, 1]);
+        out.extend(encode_init_data_sent(1));
+        let mut second = vec![0u8; PRECOPY_HEAD + 3 + PRECOPY_TAIL];
+        second[PRECOPY_HEAD..PRECOPY_HEAD + 3].copy_from_slice(b"abc");
+        out.extend_from_slice(frame_precopy_part(1, &mut second, 3));
+        out.extend(encode_switchover_start());
+        out.extend(encode_completion(2));
+
+        let mut reader = MainReader::new(&out[..]);
+        assert_eq!(reader.read_setup().unwrap(), with_precopy);
+        let mut got = Vec::new();
+        let mut sink = |sid: u32, data: &[u8]| {
+            got.push((sid, data.to_vec()));
+            Ok(())
+        };
+        assert_eq!(
+            reader.next_event_with(&mut sink).unwrap(),
+            MainEvent::InitDataSent(1)
+        );
+        assert_eq!(
+            reader.next_event_with(&mut sink).unwrap(),
+            MainEvent::SwitchoverStart
+        );
+        assert_eq!(reader.next_event_with(&mut sink).unwrap(), MainEvent::Eof);
+        assert_eq!(got, vec![(1, b"hello".to_vec()), (1, b"abc".to_vec())]);
+
+        // Precopy data for a section not announced, and a second INIT_DATA_SENT, are errors.
+        let mut out = encode_setup(&with_precopy).unwrap();
+        out.extend(encode_init_data_sent(0));
+        let mut reader = MainReader::new(&out[..]);
+        reader.read_setup().unwrap();
+        let err = reader.next_event().unwrap_err();
+        assert!(err.to_string().contains("did not announce"), "{err}");
+        let mut out = encode_setup(&with_precopy).unwrap();
+        out.extend(encode_init_data_sent(1));
+        out.extend(encode_init_data_sent(1));
+        let mut reader = MainReader::new(&out[..]);
+        reader.read_setup().unwrap();
+        assert_eq!(reader.next_event().unwrap(), MainEvent::InitDataSent(1));
+        let err = reader.next_event().unwrap_err();
+        assert!(
+            err.to_string().contains("second DEV_INIT_DATA_SENT"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! - [`main_channel`]: the standalone main channel (QEMU main-stream framing);
 //! - [`source`] and [`dest`]: the two state machines, each with one step function;
 //! - [`driver`]: engine and reader threads, the event queue, stall detection and cancel;
+//! - [`link`]: what a VMM-driven session tells the control thread and hears from it;
+//! - [`precopy`]: the source's precopy thread (under a VMM);
+//! - [`stream`]: a connected TCP or unix stream socket;
 //! - [`reassembly`]: per-device ordering by idx on the destination (used by the engines).
 //!
 //! # Two helpers without a VMM (`send`, `recv`, `demo`)
@@ -39,6 +42,17 @@
 //! every device to RUNNING (STOP_COPY -> STOP -> RUNNING) and exits non-zero with the
 //! destination's text, which names the device.
 //!
+//! # Under a VMM (`serve`)
+//!
+//! The same two state machines, driven through a [`link::ControlLink`] by
+//! [`crate::control`]: channels may be passed in (unix socketpairs or TCP), precopy devices
+//! stream their precopy data on the main channel as QEMU's VFIO `SECTION_PART`s and hold back
+//! SWITCHOVER_ACK until their `DEV_INIT_DATA_SENT` is loaded, the source waits for the VMM's
+//! `switchover-start` after the ack, devices in `data-fd` mode are only read or written (the
+//! VMM drives their states and recovers them on failure), and the destination reports each
+//! loaded device with its config and leaves helper-driven devices in STOP. The protocol
+//! reference is `docs/control-protocol.md`.
+//!
 //! # Timing
 //!
 //! All timestamps are CLOCK_MONOTONIC ([`crate::engine::monotonic_ns`]), comparable across
@@ -50,6 +64,9 @@
 pub mod channels;
 pub mod dest;
 pub mod driver;
+pub mod link;
 pub mod main_channel;
+pub mod precopy;
 pub mod reassembly;
 pub mod source;
+pub mod stream;

@@ -2,11 +2,17 @@
 //! function. Each state holds what that phase owns; any error leaves through [`SourceSession::run`],
 //! which cancels the engine and returns every device to RUNNING with its state intact.
 //!
+//! Under a VMM ([`ControlLink`]) the channels may be passed in, precopy devices stream their
+//! precopy data on the main channel while the session waits for SWITCHOVER_ACK and then for
+//! the VMM's `switchover-start`, and devices whose states the VMM drives are only read, never
+//! moved (the VMM puts them back to RUNNING on failure: the session reports them).
+//!
 //! ```mermaid
 //! stateDiagram-v2
 //!     [*] --> Connecting
-//!     Connecting --> AwaitingAck: main channel (QEVM, setup) and N multifd channels up
-//!     AwaitingAck --> StopCopy: SWITCHOVER_ACK / send SWITCHOVER_START, devices to STOP_COPY, engine runs
+//!     Connecting --> AwaitingAck: main channel (QEVM, setup) and N multifd channels up / precopy thread starts (VMM)
+//!     AwaitingAck --> AwaitingAck: precopy INIT_DATA_SENT; SWITCHOVER_ACK under a VMM (told to it)
+//!     AwaitingAck --> StopCopy: SWITCHOVER_ACK (standalone) or the VMM's switchover-start / precopy stops, send SWITCHOVER_START, devices to STOP_COPY, engine runs
 //!     StopCopy --> AwaitingResult: engine done / send END sections and EOF
 //!     AwaitingResult --> Complete: result ok / devices to STOP
 //!     Connecting --> RolledBack: error
@@ -16,7 +22,7 @@
 //!     RolledBack --> [*]: devices RUNNING again
 //! ```
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,10 +38,16 @@ use crate::error::{MainChannelError, SessionError};
 use crate::metrics;
 use crate::session::channels;
 use crate::session::driver::{Driver, Event};
+use crate::session::link::{
+    Commander, ControlLink, DeviceUpdate, EngineNumbers, Location, Notice, Phase, PrecopyEvent,
+    VmmCommand,
+};
 use crate::session::main_channel::{
     self, encode_completion, encode_setup, encode_switchover_start, ResultRecord, ReturnMessage,
     ReturnReader, Setup,
 };
+use crate::session::precopy::{Precopy, PrecopySource};
+use crate::session::stream::Conn;
 use crate::wire::DeviceId;
 
 /// How long a source waits for the destination's account after its own engine failed.
@@ -97,11 +109,15 @@ pub struct SourceOutcome {
 enum State {
     Connecting,
     AwaitingAck {
-        main: TcpStream,
-        channels: Vec<TcpStream>,
+        main: Conn,
+        channels: Vec<Conn>,
+        /// Under a VMM: the precopy thread, while it runs.
+        precopy: Option<Precopy>,
+        /// Under a VMM: SWITCHOVER_ACK arrived (the VMM was told).
+        acked: bool,
     },
     StopCopy {
-        main: TcpStream,
+        main: Conn,
         switchover_ns: u64,
     },
     AwaitingResult {
@@ -132,6 +148,8 @@ pub struct SourceSession<'a> {
     engine: Arc<dyn Engine>,
     driver: Driver<ReturnMessage, SourceReport>,
     cpu_start: f64,
+    /// Present when a VMM drives the migration.
+    link: Option<ControlLink>,
 }
 
 impl<'a> SourceSession<'a> {
@@ -149,12 +167,37 @@ impl<'a> SourceSession<'a> {
             engine,
             driver: Driver::new(progress, timeout),
             cpu_start: metrics::process_cpu_seconds(),
+            link: None,
         }
     }
 
-    /// Runs the migration to its end. On failure every device is back in RUNNING (or the
-    /// error says which one could not be).
+    /// Lets a VMM drive the session (see the module doc). `params.connect` is unused when the
+    /// link carries passed channels.
+    pub fn with_control(mut self, link: ControlLink) -> Self {
+        self.link = Some(link);
+        self
+    }
+
+    /// The handle the control thread posts the VMM's commands with.
+    pub fn commander(&self) -> Commander {
+        self.driver.commander()
+    }
+
+    fn notify(&mut self, notice: Notice) {
+        if let Some(link) = self.link.as_mut() {
+            (link.notify)(notice);
+        }
+    }
+
+    fn vmm_driven(&self, device: usize) -> bool {
+        self.link.as_ref().is_some_and(|l| l.is_vmm_driven(device))
+    }
+
+    /// Runs the migration to its end. On failure every device the helper drives is back in
+    /// RUNNING (or the error says which one could not be); devices the VMM drives are left to
+    /// it, and nothing of theirs is held any more.
     pub fn run(mut self) -> Result<SourceOutcome, SessionError> {
+        self.notify(Notice::Phase(Phase::Setup));
         let mut state = State::Connecting;
         let result = loop {
             let step = state.name();
@@ -174,7 +217,14 @@ impl<'a> SourceSession<'a> {
             }
             Err(err) => {
                 self.driver.cancel();
-                let err = rollback(self.devices, err);
+                let skip: Vec<bool> = (0..self.devices.len())
+                    .map(|i| self.vmm_driven(i))
+                    .collect();
+                if let Some(link) = self.link.as_mut() {
+                    // Nothing of a VMM-driven device stays open here.
+                    link.data_fds.clear();
+                }
+                let err = rollback(self.devices, &skip, err);
                 self.driver.finish();
                 Err(err)
             }
@@ -185,13 +235,52 @@ impl<'a> SourceSession<'a> {
     fn step(&mut self, state: State) -> Result<State, SessionError> {
         match state {
             State::Connecting => self.connect(),
-            State::AwaitingAck { main, channels } => {
-                match self.driver.wait("waiting for SWITCHOVER_ACK")? {
-                    Event::Peer(Ok(ReturnMessage::SwitchoverAck)) => {
-                        self.switchover(main, channels)
+            State::AwaitingAck {
+                main,
+                channels,
+                mut precopy,
+                mut acked,
+            } => {
+                let step = if acked {
+                    "waiting for the VMM's switchover-start"
+                } else {
+                    "waiting for SWITCHOVER_ACK"
+                };
+                let event = if self.link.is_some() {
+                    // The VM runs: the VMM decides when to switch over.
+                    self.driver.wait_unbounded(step)?
+                } else {
+                    self.driver.wait(step)?
+                };
+                match event {
+                    Event::Peer(Ok(ReturnMessage::SwitchoverAck)) if !acked => {
+                        if self.link.is_none() {
+                            return self.switchover(main, channels, None, Vec::new());
+                        }
+                        acked = true;
+                        self.notify(Notice::SwitchoverAck);
                     }
-                    other => Err(self.unexpected(other, "waiting for SWITCHOVER_ACK")),
+                    Event::Vmm(VmmCommand::SwitchoverStart { updates }) => {
+                        if !acked {
+                            return Err(SessionError::VmmCommand {
+                                what: "switchover-start before SWITCHOVER_ACK".into(),
+                            });
+                        }
+                        return self.switchover(main, channels, precopy.take(), updates);
+                    }
+                    Event::Vmm(VmmCommand::Wake) => {}
+                    Event::Precopy(Ok(PrecopyEvent::InitialSent { device })) => {
+                        self.notify(Notice::InitialDataSent { device })
+                    }
+                    Event::Precopy(Err(err)) => return Err(err),
+                    other => return Err(self.unexpected(other, step)),
                 }
+                Ok(State::AwaitingAck {
+                    main,
+                    channels,
+                    precopy,
+                    acked,
+                })
             }
             State::StopCopy {
                 mut main,
@@ -227,7 +316,10 @@ impl<'a> SourceSession<'a> {
                     // source back any more (two running copies); what is odd is noted.
                     let mut report = report;
                     report.notes.extend(self.check_result(&result, &report));
-                    for input in self.devices.iter_mut() {
+                    for (i, input) in self.devices.iter_mut().enumerate() {
+                        if self.link.as_ref().is_some_and(|l| l.is_vmm_driven(i)) {
+                            continue;
+                        }
                         if let Err(e) = input.device.set_state(MigState::Stop) {
                             let note = format!(
                                 "device {} could not leave STOP_COPY after the migration: {}",
@@ -237,6 +329,24 @@ impl<'a> SourceSession<'a> {
                             log::warn!("{note}");
                             report.notes.push(note);
                         }
+                    }
+                    if self.link.is_some() {
+                        self.notify(Notice::Report(EngineNumbers {
+                            devices: report
+                                .devices
+                                .iter()
+                                .map(|d| (d.bytes, d.data_packets, d.read_issued_ns.clone()))
+                                .collect(),
+                            channels: report
+                                .channels
+                                .iter()
+                                .map(|c| (c.bytes, c.packets))
+                                .collect(),
+                            notes: report.notes.clone(),
+                            switchover_ns,
+                            end_ns: result_ns,
+                        }));
+                        self.notify(Notice::Phase(Phase::Loaded));
                     }
                     Ok(State::Complete(SourceOutcome {
                         engine: self.engine.kind(),
@@ -255,29 +365,51 @@ impl<'a> SourceSession<'a> {
     }
 
     fn connect(&mut self) -> Result<State, SessionError> {
+        let precopy: Vec<u32> = (0..self.devices.len())
+            .filter(|&i| self.link.as_ref().is_some_and(|l| l.is_precopy(i)))
+            .map(|i| i as u32)
+            .collect();
         let setup = Setup {
             uuid: self.params.uuid,
             channels: self.params.channels,
             chunk: self.params.chunk as u64,
             devices: self.devices.iter().map(|d| d.id.clone()).collect(),
+            precopy: precopy.clone(),
         };
         let setup_bytes = encode_setup(&setup).map_err(SessionError::Main)?;
-        let connected = channels::connect(
-            self.params.connect,
-            self.params.channels,
-            self.params.uuid,
-            true,
-            self.params.order,
-            self.params.timeout,
-            |main| {
-                use std::io::Write;
-                main.write_all(&setup_bytes)
-            },
-        )
-        .map_err(SessionError::Channels)?;
+        let passed = self.link.as_mut().and_then(|l| l.passed.take());
+        let connected = match passed {
+            Some(passed) => {
+                let mut channels = channels::send_inits(
+                    passed.main,
+                    passed.multifd,
+                    self.params.uuid,
+                    self.params.timeout,
+                )
+                .map_err(SessionError::Channels)?;
+                if let Some(main) = channels.main.as_mut() {
+                    main_channel::send(main, "the setup", &setup_bytes)
+                        .map_err(SessionError::Main)?;
+                }
+                channels
+            }
+            None => channels::connect(
+                self.params.connect,
+                self.params.channels,
+                self.params.uuid,
+                true,
+                self.params.order,
+                self.params.timeout,
+                |main| {
+                    use std::io::Write;
+                    main.write_all(&setup_bytes)
+                },
+            )
+            .map_err(SessionError::Channels)?,
+        };
         let main = connected
             .main
-            .expect("connect() with a main channel returns it");
+            .expect("connect() and send_inits() return the main channel");
         let socket_err = |source| {
             SessionError::Main(MainChannelError::Read {
                 what: "the return path (socket setup)",
@@ -291,24 +423,160 @@ impl<'a> SourceSession<'a> {
         let mut reader = ReturnReader::new(main.try_clone().map_err(socket_err)?);
         self.driver
             .spawn_reader("return-path", move || reader.next_message())?;
+        let precopy = if precopy.is_empty() {
+            None
+        } else {
+            Some(self.start_precopy(&main, &precopy)?)
+        };
+        self.notify(Notice::Phase(Phase::Precopy));
         Ok(State::AwaitingAck {
             main,
             channels: connected.multifd,
+            precopy,
+            acked: false,
         })
     }
 
-    /// The VM is stopped: SWITCHOVER_START, devices to STOP_COPY, the engine starts.
+    /// Helper-driven precopy devices go RUNNING -> PRE_COPY; the precopy thread starts on
+    /// duplicates of every precopy device's saving data_fd.
+    fn start_precopy(&mut self, main: &Conn, devices: &[u32]) -> Result<Precopy, SessionError> {
+        let mut sources = Vec::with_capacity(devices.len());
+        for &section in devices {
+            let i = section as usize;
+            let id = self.devices[i].id.clone();
+            let dup_err = |source| SessionError::Precopy {
+                device: id.clone(),
+                source,
+            };
+            let data_fd = if self.vmm_driven(i) {
+                self.link
+                    .as_ref()
+                    .and_then(|link| link.dup_data_fd(i))
+                    .ok_or_else(|| SessionError::NoPrecopyFd { device: id.clone() })?
+                    .map_err(dup_err)?
+            } else {
+                let input = &mut self.devices[i];
+                let state =
+                    input
+                        .device
+                        .state()
+                        .map_err(|source| SessionError::DeviceGetState {
+                            device: id.clone(),
+                            source,
+                        })?;
+                if !state.is_precopy() {
+                    let opened = input
+                        .device
+                        .set_state(MigState::PreCopy)
+                        .map_err(|source| SessionError::DeviceState {
+                            device: id.clone(),
+                            to: MigState::PreCopy,
+                            source,
+                        })?;
+                    input.precopy_fd = opened;
+                }
+                input
+                    .precopy_fd
+                    .as_ref()
+                    .ok_or_else(|| SessionError::NoPrecopyFd { device: id.clone() })?
+                    .try_clone()
+                    .map_err(dup_err)?
+            };
+            sources.push(PrecopySource {
+                device: i,
+                section,
+                id,
+                data_fd,
+            });
+        }
+        let main = main.try_clone().map_err(|source| {
+            SessionError::Main(MainChannelError::Write {
+                what: "precopy data (socket setup)",
+                source,
+            })
+        })?;
+        let bytes = self
+            .link
+            .as_ref()
+            .map(|l| l.precopy_bytes.clone())
+            .unwrap_or_default();
+        Precopy::start(
+            sources,
+            main,
+            self.params.chunk,
+            bytes,
+            self.driver.sender(),
+        )
+    }
+
+    /// The VM is stopped: precopy stops, SWITCHOVER_START, devices to STOP_COPY (the
+    /// VMM-driven ones are there already), the engine starts.
     fn switchover(
         &mut self,
-        mut main: TcpStream,
-        channels: Vec<TcpStream>,
+        mut main: Conn,
+        channels: Vec<Conn>,
+        precopy: Option<Precopy>,
+        updates: Vec<DeviceUpdate>,
     ) -> Result<State, SessionError> {
+        if let Some(mut precopy) = precopy {
+            precopy.stop();
+        }
+        for update in updates {
+            let Some(input) = self.devices.get_mut(update.device) else {
+                return Err(SessionError::VmmCommand {
+                    what: format!("an update for device number {}", update.device),
+                });
+            };
+            if let Some(config) = update.config {
+                input.config = config;
+            }
+            if let Some(fd) = update.data_fd {
+                let vmm_driven = self
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.is_vmm_driven(update.device));
+                match self
+                    .link
+                    .as_mut()
+                    .and_then(|l| l.data_fds.get_mut(update.device))
+                {
+                    Some(slot) if vmm_driven => *slot = Some(fd),
+                    _ => {
+                        return Err(SessionError::VmmCommand {
+                            what: format!(
+                                "a data_fd for device {}, whose states the helper drives",
+                                input.id
+                            ),
+                        })
+                    }
+                }
+            }
+        }
         let switchover_ns = monotonic_ns();
         main_channel::send(&mut main, "SWITCHOVER_START", &encode_switchover_start())
             .map_err(SessionError::Main)?;
+        self.notify(Notice::Phase(Phase::StopCopy));
         let mut devices = Vec::with_capacity(self.devices.len());
-        for input in self.devices.iter_mut() {
-            devices.push(to_stop_copy(input, self.params.chunk)?);
+        for i in 0..self.devices.len() {
+            if self.vmm_driven(i) {
+                let id = self.devices[i].id.clone();
+                let data_fd = self
+                    .link
+                    .as_mut()
+                    .and_then(|l| l.take_data_fd(i))
+                    .ok_or_else(|| SessionError::NoDataFd {
+                        device: id.clone(),
+                        state: MigState::StopCopy,
+                    })?;
+                devices.push(SourceDevice {
+                    id,
+                    data_fd,
+                    read_size: self.params.chunk,
+                    config: self.devices[i].config.clone(),
+                });
+            } else {
+                devices.push(to_stop_copy(&mut self.devices[i], self.params.chunk)?);
+            }
         }
         let plan = SourcePlan {
             devices,
@@ -364,10 +632,12 @@ impl<'a> SourceSession<'a> {
             Event::Peer(Ok(ReturnMessage::Result(result))) if !result.ok => {
                 SessionError::DestinationFailed {
                     message: result.error.unwrap_or_else(|| "no reason given".into()),
+                    location: result.location,
                 }
             }
             Event::Peer(Ok(ReturnMessage::Shut(status))) => SessionError::DestinationFailed {
                 message: format!("SHUT with status {status} while {step}"),
+                location: Location::default(),
             },
             Event::Peer(Ok(other)) => SessionError::Main(MainChannelError::Malformed {
                 what: format!("{other:?} while {step}"),
@@ -382,13 +652,16 @@ impl<'a> SourceSession<'a> {
                 let peer = self
                     .driver
                     .linger_for_peer(PEER_ACCOUNT_GRACE, |m| match m {
-                        ReturnMessage::Result(r) if !r.ok => r.error,
+                        ReturnMessage::Result(r) if !r.ok => {
+                            let location = r.location;
+                            r.error.map(|message| (message, location))
+                        }
                         _ => None,
                     });
                 match peer {
-                    Some(message) => {
+                    Some((message, location)) => {
                         log::warn!("source data plane: {}", error_chain(&local));
-                        SessionError::DestinationFailed { message }
+                        SessionError::DestinationFailed { message, location }
                     }
                     None => local,
                 }
@@ -398,6 +671,13 @@ impl<'a> SourceSession<'a> {
             },
             Event::Engine(Ok(Ok(_))) => SessionError::Mismatch {
                 what: format!("the engine finished while {step}"),
+            },
+            Event::Precopy(Err(err)) => err,
+            Event::Precopy(Ok(event)) => SessionError::Mismatch {
+                what: format!("precopy {event:?} while {step}"),
+            },
+            Event::Vmm(command) => SessionError::VmmCommand {
+                what: format!("{command:?} while {step}"),
             },
         }
     }
@@ -460,12 +740,16 @@ fn to_stop_copy(input: &mut SourceInput, chunk: usize) -> Result<SourceDevice, S
     })
 }
 
-/// Every device back to RUNNING (from STOP_COPY through STOP, from PRE_COPY directly). A
-/// device that cannot get there is named in the returned error.
-fn rollback(devices: &mut [SourceInput], err: SessionError) -> SessionError {
+/// Every device back to RUNNING (from STOP_COPY through STOP, from PRE_COPY directly), except
+/// those marked in `skip` (the VMM drives them). A device that cannot get there is named in
+/// the returned error.
+fn rollback(devices: &mut [SourceInput], skip: &[bool], err: SessionError) -> SessionError {
     let mut failures = Vec::new();
-    for input in devices.iter_mut() {
+    for (i, input) in devices.iter_mut().enumerate() {
         input.precopy_fd = None;
+        if skip.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let state = match input.device.state() {
             Ok(state) => state,
             Err(e) => {

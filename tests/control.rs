@@ -1,0 +1,1261 @@
+//! The control protocol through the built binary: `serve` helpers on real unix sockets, fds
+//! passed with SCM_RIGHTS, simulated devices whose data_fds are real memfds and pipes, the
+//! test playing both VMMs (it drives the device states, as a QEMU-like VMM does in `data-fd`
+//! mode). Every scenario checks what the VMM must be able to rely on: the events, the bytes
+//! (destination devices verify every byte, source devices are checked intact after a
+//! rollback), and that the helper lets go of every fd and thread it was given.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vfio::sim::{DeviceSpeed, SimSink, SimSource, SimSpec};
+use vfio::{MigState, MigrationDevice};
+use vfio_multifd::control::client::Client;
+use vfio_multifd::control::schema::{base64_decode, base64_encode, ErrorBody, EventLine};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vfio-multifd");
+const WAIT: Duration = Duration::from_secs(20);
+const UUID: &str = "12345678-9abc-def0-1122-334455667788";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers and the test VMM
+
+struct Helper {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vmf-control-{}-{name}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A client of another uid must reach the socket inside.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+impl Helper {
+    fn start(name: &str) -> Helper {
+        let dir = scratch(name);
+        let socket = dir.join("control.sock");
+        let child = Command::new(BIN)
+            .args(["serve", "--socket-path"])
+            .arg(&socket)
+            .args(["--timeout", "10", "--log-level", "warn"])
+            .env_remove("RUST_LOG")
+            .env_remove("VFIO_MULTIFD_FORBID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "no control socket at {socket:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Helper { child, socket, dir }
+    }
+
+    fn client(&self) -> Client {
+        let client = Client::connect(&self.socket).unwrap();
+        assert_eq!(client.greeting["return"]["vfio-multifd"]["protocol"], 1);
+        client
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// The helper holds no more fds than `fds` (at once: the final event comes only after
+    /// every fd of the migration is closed) and, shortly, no more threads than `threads` (the
+    /// migration thread exits right after its last event).
+    fn settles_to(&self, fds: usize, threads: usize) {
+        let now = self.fds();
+        assert!(
+            now <= fds,
+            "helper {} holds {now} fds (baseline {fds})",
+            self.pid()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (f, t) = (self.fds(), self.threads());
+            if f <= fds && t <= threads {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "helper {} holds {f} fds (baseline {fds}) and {t} threads (baseline {threads})",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "helper did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ok(client: &mut Client, command: &str, args: Value, fds: &[BorrowedFd<'_>]) -> Value {
+    match client.execute(command, args.clone(), fds).unwrap() {
+        Ok(ret) => ret,
+        Err(e) => panic!("{command} {args} refused: {}", e.desc),
+    }
+}
+
+fn refused(client: &mut Client, command: &str, args: Value, fds: &[BorrowedFd<'_>]) -> ErrorBody {
+    match client.execute(command, args.clone(), fds).unwrap() {
+        Ok(ret) => panic!("{command} {args} accepted: {ret}"),
+        Err(e) => e,
+    }
+}
+
+fn refused_with(
+    client: &mut Client,
+    command: &str,
+    args: Value,
+    fds: &[BorrowedFd<'_>],
+    text: &str,
+) {
+    let e = refused(client, command, args, fds);
+    assert!(
+        e.desc.contains(text),
+        "{command}: expected {text:?} in {:?}",
+        e.desc
+    );
+}
+
+/// Waits for an event `pick` accepts; panics on timeout. Returns it and everything seen.
+fn wait_for(
+    client: &mut Client,
+    what: &str,
+    pick: impl Fn(&EventLine) -> bool,
+) -> (EventLine, Vec<EventLine>) {
+    let mut seen = Vec::new();
+    let event = client
+        .wait_event(what, WAIT, |e| seen.push(clone_event(e)), |e| pick(e))
+        .unwrap_or_else(|e| panic!("{what}: {e}; seen {:?}", names(&seen)));
+    (event, seen)
+}
+
+fn status_is(status: &'static str) -> impl Fn(&EventLine) -> bool {
+    move |e| e.event == "MIGRATION" && e.data["status"] == status
+}
+
+fn terminal(e: &EventLine) -> bool {
+    e.event == "MIGRATION"
+        && matches!(
+            e.data["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
+}
+
+fn clone_event(e: &EventLine) -> EventLine {
+    EventLine {
+        event: e.event.clone(),
+        data: e.data.clone(),
+        timestamp: e.timestamp,
+    }
+}
+
+fn names(events: &[EventLine]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e.data.get("status") {
+            Some(s) => format!("{}:{}", e.event, s.as_str().unwrap_or("?")),
+            None => e.event.clone(),
+        })
+        .collect()
+}
+
+fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|f| f.as_fd()).collect()
+}
+
+/// Socketpairs for the main channel and `channels` multifd channels: (source ends, destination
+/// ends, names).
+fn channel_pairs(channels: u8) -> (Vec<OwnedFd>, Vec<OwnedFd>, Vec<String>) {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..=channels {
+        let (x, y) = vfio::fd::socketpair().unwrap();
+        a.push(x);
+        b.push(y);
+    }
+    let names = std::iter::once("main".to_string())
+        .chain((0..channels).map(|i| format!("multifd-{i}")))
+        .collect();
+    (a, b, names)
+}
+
+/// One simulated device on both sides.
+struct Dev {
+    idstr: String,
+    spec: SimSpec,
+    source: SimSource,
+    sink: SimSink,
+    precopy: bool,
+}
+
+impl Dev {
+    fn new(i: u32, size: u64, precopy: bool, speed: Option<u64>) -> Dev {
+        let idstr = format!("0000:{i:02x}:02.0/vfio");
+        let spec = SimSpec {
+            size,
+            seed: 77 + u64::from(i),
+            precopy_initial: if precopy { size / 4 } else { 0 },
+            precopy_dirty: 0,
+            speed: speed.map(|rate| DeviceSpeed {
+                save_bytes_per_sec: rate,
+                load_bytes_per_sec: 0,
+                per_read_latency: Duration::ZERO,
+            }),
+            config_len: 300,
+        };
+        Dev {
+            source: SimSource::new(&idstr, spec).unwrap(),
+            sink: SimSink::new(&format!("sink-{i}"), spec).unwrap(),
+            idstr,
+            spec,
+            precopy,
+        }
+    }
+
+    fn handle(&self) -> String {
+        format!("{}/0", self.idstr)
+    }
+
+    /// Destination VMM: RESUMING, the data_fd to the helper.
+    fn add_to_dest(&mut self, d: &mut Client, extra: Value) {
+        let fd = self.sink.set_state(MigState::Resuming).unwrap().unwrap();
+        let mut args = json!({ "idstr": self.idstr, "mode": "data-fd", "fds": ["data-fd"] });
+        merge(&mut args, extra);
+        ok(d, "add-device", args, &[fd.as_fd()]);
+    }
+
+    /// Source VMM: a precopy device goes to PRE_COPY and hands its data_fd over now.
+    fn add_to_source(&mut self, s: &mut Client) {
+        let config = base64_encode(&self.source.config_blob());
+        if self.precopy {
+            let fd = self.source.set_state(MigState::PreCopy).unwrap().unwrap();
+            ok(
+                s,
+                "add-device",
+                json!({ "idstr": self.idstr, "mode": "data-fd", "precopy": true,
+                        "config": config, "fds": ["data-fd"] }),
+                &[fd.as_fd()],
+            );
+        } else {
+            ok(
+                s,
+                "add-device",
+                json!({ "idstr": self.idstr, "mode": "data-fd", "config": config }),
+                &[],
+            );
+        }
+    }
+
+    /// Source VMM, VM stopped: STOP_COPY; a new data_fd goes to the helper.
+    fn stop_copy(&mut self, s: &mut Client) {
+        if let Some(fd) = self.source.set_state(MigState::StopCopy).unwrap() {
+            ok(
+                s,
+                "update-device",
+                json!({ "device": self.handle(), "fds": ["data-fd"] }),
+                &[fd.as_fd()],
+            );
+        }
+    }
+
+    /// After a failed or cancelled migration the source VMM puts the device back to RUNNING;
+    /// its state must be intact: a new saving session streams exactly the device's content.
+    fn source_back_and_intact(&mut self) {
+        let state = self.source.state().unwrap();
+        if state != MigState::Running {
+            self.source.set_state(MigState::Running).unwrap();
+        }
+        assert_eq!(self.source.state().unwrap(), MigState::Running);
+        let fd = self.source.set_state(MigState::StopCopy).unwrap().unwrap();
+        let mut data = Vec::new();
+        File::from(fd).read_to_end(&mut data).unwrap();
+        assert_eq!(
+            data.len() as u64,
+            self.spec.size,
+            "{}: stream length",
+            self.idstr
+        );
+        assert_eq!(
+            vfio::sim::first_mismatch(self.spec.seed, 0, &data),
+            None,
+            "{}: stream content",
+            self.idstr
+        );
+        self.source.set_state(MigState::Stop).unwrap();
+        self.source.set_state(MigState::Running).unwrap();
+    }
+
+    /// Destination VMM after a failure: the half-loaded device is reset.
+    fn sink_reset(&mut self) {
+        self.sink.reset().unwrap();
+        assert_eq!(self.sink.state().unwrap(), MigState::Running);
+    }
+}
+
+fn merge(into: &mut Value, extra: Value) {
+    if let (Value::Object(a), Value::Object(b)) = (into, extra) {
+        a.extend(b);
+    }
+}
+
+/// Two helpers, both VMM connections, `devs` registered, channels passed: the migration runs
+/// up to SWITCHOVER_ACK on the source.
+struct Run {
+    src: Helper,
+    dst: Helper,
+    s: Client,
+    d: Client,
+    devs: Vec<Dev>,
+    base: [(usize, usize); 2],
+}
+
+impl Run {
+    fn new(devs: Vec<Dev>, channels: u8, hold_last: bool) -> Run {
+        let src = Helper::start("src");
+        let dst = Helper::start("dst");
+        let s = src.client();
+        let d = dst.client();
+        let base = [(src.fds(), src.threads()), (dst.fds(), dst.threads())];
+        let mut run = Run {
+            src,
+            dst,
+            s,
+            d,
+            devs,
+            base,
+        };
+        let last = run.devs.len() - 1;
+        for (i, dev) in run.devs.iter_mut().enumerate() {
+            let hold = if hold_last && i == last { "on" } else { "off" };
+            dev.add_to_dest(&mut run.d, json!({ "load-config-after-iter": hold }));
+            dev.add_to_source(&mut run.s);
+        }
+        let (a, b, names) = channel_pairs(channels);
+        ok(
+            &mut run.d,
+            "migrate-incoming",
+            json!({ "channels": channels, "uuid": UUID, "fds": names }),
+            &borrowed(&b),
+        );
+        ok(
+            &mut run.s,
+            "migrate-outgoing",
+            json!({ "channels": channels, "uuid": UUID, "fds": names }),
+            &borrowed(&a),
+        );
+        run
+    }
+
+    fn switchover(&mut self) {
+        for dev in self.devs.iter_mut() {
+            dev.stop_copy(&mut self.s);
+        }
+        ok(&mut self.s, "switchover-start", json!({}), &[]);
+    }
+
+    /// Both helpers hold no more fds or threads than before the migration.
+    fn settled(&self) {
+        self.src.settles_to(self.base[0].0, self.base[0].1);
+        self.dst.settles_to(self.base[1].0, self.base[1].1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole protocol
+
+#[test]
+fn full_migration_with_precopy_switchover_ack_and_a_held_config() {
+    let devs = vec![
+        Dev::new(0, 6 << 20, true, None),
+        Dev::new(1, 5 << 20, true, None),
+        Dev::new(2, 4 << 20, false, None),
+        Dev::new(3, 3 << 20, false, None),
+    ];
+    let mut run = Run::new(devs, 3, true);
+
+    // Before the ack the source refuses to switch over; then precopy runs and the ack comes.
+    let (_, seen) = wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+        e.event == "SWITCHOVER_ACK"
+    });
+    let seen = names(&seen);
+    assert_eq!(
+        seen,
+        [
+            "MIGRATION:setup",
+            "MIGRATION:precopy",
+            "INITIAL_DATA_SENT",
+            "INITIAL_DATA_SENT",
+            "SWITCHOVER_ACK"
+        ],
+        "source events"
+    );
+    let (loaded, mut dest_seen) = wait_for(&mut run.d, "INITIAL_DATA_LOADED", |e| {
+        e.event == "INITIAL_DATA_LOADED"
+    });
+    assert_eq!(
+        loaded.data["precopy-bytes"],
+        (6u64 << 20) / 4 + (5u64 << 20) / 4
+    );
+    let q = ok(&mut run.s, "query", json!({}), &[]);
+    assert_eq!(q["status"], "precopy");
+    assert_eq!(q["switchover-ack"], true);
+    // The destination does not switch over; a data_fd is still missing on the source.
+    refused_with(
+        &mut run.d,
+        "switchover-start",
+        json!({}),
+        &[],
+        "only the source",
+    );
+    refused_with(
+        &mut run.s,
+        "switchover-start",
+        json!({}),
+        &[],
+        "has no data_fd in STOP_COPY",
+    );
+
+    run.switchover();
+    let mut configs = std::collections::BTreeMap::new();
+    let (_, seen) = wait_for(&mut run.d, "MIGRATION loaded", status_is("loaded"));
+    dest_seen.extend(seen.iter().map(clone_event));
+    for e in seen.iter().filter(|e| e.event == "DEVICE_LOADED") {
+        configs.insert(
+            e.data["device"].as_str().unwrap().to_string(),
+            base64_decode(e.data["config"].as_str().unwrap()).unwrap(),
+        );
+    }
+    assert_eq!(
+        configs.len(),
+        3,
+        "the last device's config is held: {:?}",
+        names(&seen)
+    );
+    let q = ok(&mut run.d, "query", json!({}), &[]);
+    assert_eq!(q["status"], "loaded");
+    assert_eq!(q["devices"][3]["status"], "config-held");
+    let ret = ok(&mut run.d, "load-config-ready", json!({}), &[]);
+    assert_eq!(ret["held"], 0);
+    let (_, seen) = wait_for(&mut run.d, "completed", status_is("completed"));
+    dest_seen.extend(seen.iter().map(clone_event));
+    assert_eq!(
+        names(&dest_seen),
+        [
+            "MIGRATION:setup",
+            "MIGRATION:precopy",
+            "INITIAL_DATA_LOADED",
+            "MIGRATION:stop-copy",
+            "DEVICE_LOADED",
+            "DEVICE_LOADED",
+            "DEVICE_LOADED",
+            "MIGRATION:loaded",
+            "DEVICE_LOADED",
+            "MIGRATION:completed"
+        ],
+        "destination events"
+    );
+    let last = seen.iter().find(|e| e.event == "DEVICE_LOADED").unwrap();
+    configs.insert(
+        last.data["device"].as_str().unwrap().to_string(),
+        base64_decode(last.data["config"].as_str().unwrap()).unwrap(),
+    );
+    wait_for(&mut run.s, "completed", status_is("completed"));
+
+    // Every byte and config: the sinks check their stream at RESUMING -> STOP.
+    for dev in run.devs.iter_mut() {
+        dev.sink.verify_config(&configs[&dev.handle()]).unwrap();
+        dev.sink.set_state(MigState::Stop).unwrap();
+        dev.sink.set_state(MigState::Running).unwrap();
+        dev.source.set_state(MigState::Stop).unwrap();
+    }
+    let q = ok(&mut run.s, "query", json!({ "timestamps": true }), &[]);
+    assert_eq!(q["status"], "completed");
+    assert_eq!(q["bytes"]["precopy"], loaded.data["precopy-bytes"]);
+    assert_eq!(q["per-channel"].as_array().unwrap().len(), 3);
+    assert!(q["devices"][0]["timestamps-ns"].as_array().unwrap().len() > 1);
+    assert!(q["latency"]["count"].as_u64().unwrap() > 0);
+    let q = ok(&mut run.d, "query", json!({}), &[]);
+    assert!(q["downtime-ms"].as_f64().unwrap() > 0.0);
+    let total: u64 = run.devs.iter().map(|d| d.spec.size).sum();
+    assert_eq!(
+        q["bytes"]["precopy"].as_u64().unwrap() + q["bytes"]["stop-copy"].as_u64().unwrap(),
+        total
+    );
+    run.settled();
+
+    // The helper serves the next migration; quit ends it with exit code 0.
+    ok(&mut run.s, "quit", json!({}), &[]);
+    assert!(run.src.wait_exit().success());
+    assert!(
+        !run.src.socket.exists(),
+        "the socket file is removed at exit"
+    );
+}
+
+#[test]
+fn tcp_addresses_multifd_transfer_off_and_a_queued_bytes_limit() {
+    let src = Helper::start("tcp-src");
+    let dst = Helper::start("tcp-dst");
+    let mut s = src.client();
+    let mut d = dst.client();
+    let mut dev = Dev::new(0, 4 << 20, false, None);
+    let mut other = Dev::new(1, 1 << 20, false, None);
+    dev.add_to_dest(&mut d, json!({ "max-queued-buffers-size": 2 << 20 }));
+    ok(
+        &mut d,
+        "set-limits",
+        json!({ "max-queued-buffers-size": 3 << 20 }),
+        &[],
+    );
+    // The VMM moves this device on its own main channel.
+    ok(
+        &mut s,
+        "add-device",
+        json!({ "idstr": other.idstr, "mode": "data-fd", "multifd-transfer": "off" }),
+        &[],
+    );
+    dev.add_to_source(&mut s);
+    // Multifd transfer "on" with an unsupported setting is refused at setup, as in QEMU.
+    ok(
+        &mut d,
+        "add-device",
+        json!({ "idstr": "0000:7f:00.0/vfio", "mode": "data-fd", "multifd-transfer": "on" }),
+        &[],
+    );
+    refused_with(
+        &mut d,
+        "migrate-incoming",
+        json!({ "channels": 2, "listen": "127.0.0.1:0", "multifd-compression": "zstd" }),
+        &[],
+        "Multifd device transfer requested but unsupported",
+    );
+    ok(
+        &mut d,
+        "remove-device",
+        json!({ "device": "0000:7f:00.0/vfio/0" }),
+        &[],
+    );
+    let ret = ok(
+        &mut d,
+        "migrate-incoming",
+        json!({ "channels": 2, "listen": "127.0.0.1:0" }),
+        &[],
+    );
+    let addr = ret["address"].as_str().unwrap().to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let ret = ok(
+        &mut s,
+        "migrate-outgoing",
+        json!({ "channels": 2, "connect": addr }),
+        &[],
+    );
+    assert_eq!(ret["not-moved"], json!([other.handle()]));
+    wait_for(&mut s, "SWITCHOVER_ACK", |e| e.event == "SWITCHOVER_ACK");
+    // No precopy device: the destination acks at once and says so.
+    let (loaded, _) = wait_for(&mut d, "INITIAL_DATA_LOADED", |e| {
+        e.event == "INITIAL_DATA_LOADED"
+    });
+    assert_eq!(loaded.data["precopy-bytes"], 0);
+    dev.stop_copy(&mut s);
+    ok(&mut s, "switchover-start", json!({}), &[]);
+    let (_, seen) = wait_for(&mut d, "completed", status_is("completed"));
+    let loaded = seen.iter().find(|e| e.event == "DEVICE_LOADED").unwrap();
+    dev.sink
+        .verify_config(&base64_decode(loaded.data["config"].as_str().unwrap()).unwrap())
+        .unwrap();
+    dev.sink.set_state(MigState::Stop).unwrap();
+    wait_for(&mut s, "completed", status_is("completed"));
+    dev.source.set_state(MigState::Stop).unwrap();
+    other.source.set_state(MigState::Running).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+
+#[test]
+fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
+    let helper = Helper::start("bad");
+    let mut c = helper.client();
+    let base_fds = helper.fds();
+
+    // Raw lines: each gets exactly one error reply.
+    for (line, expect) in [
+        (&b"{not json\n"[..], "malformed JSON"),
+        (b"[1,2,3]\n", "not a command"),
+        (b"{\"arguments\":{}}\n", "not a command"),
+        (b"{\"execute\":\"query\",\"bogus\":1}\n", "not a command"),
+        (
+            b"{\"execute\":\"query\",\"arguments\":[1]}\n",
+            "arguments must be an object",
+        ),
+        (b"\xff\xfe\n", "malformed JSON"),
+        (b"\n", "malformed JSON"),
+    ] {
+        c.send_raw(line, &[]).unwrap();
+        let reply = c.next_reply().unwrap();
+        let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains(expect), "{line:?}: {reply}");
+    }
+    // An unknown command, QMP's class.
+    let e = refused(&mut c, "migrate-sideways", json!({}), &[]);
+    assert_eq!(
+        e.class,
+        vfio_multifd::control::schema::ErrorClass::CommandNotFound
+    );
+    // A line too long is dropped with its fds.
+    let (r, _w) = vfio::fd::pipe().unwrap();
+    let mut long = vec![b' '; (1 << 20) + 100];
+    long.push(b'\n');
+    c.send_raw(&long, &[r.as_fd()]).unwrap();
+    let reply = c.next_reply().unwrap();
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("longer than"),
+        "{reply}"
+    );
+
+    // Arguments.
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "mode": "data-fd" }),
+        &[],
+        "missing field `idstr`",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "instanceid": 1 }),
+        &[],
+        "unknown field",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "", "mode": "data-fd" }),
+        &[],
+        "idstr",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "config": "@@" }),
+        &[],
+        "base64",
+    );
+    refused_with(
+        &mut c,
+        "query",
+        json!({ "timestamps": "yes" }),
+        &[],
+        "invalid arguments",
+    );
+
+    // Missing, extra and wrong fds.
+    let (pipe_r, pipe_w) = vfio::fd::pipe().unwrap();
+    let (sock_a, _sock_b) = vfio::fd::socketpair().unwrap();
+    let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[],
+        "but 0 arrived",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd" }),
+        &[pipe_r.as_fd()],
+        "but 1 arrived",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "fds": ["socket"] }),
+        &[pipe_r.as_fd()],
+        "unknown fd name",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[sock_a.as_fd()],
+        "a socket",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[dir.as_fd()],
+        "a directory",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "device", "fds": ["device"] }),
+        &[pipe_r.as_fd()],
+        "VFIO device fd",
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "device" }),
+        &[],
+        "needs the VFIO device fd",
+    );
+    refused_with(
+        &mut c,
+        "query",
+        json!({}),
+        &[pipe_r.as_fd()],
+        "takes no file descriptors",
+    );
+    // A write end registered, then used on the source: the direction is checked at setup.
+    ok(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[pipe_w.as_fd()],
+    );
+    let (a, _b, names) = channel_pairs(1);
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 1, "fds": names }),
+        &borrowed(&a),
+        "readable VFIO data_fd",
+    );
+    // Passed sockets: wrong names, count, or not a stream socket.
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 2, "fds": names }),
+        &borrowed(&a),
+        "must be named",
+    );
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 1, "fds": ["main", "multifd-0"] }),
+        &[a[0].as_fd(), pipe_r.as_fd()],
+        "multifd-0",
+    );
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 1 }),
+        &[],
+        "needs connect",
+    );
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 1, "connect": "nowhere:x" }),
+        &[],
+        "connect",
+    );
+    refused_with(
+        &mut c,
+        "migrate-incoming",
+        json!({ "channels": 0, "listen": "127.0.0.1:0" }),
+        &[],
+        "channels must be 1 to 255",
+    );
+    refused_with(
+        &mut c,
+        "migrate-incoming",
+        json!({ "channels": 1, "listen": "127.0.0.1:0", "uuid": "nope" }),
+        &[],
+        "uuid",
+    );
+
+    // Wrong state.
+    refused_with(&mut c, "switchover-start", json!({}), &[], "no migration");
+    refused_with(
+        &mut c,
+        "load-config-ready",
+        json!({}),
+        &[],
+        "only on a destination",
+    );
+    let e = refused(
+        &mut c,
+        "update-device",
+        json!({ "device": "nope", "config": "" }),
+        &[],
+    );
+    assert_eq!(
+        e.class,
+        vfio_multifd::control::schema::ErrorClass::DeviceNotFound
+    );
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
+        &[],
+        "already registered",
+    );
+    ok(&mut c, "cancel", json!({}), &[]);
+    refused_with(&mut c, "cancel", json!({}), &[], "nothing to cancel");
+    refused_with(
+        &mut c,
+        "migrate-outgoing",
+        json!({ "channels": 1, "connect": "127.0.0.1:9" }),
+        &[],
+        "no devices registered",
+    );
+
+    // Still serving, and every refused fd was closed.
+    let q = ok(&mut c, "query", json!({}), &[]);
+    assert_eq!(q["status"], "none");
+    let caps = ok(&mut c, "query-capabilities", json!({}), &[]);
+    assert_eq!(caps["protocol"], 1);
+    drop((pipe_r, pipe_w, sock_a, dir, a));
+    helper.settles_to(base_fds, 2);
+}
+
+#[test]
+fn a_second_vmm_is_turned_away_and_the_first_keeps_serving() {
+    let helper = Helper::start("second");
+    let mut first = helper.client();
+    ok(
+        &mut first,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
+        &[],
+    );
+    let mut second = UnixStream::connect(&helper.socket).unwrap();
+    let mut text = String::new();
+    second.read_to_string(&mut text).unwrap();
+    assert!(text.contains("another VMM is connected"), "{text}");
+    assert!(text.contains("GenericError"), "{text}");
+    // The first VMM's state is untouched.
+    refused_with(
+        &mut first,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
+        &[],
+        "already registered",
+    );
+    ok(&mut first, "query", json!({}), &[]);
+    // When the first leaves, the next one is served, with a clean slate.
+    drop(first);
+    let mut next = helper.client();
+    ok(
+        &mut next,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
+        &[],
+    );
+}
+
+/// The child half of the credentials test: run as another uid by `setpriv`.
+#[test]
+fn credentials_client_role() {
+    let Ok(path) = std::env::var("VMF_CONTROL_CLIENT_SOCKET") else {
+        return;
+    };
+    let mut stream = UnixStream::connect(path).unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    println!("CLIENT-SAW: {text}");
+}
+
+#[test]
+fn other_credentials_are_turned_away() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP other_credentials_are_turned_away: needs root to run a client as another uid"
+        );
+        return;
+    }
+    let helper = Helper::start("cred");
+    let mode = std::fs::metadata(&helper.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is 0600");
+    // Open the socket file so the other uid reaches the credential check.
+    std::fs::set_permissions(&helper.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&me)
+        .args([
+            "--exact",
+            "credentials_client_role",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("VMF_CONTROL_CLIENT_SOCKET", &helper.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CLIENT-SAW:") && stdout.contains("peer uid 65534"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The helper keeps serving its own uid.
+    let mut c = helper.client();
+    ok(&mut c, "query", json!({}), &[]);
+}
+
+#[test]
+fn serve_launch_conventions() {
+    let out = Command::new(BIN)
+        .args(["serve", "--print-capabilities"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let caps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["protocol"], 1);
+    assert!(caps["engines"]["available"].as_array().unwrap().len() == 2);
+    assert!(caps["io-uring"]["features"].is_object());
+    assert!(caps["limits"]["max-fds-per-message"].as_u64().unwrap() > 0);
+    let out = Command::new(BIN).args(["serve"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN)
+        .args(["serve", "--socket-path", "/tmp/x", "--fd", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // --fd with a connected socket: serves that VMM, exits when it leaves.
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let theirs = OwnedFd::from(theirs);
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--fd", &raw.to_string(), "--log-level", "error"])
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let mut c = Client::from_stream(mine).unwrap();
+    ok(&mut c, "query", json!({}), &[]);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve --fd did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success());
+    // --fd with a listening socket: one VMM at a time, as with --socket-path.
+    let dir = scratch("fd-listen");
+    let path = dir.join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let listener = OwnedFd::from(listener);
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    nix::fcntl::fcntl(
+        &listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--fd", &raw.to_string(), "--log-level", "error"])
+        .spawn()
+        .unwrap();
+    drop(listener);
+    for _ in 0..2 {
+        let mut c = Client::connect(&path).unwrap();
+        ok(&mut c, "query", json!({}), &[]);
+    }
+    let mut c = Client::connect(&path).unwrap();
+    ok(&mut c, "quit", json!({}), &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve --fd (listening) did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    // --fd that is not a socket.
+    let out = Command::new(BIN)
+        .args(["serve", "--fd", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel and a killed peer, in each phase
+
+/// A source device ends RUNNING and intact; nothing is left in either helper.
+fn recovered(run: &mut Run, final_src: &EventLine) {
+    for dev in final_src.data["devices"].as_array().unwrap() {
+        assert!(
+            dev["recovery"].as_str().unwrap().starts_with("vmm"),
+            "{dev}"
+        );
+    }
+    for dev in run.devs.iter_mut() {
+        dev.source_back_and_intact();
+    }
+}
+
+#[test]
+fn cancel_in_each_phase() {
+    // Destination in setup: its channels' peer never speaks.
+    {
+        let dst = Helper::start("cancel-setup");
+        let mut d = dst.client();
+        let base = (dst.fds(), dst.threads());
+        let mut dev = Dev::new(0, 1 << 20, false, None);
+        dev.add_to_dest(&mut d, json!({}));
+        let (_a, b, names) = channel_pairs(2);
+        ok(
+            &mut d,
+            "migrate-incoming",
+            json!({ "channels": 2, "fds": names }),
+            &borrowed(&b),
+        );
+        drop(b);
+        wait_for(&mut d, "setup", status_is("setup"));
+        refused_with(
+            &mut d,
+            "add-device",
+            json!({ "idstr": "y", "mode": "data-fd" }),
+            &[],
+            "in progress",
+        );
+        ok(&mut d, "cancel", json!({}), &[]);
+        let (end, _) = wait_for(&mut d, "end", terminal);
+        assert_eq!(end.data["status"], "cancelled", "{:?}", end.data);
+        dev.sink_reset();
+        dst.settles_to(base.0, base.1);
+    }
+    // Source waiting for SWITCHOVER_ACK (the destination never acks: no destination helper),
+    // then precopy after the ack, then stop-copy with a slow device; each time the source
+    // VMM cancels, and the destination follows with a failure.
+    for phase in ["before-ack", "precopy", "stop-copy"] {
+        let devs = vec![
+            Dev::new(0, 2 << 20, true, None),
+            Dev::new(
+                1,
+                4 << 20,
+                false,
+                if phase == "stop-copy" {
+                    Some(4 << 20)
+                } else {
+                    None
+                },
+            ),
+        ];
+        let mut run = if phase == "before-ack" {
+            before_ack_run(devs)
+        } else {
+            Run::new(devs, 2, false)
+        };
+        if phase != "before-ack" {
+            wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+                e.event == "SWITCHOVER_ACK"
+            });
+        }
+        if phase == "stop-copy" {
+            run.switchover();
+            wait_for(&mut run.s, "stop-copy", status_is("stop-copy"));
+            std::thread::sleep(Duration::from_millis(200));
+            let q = ok(&mut run.s, "query", json!({}), &[]);
+            assert_eq!(q["status"], "stop-copy", "{phase}");
+        }
+        ok(&mut run.s, "cancel", json!({}), &[]);
+        let (end, _) = wait_for(&mut run.s, "end", terminal);
+        assert_eq!(end.data["status"], "cancelled", "{phase}: {:?}", end.data);
+        recovered(&mut run, &end);
+        if phase != "before-ack" {
+            let (end, _) = wait_for(&mut run.d, "end", terminal);
+            assert_eq!(end.data["status"], "failed", "{phase}");
+            for dev in run.devs.iter_mut() {
+                dev.sink_reset();
+            }
+        }
+        run.settled();
+        // The helpers serve on.
+        ok(&mut run.s, "query", json!({}), &[]);
+        ok(&mut run.d, "query", json!({}), &[]);
+    }
+    // Destination cancelled while it holds a config (loaded, waiting for load-config-ready).
+    {
+        let mut run = Run::new(vec![Dev::new(0, 1 << 20, false, None)], 1, true);
+        wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+            e.event == "SWITCHOVER_ACK"
+        });
+        run.switchover();
+        wait_for(&mut run.d, "loaded", status_is("loaded"));
+        wait_for(&mut run.s, "completed", status_is("completed"));
+        ok(&mut run.d, "cancel", json!({}), &[]);
+        let (end, seen) = wait_for(&mut run.d, "end", terminal);
+        assert_eq!(end.data["status"], "cancelled");
+        assert!(
+            seen.iter().all(|e| e.event != "DEVICE_LOADED"),
+            "the held config is not handed out"
+        );
+        run.devs[0].sink_reset();
+        run.settled();
+    }
+}
+
+/// A source whose destination is a silent socket: it stays before SWITCHOVER_ACK.
+fn before_ack_run(mut devs: Vec<Dev>) -> Run {
+    let src = Helper::start("src");
+    let dst = Helper::start("dst-unused");
+    let mut s = src.client();
+    let d = dst.client();
+    let base = [(src.fds(), src.threads()), (dst.fds(), dst.threads())];
+    for dev in devs.iter_mut() {
+        dev.add_to_source(&mut s);
+    }
+    let (a, b, names) = channel_pairs(2);
+    ok(
+        &mut s,
+        "migrate-outgoing",
+        json!({ "channels": 2, "fds": names }),
+        &borrowed(&a),
+    );
+    drop(a);
+    std::mem::forget(b); // the "destination" keeps its ends open and never answers
+    wait_for(&mut s, "precopy", status_is("precopy"));
+    let q = ok(&mut s, "query", json!({}), &[]);
+    assert_eq!(q["switchover-ack"], false);
+    refused_with(&mut s, "switchover-start", json!({}), &[], "SWITCHOVER_ACK");
+    Run {
+        src,
+        dst,
+        s,
+        d,
+        devs,
+        base,
+    }
+}
+
+#[test]
+fn killed_peer_in_each_phase() {
+    for (victim, phase) in [
+        ("destination", "precopy"),
+        ("destination", "stop-copy"),
+        ("source", "precopy"),
+        ("source", "stop-copy"),
+    ] {
+        let slow = if phase == "stop-copy" {
+            Some(4 << 20)
+        } else {
+            None
+        };
+        let devs = vec![
+            Dev::new(0, 2 << 20, true, None),
+            Dev::new(1, 4 << 20, false, slow),
+        ];
+        let mut run = Run::new(devs, 2, false);
+        wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+            e.event == "SWITCHOVER_ACK"
+        });
+        if phase == "stop-copy" {
+            run.switchover();
+            wait_for(&mut run.d, "stop-copy", status_is("stop-copy"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if victim == "destination" {
+            run.dst.kill();
+            let (failed, _) = wait_for(&mut run.s, "MIGRATION_FAILED", |e| {
+                e.event == "MIGRATION_FAILED"
+            });
+            assert!(
+                failed.data["desc"].as_str().unwrap().len() > 10,
+                "{:?}",
+                failed.data
+            );
+            let (end, _) = wait_for(&mut run.s, "end", terminal);
+            assert_eq!(end.data["status"], "failed", "{victim} {phase}");
+            recovered(&mut run, &end);
+            run.src.settles_to(run.base[0].0, run.base[0].1);
+        } else {
+            run.src.kill();
+            let (failed, _) = wait_for(&mut run.d, "MIGRATION_FAILED", |e| {
+                e.event == "MIGRATION_FAILED"
+            });
+            assert!(
+                failed.data["desc"].as_str().unwrap().contains("source"),
+                "{:?}",
+                failed.data
+            );
+            let (end, _) = wait_for(&mut run.d, "end", terminal);
+            assert_eq!(end.data["status"], "failed");
+            for dev in run.devs.iter_mut() {
+                dev.sink_reset();
+                dev.source_back_and_intact();
+            }
+            run.dst.settles_to(run.base[1].0, run.base[1].1);
+        }
+    }
+}
