@@ -5,6 +5,35 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::EngineKind;
 
+/// `bench`: every argument goes to `vfio-multifd-bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// Replaces this process with `vfio-multifd-bench` from the directory of the running binary
+/// (cargo builds both; `bench/` is its own package). Returns only on failure.
+pub fn exec_bench(args: &BenchArgs) -> String {
+    use std::os::unix::process::CommandExt;
+    let bench = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("vfio-multifd-bench")));
+    match bench {
+        Some(bench) if bench.exists() => {
+            let err = std::process::Command::new(&bench).args(&args.args).exec();
+            format!("running {}: {err}", bench.display())
+        }
+        _ => "vfio-multifd-bench is not built next to this binary: run `cargo build --release` \
+              (the workspace's default members include the bench)"
+            .to_string(),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vfio-multifd",
@@ -36,6 +65,10 @@ pub enum Command {
     /// Serve a VMM on a unix socket: it hands over devices (or their data_fds) and channel
     /// sockets and drives the migration (protocol: docs/control-protocol.md).
     Serve(ServeArgs),
+    /// Benchmark engines side by side (runs `vfio-multifd-bench`, built next to this binary,
+    /// with the same arguments; `vfio-multifd bench --help` lists them).
+    #[command(disable_help_flag = true)]
+    Bench(BenchArgs),
 }
 
 /// `serve`.

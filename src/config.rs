@@ -39,6 +39,7 @@ pub enum Config {
     Recv(Box<RecvConfig>),
     Demo(Box<DemoConfig>),
     Probe(crate::probe::ProbeArgs),
+    Bench(crate::cli::BenchArgs),
     Serve(Box<crate::control::ServeConfig>),
 }
 
@@ -146,6 +147,7 @@ impl TryFrom<Command> for Config {
             Command::Recv(args) => Config::Recv(Box::new(RecvConfig::try_from(&args)?)),
             Command::Demo(args) => Config::Demo(Box::new(DemoConfig::try_from(&args)?)),
             Command::Probe(args) => Config::Probe(args),
+            Command::Bench(args) => Config::Bench(args),
             Command::Serve(args) => {
                 Config::Serve(Box::new(crate::control::ServeConfig::try_from(&args)?))
             }

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Config::Probe(args) => {
             return ExitCode::from(vfio_multifd::probe::run(&args).clamp(0, 255) as u8)
         }
+        Config::Bench(args) => Err(vfio_multifd::cli::exec_bench(&args)),
         Config::Send(config) => vfio_multifd::demo::run_send(&config)
             .map(|report| report.ok)
             .map_err(|e| error_chain(&e)),

@@ -252,6 +252,11 @@ impl Ctx {
                     common.push("--workers".into());
                     common.push(workers.to_string().into());
                 }
+                if row == RowKind::Single {
+                    // QEMU before 10.0: device state on its one main channel, one device
+                    // after another.
+                    common.push("--sequential-devices".into());
+                }
                 let helper_os = helper.into_os_string();
                 let mut dest_args: Vec<OsString> =
                     vec!["recv".into(), "--listen".into(), "127.0.0.1:0".into()];

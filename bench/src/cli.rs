@@ -41,7 +41,7 @@ impl RowKind {
                 "vfio-multifd send/recv, threads engine on both sides (QEMU 10.0's design)"
             }
             RowKind::Single => {
-                "vfio-multifd send/recv over 1 channel, uring engine (QEMU before 10.0 had one channel)"
+                "vfio-multifd send/recv over 1 channel, devices one after another, uring engine (QEMU before 10.0: device state on its main channel, device by device)"
             }
             RowKind::Ceiling => {
                 "no framing: blocking threads read data_fd -> send on N TCP connections; recv -> write data_fd"
