@@ -128,6 +128,17 @@ fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static st
     Ok((ring, "plain"))
 }
 
+/// A read at the file's current position (offset -1: a data_fd is a stream), from a registered
+/// buffer when `fixed` names one.
+fn read_entry(fd: types::Fd, ptr: *mut u8, len: u32, fixed: Option<u16>) -> squeue::Entry {
+    match fixed {
+        Some(index) => opcode::ReadFixed::new(fd, ptr, len, index)
+            .offset(u64::MAX)
+            .build(),
+        None => opcode::Read::new(fd, ptr, len).offset(u64::MAX).build(),
+    }
+}
+
 impl Ring {
     /// Sets up a ring: setup flags by probing (SINGLE_ISSUER + DEFER_TASKRUN, else
     /// COOP_TASKRUN, else plain), a buffer pool registered where memlock allows, opcodes probed.
@@ -309,12 +320,7 @@ impl Ring {
             OpKind::Read,
             tag,
             buf,
-            |ptr, fixed| match fixed {
-                Some(index) => opcode::ReadFixed::new(fd, ptr, len, index)
-                    .offset(u64::MAX)
-                    .build(),
-                None => opcode::Read::new(fd, ptr, len).offset(u64::MAX).build(),
-            },
+            |ptr, fixed| read_entry(fd, ptr, len, fixed),
             range,
         )
     }
@@ -457,18 +463,13 @@ impl Ring {
         let (index, generation) = self.insert(OpKind::ChainRead, tag, None, 2);
         let fd = types::Fd(src.as_raw_fd());
         let read_len = read.len() as u32;
-        let read_entry = match &buf {
-            Buffer::Pool(id) if self.fixed_buffers => {
-                opcode::ReadFixed::new(fd, read_ptr, read_len, id.index())
-                    .offset(u64::MAX)
-                    .build()
-            }
-            _ => opcode::Read::new(fd, read_ptr, read_len)
-                .offset(u64::MAX)
-                .build(),
-        }
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(user_data(index, generation, PART_MAIN));
+        let fixed = match &buf {
+            Buffer::Pool(id) if self.fixed_buffers => Some(id.index()),
+            _ => None,
+        };
+        let read_entry = read_entry(fd, read_ptr, read_len, fixed)
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(index, generation, PART_MAIN));
         let send_entry = self
             .send_entry(sock.as_raw_fd(), send_ptr, send.len() as u32, &buf, zc)
             .user_data(user_data(index, generation, PART_CHAIN_SEND));
