@@ -1,36 +1,42 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian 12 (bookworm) machine:
 # QEMU 10.0.x from bookworm-backports (a real peer for the wire format and the VFIO lab's
-# TCG guest), the lab's build tools, and the Python test decoders. Idempotent.
+# TCG guest), the lab's build tools, FUSE (fault-injecting simulated devices), and the Python
+# hdrhistogram decoder. Idempotent: installs only what is missing.
 set -euo pipefail
 
-need_apt=()
+need_qemu=0
 if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-system-x86_64 --version | grep -q 'version 10\.'; then
-  need_apt+=(qemu-system-x86)
+  need_qemu=1
 fi
-for pkg in gcc make cpio xz-utils libc6-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+others=()
+for pkg in gcc make cpio xz-utils libc6-dev fuse3 util-linux; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || others+=("$pkg")
 done
-# FUSE lets the fault devices return any errno from a real read()/write().
-dpkg -s fuse3 >/dev/null 2>&1 || need_apt+=(fuse3)
 
-if [ ${#need_apt[@]} -gt 0 ]; then
-  src=/etc/apt/sources.list.d/bookworm-backports.sources
-  if [ ! -f "$src" ]; then
-    cat > "$src" <<'SRC'
+if [ "$need_qemu" = 1 ] || [ ${#others[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$need_qemu" = 1 ]; then
+    src=/etc/apt/sources.list.d/bookworm-backports.sources
+    if [ ! -f "$src" ]; then
+      cat > "$src" <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
+    fi
   fi
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]/qemu-system-x86/}" >/dev/null
+  if [ "$need_qemu" = 1 ]; then
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+  fi
+  if [ ${#others[@]} -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${others[@]}" >/dev/null
+  fi
 fi
 qemu-system-x86_64 --version | head -1
 
-python3 -m pip install -q --disable-pip-version-check 'hdrhistogram>=0.10' 2>&1 | grep -v -i 'root user' || true
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'hdrhistogram>=0.10'
 python3 -c 'import hdrh; print("python hdrhistogram", "ok")'
