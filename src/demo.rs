@@ -315,6 +315,48 @@ fn print_side(config: &MigrationConfig, report: &SideReport) {
 }
 
 /// `send`: migrate simulated devices to a `recv` helper.
+/// A side's report before its numbers are in: what ran, over what, on which devices.
+fn side_report<T>(
+    side: Side,
+    m: &MigrationConfig,
+    engine: &dyn Engine,
+    progress: &Progress,
+    result: &Result<T, crate::error::SessionError>,
+    devices: Vec<DeviceTimes>,
+) -> SideReport {
+    SideReport {
+        side,
+        ok: result.is_ok(),
+        error: None,
+        engine: engine.kind().name().into(),
+        notes: Vec::new(),
+        channels: m.channels,
+        chunk: m.chunk(),
+        bytes: progress.bytes.load(Ordering::Relaxed),
+        devices,
+        switchover_ns: None,
+        end_ns: None,
+        cpu_s: 0.0,
+        verified: false,
+    }
+}
+
+/// Reports a side whose session failed (error text, notes, CPU so far) and returns its error.
+fn failed_side(
+    m: &MigrationConfig,
+    mut report: SideReport,
+    notes: Vec<String>,
+    cpu_start: f64,
+    side: &'static str,
+    err: crate::error::SessionError,
+) -> StandaloneError {
+    report.error = Some(error_chain(&err));
+    report.notes = notes;
+    report.cpu_s = metrics::process_cpu_seconds() - cpu_start;
+    print_side(m, &report);
+    StandaloneError::Session { side, source: err }
+}
+
 pub fn run_send(config: &SendConfig) -> Result<SideReport, StandaloneError> {
     let m = &config.migration;
     let mut devices = if config.vfio.is_empty() {
@@ -340,42 +382,27 @@ pub fn run_send(config: &SendConfig) -> Result<SideReport, StandaloneError> {
         .iter()
         .map(|d| device_state(d.device.as_ref()))
         .collect();
-    let mut report = SideReport {
-        side: Side::Source,
-        ok: result.is_ok(),
-        error: None,
-        engine: engine.kind().name().into(),
-        notes: Vec::new(),
-        channels: m.channels,
-        chunk: m.chunk(),
-        bytes: progress.bytes.load(Ordering::Relaxed),
-        devices: devices
-            .iter()
-            .zip(&states)
-            .map(|(d, state)| DeviceTimes {
-                idstr: d.id.idstr.clone(),
-                instance_id: d.id.instance_id,
-                state: state.clone(),
-                ..DeviceTimes::default()
-            })
-            .collect(),
-        switchover_ns: None,
-        end_ns: None,
-        cpu_s: 0.0,
-        verified: false,
-    };
+    let device_times = devices
+        .iter()
+        .zip(&states)
+        .map(|(d, state)| DeviceTimes {
+            idstr: d.id.idstr.clone(),
+            instance_id: d.id.instance_id,
+            state: state.clone(),
+            ..DeviceTimes::default()
+        })
+        .collect();
+    let mut report = side_report(
+        Side::Source,
+        m,
+        engine.as_ref(),
+        &progress,
+        &result,
+        device_times,
+    );
     let outcome = match result {
         Ok(outcome) => outcome,
-        Err(err) => {
-            report.error = Some(error_chain(&err));
-            report.notes = notes;
-            report.cpu_s = metrics::process_cpu_seconds() - cpu_start;
-            print_side(m, &report);
-            return Err(StandaloneError::Session {
-                side: "source",
-                source: err,
-            });
-        }
+        Err(err) => return Err(failed_side(m, report, notes, cpu_start, "source", err)),
     };
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
@@ -435,41 +462,26 @@ pub fn run_recv(config: &RecvConfig) -> Result<SideReport, StandaloneError> {
     )
     .run();
     events.stop();
-    let mut report = SideReport {
-        side: Side::Destination,
-        ok: result.is_ok(),
-        error: None,
-        engine: engine.kind().name().into(),
-        notes: Vec::new(),
-        channels: m.channels,
-        chunk: m.chunk(),
-        bytes: progress.bytes.load(Ordering::Relaxed),
-        devices: devices
-            .iter()
-            .map(|d| DeviceTimes {
-                idstr: d.id.idstr.clone(),
-                instance_id: d.id.instance_id,
-                state: device_state(d.device.as_ref()),
-                ..DeviceTimes::default()
-            })
-            .collect(),
-        switchover_ns: None,
-        end_ns: None,
-        cpu_s: 0.0,
-        verified: false,
-    };
+    let device_times = devices
+        .iter()
+        .map(|d| DeviceTimes {
+            idstr: d.id.idstr.clone(),
+            instance_id: d.id.instance_id,
+            state: device_state(d.device.as_ref()),
+            ..DeviceTimes::default()
+        })
+        .collect();
+    let mut report = side_report(
+        Side::Destination,
+        m,
+        engine.as_ref(),
+        &progress,
+        &result,
+        device_times,
+    );
     let outcome = match result {
         Ok(outcome) => outcome,
-        Err(err) => {
-            report.error = Some(error_chain(&err));
-            report.notes = notes;
-            report.cpu_s = metrics::process_cpu_seconds() - cpu_start;
-            print_side(m, &report);
-            return Err(StandaloneError::Session {
-                side: "destination",
-                source: err,
-            });
-        }
+        Err(err) => return Err(failed_side(m, report, notes, cpu_start, "destination", err)),
     };
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
