@@ -322,17 +322,32 @@ fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         Ok(_) => return Err(ControlError::NotASocket { path: path.into() }),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
-        path: path.into(),
+    // Bound and made 0600 under a temporary name, then renamed into place: the path appears
+    // only once it is listening with its final mode, so a VMM that waits for it to exist can
+    // connect at once, and nobody else ever sees a looser socket.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(|source| ControlError::Bind {
+        path: staging.clone(),
         source,
     })?;
-    // Between bind and chmod the credential check still guards every connection.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ControlError::Chmod {
-            path: path.into(),
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| ControlError::Chmod {
+            path: staging.clone(),
             source,
-        }
-    })?;
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, path).map_err(|source| ControlError::Bind {
+                path: path.into(),
+                source,
+            })
+        });
+    if let Err(err) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err);
+    }
     Ok(listener)
 }
 
