@@ -172,6 +172,29 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
+/// `splice` of up to `len` bytes from `src` at `src_offset` into the pipe `pipe`, without
+/// blocking on the pipe: page references move, no byte is copied.
+pub(crate) fn splice_into_pipe(
+    src: BorrowedFd<'_>,
+    src_offset: u64,
+    pipe: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    let mut off = libc::loff_t::try_from(src_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `off` is a live local the kernel updates; both fds are borrowed for the call.
+    check_size(unsafe {
+        libc::splice(
+            src.as_raw_fd(),
+            &mut off,
+            pipe.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    })
+}
+
 /// `write` from `buf`.
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: the kernel reads at most buf.len() bytes from `buf`, borrowed for the call.

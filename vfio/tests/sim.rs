@@ -182,6 +182,43 @@ fn sink_fails_resuming_to_stop_on_missing_extra_or_corrupt_data() {
     }
 }
 
+/// A sink with a load speed lands the stream in a memfd at its pace and checks it on
+/// RESUMING -> STOP: every byte still counts.
+#[test]
+fn paced_sink_accepts_the_stream_and_rejects_a_corrupt_one() {
+    let spec = SimSpec {
+        speed: Some(DeviceSpeed {
+            save_bytes_per_sec: 0,
+            load_bytes_per_sec: 256 * MIB,
+            per_read_latency: Duration::ZERO,
+        }),
+        ..SimSpec::new(3 * MIB + 17, 4)
+    };
+    let mut stream = vec![0u8; spec.size as usize];
+    fill(spec.seed, 0, &mut stream);
+    let mut sink = SimSink::new("paced-sink", spec).unwrap();
+    let mut f = start_load(&mut sink);
+    f.write_all(&stream).unwrap();
+    drop(f);
+    sink.set_state(MigState::Stop).unwrap();
+    assert_eq!(sink.loaded_bytes(), Some(spec.size));
+
+    stream[2 * MIB as usize + 5] ^= 0x40;
+    let mut sink = SimSink::new("paced-sink", spec).unwrap();
+    let mut f = start_load(&mut sink);
+    f.write_all(&stream).unwrap();
+    drop(f);
+    match sink.set_state(MigState::Stop).unwrap_err() {
+        VfioError::LoadRejected { source, .. } => assert_eq!(
+            source,
+            StreamMismatch::Corrupt {
+                offset: 2 * MIB + 5
+            }
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[test]
 fn vmm_owned_sim_is_not_reset() {
     let spec = SimSpec::new(4096, 1);

@@ -90,7 +90,9 @@ impl SimSource {
             image: None,
             session: None,
         };
-        if dev.uses_memfd() {
+        // Paced devices get the image too: their feeder splices its pages into the pipe, so
+        // the device's own cost during downtime is pacing, not generating and copying bytes.
+        if dev.fault.is_none() {
             dev.image = Some(
                 generate(&dev.name, &spec)
                     .map_err(|e| VfioError::io(name, "generating the memfd image", e))?,
@@ -128,16 +130,12 @@ impl SimSource {
                     Ok(fd)
                 }
                 _ => {
-                    let (fd, s) = PipeSave::open(&self.name, self.spec, Some(fault), precopy)?;
+                    let (fd, s) =
+                        PipeSave::open(&self.name, self.spec, Some(fault), precopy, None)?;
                     self.session = Some(Box::new(s));
                     Ok(fd)
                 }
             };
-        }
-        if !self.uses_memfd() {
-            let (fd, s) = PipeSave::open(&self.name, self.spec, None, precopy)?;
-            self.session = Some(Box::new(s));
-            return Ok(fd);
         }
         let image = match self.image.take() {
             Some(image) => image,
@@ -149,6 +147,11 @@ impl SimSource {
                 generate(&self.name, &self.spec)?
             }
         };
+        if !self.uses_memfd() {
+            let (fd, s) = PipeSave::open(&self.name, self.spec, None, precopy, Some(image))?;
+            self.session = Some(Box::new(s));
+            return Ok(fd);
+        }
         let (fd, mut s) = MemSave::open(image, self.spec)?;
         if !precopy {
             s.stop_copy()?;
@@ -483,6 +486,7 @@ impl PipeSave {
         spec: SimSpec,
         fault: Option<Fault>,
         precopy: bool,
+        image: Option<OwnedFd>,
     ) -> io::Result<(OwnedFd, PipeSave)> {
         let (r, w) = os::pipe()?;
         let pipe_size = size_pipe(w.as_fd());
@@ -508,7 +512,7 @@ impl PipeSave {
         let thread = std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || {
-                if let Err(e) = feed(&plan, &thread_shared, w, &probe) {
+                if let Err(e) = feed(&plan, &thread_shared, w, &probe, image.as_ref()) {
                     log::debug!("{name}: simulated save feeder stopped: {e}");
                 }
             })?;
@@ -523,7 +527,25 @@ impl PipeSave {
     }
 }
 
-fn feed(plan: &FeedPlan, shared: &PipeShared, w: OwnedFd, probe: &OwnedFd) -> io::Result<()> {
+/// Where stream offset `pos` sits in a [`generate`]d image (stop-copy part first).
+fn image_offset(spec: &SimSpec, pos: u64) -> u64 {
+    let p = spec.precopy_total();
+    if pos < p {
+        spec.size - p + pos
+    } else {
+        pos - p
+    }
+}
+
+/// Feeds the pipe at the device's pace: spliced from `image` when there is one, else generated
+/// here (fault devices).
+fn feed(
+    plan: &FeedPlan,
+    shared: &PipeShared,
+    w: OwnedFd,
+    probe: &OwnedFd,
+    image: Option<&OwnedFd>,
+) -> io::Result<()> {
     let spec = plan.spec;
     let size = spec.size;
     let p = spec.precopy_total();
@@ -569,11 +591,18 @@ fn feed(plan: &FeedPlan, shared: &PipeShared, w: OwnedFd, probe: &OwnedFd) -> io
                 limit = limit.min(at - pos);
             }
         }
+        if image.is_some() && pos < p {
+            // The image keeps the precopy part after the stop-copy part: a piece must not
+            // cross from one into the other.
+            limit = limit.min(p - pos);
+        }
         let n = usize::try_from(limit).unwrap_or(chunk_max).min(chunk_max);
         if !plan.speed.per_read_latency.is_zero() {
             pacer.delay(plan.speed.per_read_latency);
         }
-        fill(spec.seed, pos, &mut buf[..n]);
+        if image.is_none() {
+            fill(spec.seed, pos, &mut buf[..n]);
+        }
         let mut off = 0usize;
         while off < n {
             let mut piece = pacer.piece(n - off);
@@ -594,7 +623,16 @@ fn feed(plan: &FeedPlan, shared: &PipeShared, w: OwnedFd, probe: &OwnedFd) -> io
             }
             let wrote = {
                 let mut fed = shared.fed.lock().unwrap_or_else(|p| p.into_inner());
-                match os::write(w.as_fd(), &buf[off..off + piece]) {
+                let written = match image {
+                    Some(image) => os::splice_into_pipe(
+                        image.as_fd(),
+                        image_offset(&spec, pos + off as u64),
+                        w.as_fd(),
+                        piece,
+                    ),
+                    None => os::write(w.as_fd(), &buf[off..off + piece]),
+                };
+                match written {
                     Ok(k) => {
                         *fed += k as u64;
                         k
