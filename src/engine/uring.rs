@@ -639,37 +639,18 @@ impl SourceWorker<'_> {
                     self.channels[c].index
                 ));
                 let buf = done.buf.expect("a send returns its buffer");
-                if sending.chained && sending.read.is_none() {
-                    // The read half completes separately; wait for it by requeueing as a
-                    // full packet only once its size is known. A chained zc send fails before
-                    // the read finishes only if the socket refused zc at issue, which happens
-                    // after the read: so the read result is known here.
-                    self.recycle(Some(buf));
-                    return Err(DataPlaneError::Stalled {
-                        detail: format!(
-                            "channel {}: SEND_ZC refused before its read finished",
-                            self.channels[c].index
-                        ),
-                    });
-                }
-                let len = match sending.read {
-                    Some(n) if sending.chained => PACKET_HEADER_ROOM + n,
-                    _ => sending.len,
-                };
-                let packet = if sending.chained && len < sending.len {
-                    self.short_packet(sending.device, sending.idx, buf, len - PACKET_HEADER_ROOM)
-                } else {
-                    Some(ReadyPacket {
+                // A linked send runs only after a full read (a short one cancels it), so the
+                // slot holds the packet exactly as prepared: resend it plain on the same, now
+                // idle, channel.
+                self.send_ready(
+                    c,
+                    ReadyPacket {
                         device: sending.device,
                         idx: sending.idx,
                         buf,
-                        len,
-                    })
-                };
-                // Plain send on the same, now idle, channel.
-                if let Some(packet) = packet {
-                    self.send_ready(c, packet)?;
-                }
+                        len: sending.len,
+                    },
+                )?;
                 Ok(())
             }
             Err(source) => Err(DataPlaneError::Send {
@@ -992,7 +973,6 @@ struct PacketInfo {
     config: bool,
     len: u32,
     /// The payload is being received; `got` bytes so far.
-    receiving: bool,
     got: usize,
     parked: bool,
 }
@@ -1319,7 +1299,6 @@ impl DestWorker<'_> {
             idx: vfio.idx,
             config: vfio.config,
             len: view.next_packet_size - VFIO_HEADER_LEN as u32,
-            receiving: false,
             got: 0,
             parked: false,
         })
@@ -1394,7 +1373,6 @@ impl DestWorker<'_> {
             self.heap_held += 1;
             Buffer::Heap(vec![0u8; info.len as usize].into_boxed_slice())
         };
-        info.receiving = true;
         self.channels[c].payload = Some(buf);
         self.channels[c].state = ChanState::Packet(info);
         if info.len == 0 {
