@@ -18,10 +18,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ::uring::{Buffer, Completion, OpKind, Ring, RingConfig, Waker};
+use ::uring::{Arena, Buffer, BufferPool, Completion, OpKind, Ring, RingConfig, Waker};
 
 use super::*;
 use crate::session::reassembly::{Admission, Reassembly};
@@ -38,28 +38,68 @@ const STALL_GRACE: Duration = Duration::from_secs(3);
 
 pub struct UringEngine {
     config: EngineConfig,
+    /// Every worker's buffers, made (and faulted in) with the engine, before any migration:
+    /// a run cuts one pool per worker out of it and puts it back when every ring let go.
+    arena: Mutex<Option<Arc<Arena>>>,
 }
 
 impl UringEngine {
     /// Checks that a ring can be set up here with the configured mask (io_uring may be
-    /// disabled by sysctl, refused by seccomp, or forbidden by the mask).
+    /// disabled by sysctl, refused by seccomp, or forbidden by the mask), and makes the
+    /// buffer arena.
     pub fn new(config: EngineConfig) -> io::Result<Self> {
-        Ring::new(&RingConfig {
-            entries: 8,
-            buffers: 1,
-            buffer_size: 4096,
-            forbid: config.forbid,
-        })
+        let probe_pool = BufferPool::new(1, 4096)?;
+        Ring::new(
+            &RingConfig {
+                entries: 8,
+                forbid: config.forbid,
+            },
+            probe_pool,
+        )
         .map_err(|err| io::Error::other(error_chain(&err)))?;
-        Ok(Self { config })
+        let slot = BufferPool::slot_bytes(PACKET_HEADER_ROOM + config.chunk_size)?;
+        let arena = Arena::new(config.pool_buffers.max(2).saturating_mul(slot))?;
+        Ok(Self {
+            config,
+            arena: Mutex::new(Some(arena)),
+        })
     }
 
-    fn ring_config(&self, buffers: usize, buffer_size: usize) -> RingConfig {
+    fn ring_config(&self) -> RingConfig {
         RingConfig {
             entries: 256,
-            buffers,
-            buffer_size,
             forbid: self.config.forbid,
+        }
+    }
+
+    /// One pool per worker, `pool_buffers` slots split evenly (at least 2 each), every slot
+    /// room for a whole packet (both sides use the same slot size, so one arena serves either).
+    fn worker_pools(
+        &self,
+        workers: usize,
+    ) -> Result<(Arc<Arena>, Vec<BufferPool>), DataPlaneError> {
+        let setup = |source| DataPlaneError::Setup {
+            engine: "uring",
+            source,
+        };
+        let slots = vec![(self.config.pool_buffers / workers).max(2); workers];
+        let slot = PACKET_HEADER_ROOM + self.config.chunk_size;
+        let need = slots.iter().sum::<usize>() * BufferPool::slot_bytes(slot).map_err(setup)?;
+        let kept = self.arena.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let arena = match kept {
+            Some(arena) if arena.len() >= need => arena,
+            // Another run holds it, or this split needs more: a fresh one, faulted in now.
+            _ => Arena::new(need).map_err(setup)?,
+        };
+        let pools = BufferPool::cut(&arena, &slots, slot).map_err(setup)?;
+        Ok((arena, pools))
+    }
+
+    /// Keeps the arena for the next run unless a ring leaked a pool of it (its ops never
+    /// finished, so the kernel may still write there).
+    fn keep_arena(&self, arena: Arc<Arena>) {
+        if Arc::strong_count(&arena) == 1 {
+            *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(arena);
         }
     }
 }
@@ -238,16 +278,14 @@ impl UringEngine {
         &self,
         devices: Vec<(usize, SourceDevice)>,
         channels: Vec<(usize, OwnedFd)>,
-        buffers: usize,
+        pool: BufferPool,
         progress: &Progress,
         failure: &Failure,
     ) -> Result<SourceWorkerReport, DataPlaneError> {
-        let slot = PACKET_HEADER_ROOM + self.config.chunk_size;
-        let ring =
-            Ring::new(&self.ring_config(buffers, slot)).map_err(|err| DataPlaneError::Setup {
-                engine: "uring",
-                source: io::Error::other(error_chain(&err)),
-            })?;
+        let ring = Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
+            engine: "uring",
+            source: io::Error::other(error_chain(&err)),
+        })?;
         let zc = ring.send_zc();
         let mut worker = SourceWorker {
             notes: ring.notes().to_vec(),
@@ -721,14 +759,15 @@ impl Engine for UringEngine {
         let worker_channels: Vec<OwnedFd> = channels.iter().map(dup).collect::<Result<_, _>>()?;
         let per_worker_devices = split_round_robin(devices, workers);
         let per_worker_channels = split_round_robin(worker_channels, workers);
-        let buffers = (self.config.pool_buffers / workers).max(2);
+        let (arena, pools) = self.worker_pools(workers)?;
         let failure = Failure::default();
         let results = std::thread::scope(|scope| {
             let handles: Vec<_> = per_worker_devices
                 .into_iter()
                 .zip(per_worker_channels)
+                .zip(pools)
                 .enumerate()
-                .map(|(w, (devs, chans))| {
+                .map(|(w, ((devs, chans), pool))| {
                     let (progress, failure) = (&*progress, &failure);
                     std::thread::Builder::new()
                         .name(format!("uring-{w}"))
@@ -736,14 +775,14 @@ impl Engine for UringEngine {
                             ::uring::pin_current_thread(
                                 ::uring::allowed_cpus()[w % ::uring::allowed_cpus().len().max(1)],
                             );
-                            let result =
-                                self.source_worker(devs, chans, buffers, progress, failure);
+                            let result = self.source_worker(devs, chans, pool, progress, failure);
                             record_failure(result, failure, progress)
                         })
                 })
                 .collect();
             join_workers(handles, &failure, &progress)
         });
+        self.keep_arena(arena);
         let results = match results {
             Ok(results) => results,
             Err(err) => {
@@ -804,13 +843,14 @@ impl Engine for UringEngine {
             })
             .collect::<Result<_, _>>()?;
         let per_worker = split_round_robin(worker_channels, workers);
-        let buffers = (self.config.pool_buffers / workers).max(2);
+        let (arena, pools) = self.worker_pools(workers)?;
         let barrier = Barrier::new(workers);
         let notes = std::thread::scope(|scope| {
             let handles: Vec<_> = per_worker
                 .into_iter()
+                .zip(pools)
                 .enumerate()
-                .map(|(w, chans)| {
+                .map(|(w, (chans, pool))| {
                     let (shared, barrier, progress) = (&shared, &barrier, &*progress);
                     std::thread::Builder::new()
                         .name(format!("uring-{w}"))
@@ -819,7 +859,7 @@ impl Engine for UringEngine {
                                 ::uring::allowed_cpus()[w % ::uring::allowed_cpus().len().max(1)],
                             );
                             let result =
-                                self.dest_worker(w, chans, buffers, shared, barrier, progress);
+                                self.dest_worker(w, chans, pool, shared, barrier, progress);
                             let result = record_failure(result, &shared.failure, progress);
                             if result.is_err() {
                                 shared.wake_all();
@@ -830,6 +870,7 @@ impl Engine for UringEngine {
                 .collect();
             join_workers(handles, &shared.failure, &progress)
         });
+        self.keep_arena(arena);
         let notes = match notes {
             Ok(notes) => notes,
             Err(err) => {
@@ -1023,12 +1064,12 @@ impl UringEngine {
         &self,
         w: usize,
         channels: Vec<(usize, OwnedFd)>,
-        buffers: usize,
+        pool: BufferPool,
         shared: &DestShared,
         barrier: &Barrier,
         progress: &Progress,
     ) -> Result<Vec<String>, DataPlaneError> {
-        let ring = Ring::new(&self.ring_config(buffers, self.config.chunk_size));
+        let ring = Ring::new(&self.ring_config(), pool);
         if let Ok(ring) = &ring {
             shared.wakers.lock().unwrap_or_else(|p| p.into_inner())[w] = Some(ring.waker());
         }

@@ -23,7 +23,7 @@ mod seccomp;
 mod worker;
 
 pub use ops::{Completion, OpKind};
-pub use pool::{BufId, Buffer, BufferPool};
+pub use pool::{Arena, BufId, Buffer, BufferPool};
 pub use probe::{data_path, probe, probe_pool, Check, DataPath, Feature, FeatureMask, Probe};
 pub use ring::{Ring, RingConfig, RingError};
 pub use seccomp::deny_io_uring_setup;

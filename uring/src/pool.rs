@@ -1,14 +1,21 @@
-//! A fixed pool of packet buffers: one page-aligned arena per ring, allocated once, sliced into
-//! equal slots and registered with the ring as fixed buffers (one iovec per slot) where the
-//! memlock limit allows; plain (unregistered) buffers otherwise, said once in a note.
+//! Packet buffers: an [`Arena`] of anonymous memory, faulted in when it is made (on huge pages
+//! where transparent huge pages allow), sliced into [`BufferPool`]s of equal slots, one pool per
+//! ring, each registered with its ring as fixed buffers (one iovec per slot) where the memlock
+//! limit allows; plain (unregistered) buffers otherwise, said once in a note.
+//!
+//! The arena is made before a migration starts: touching hundreds of MiB of fresh pages (or
+//! pinning them, which faults them in) costs more CPU than moving them, and must not land in
+//! the downtime.
 //!
 //! Ownership: a slot is named by a [`BufId`], a move-only token. Whoever holds the token may
 //! touch the slot's bytes ([`BufferPool::slot_mut`]); submitting an operation moves the token into
 //! the ring's op table until the operation's last completion, so no slot is touched by the
-//! program while the kernel may touch it.
+//! program while the kernel may touch it. Pools of one arena never overlap; the arena lives as
+//! long as its last pool (a pool leaked by a ring whose ops never finished keeps it alive).
 
-use std::alloc::{self, Layout};
+use std::io;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// A slot of the pool, owned by whoever holds this token.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,18 +38,142 @@ pub enum Buffer {
     Heap(Box<[u8]>),
 }
 
-/// The arena and its free slots.
+const PAGE: usize = 4096;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Page-aligned anonymous memory, present from the start, freed when the last pool cut from it
+/// is dropped.
+pub struct Arena {
+    /// The mapping as made (`map_len` bytes); `base` is its first huge-page boundary.
+    map: NonNull<u8>,
+    map_len: usize,
+    base: NonNull<u8>,
+    len: usize,
+    huge: bool,
+}
+
+// SAFETY: the arena is plain memory; it hands out disjoint slices only to the pools cut from it
+// (`BufferPool::cut`), each of which is accessed through `&mut` plus slot tokens.
+unsafe impl Send for Arena {}
+// SAFETY: `&Arena` exposes only its length and whether it is on huge pages.
+unsafe impl Sync for Arena {}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("len", &self.len)
+            .field("huge", &self.huge)
+            .finish()
+    }
+}
+
+impl Arena {
+    /// Maps `len` bytes (rounded up to a page), asks for transparent huge pages when it spans
+    /// at least one, and faults every page in.
+    pub fn new(len: usize) -> io::Result<Arc<Arena>> {
+        let len = len
+            .max(1)
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let want_huge = len >= HUGE_PAGE;
+        // Room to start on a huge-page boundary, so every 2 MiB of the arena can be one page.
+        let map_len = if want_huge {
+            len.checked_add(HUGE_PAGE)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?
+        } else {
+            len
+        };
+        // SAFETY: a fresh private anonymous mapping; no existing memory is named.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(map.cast::<u8>()).expect("mmap never returns null on success");
+        let offset = if want_huge {
+            (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize
+        } else {
+            0
+        };
+        // SAFETY: offset < HUGE_PAGE and map_len = len + HUGE_PAGE, so base..base+len is inside.
+        let base = unsafe { NonNull::new_unchecked(map.as_ptr().add(offset)) };
+        let mut arena = Arena {
+            map,
+            map_len,
+            base,
+            len,
+            huge: false,
+        };
+        if want_huge {
+            // SAFETY: advice on our own mapping's range; it changes no contents.
+            arena.huge =
+                unsafe { libc::madvise(base.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
+        }
+        arena.fault_in();
+        Ok(Arc::new(arena))
+    }
+
+    fn fault_in(&mut self) {
+        // SAFETY: our own mapping's range; populating writes zero pages, which it holds anyway.
+        let populated = unsafe {
+            libc::madvise(
+                self.base.as_ptr().cast(),
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        } == 0;
+        if !populated {
+            // Before Linux 5.14: touch one byte a page.
+            for page in (0..self.len).step_by(PAGE) {
+                // SAFETY: page < len; the mapping is ours and writable, no reference to it exists.
+                unsafe { self.base.as_ptr().add(page).write_volatile(0) };
+            }
+        }
+    }
+
+    /// Bytes usable.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the arena has no bytes (never: at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether transparent huge pages were asked for (and the kernel accepted the advice).
+    pub fn huge_pages(&self) -> bool {
+        self.huge
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no pool refers to it any more (they hold the Arc).
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// A ring's slots: a slice of an arena, and its free slots.
 pub struct BufferPool {
-    arena: NonNull<u8>,
-    layout: Layout,
+    arena: Arc<Arena>,
+    base: NonNull<u8>,
     slot_size: usize,
     slots: u16,
     free: Vec<BufId>,
     registered: bool,
 }
 
-// SAFETY: the arena is plain memory owned by the pool; access goes through `&mut self` plus a
-// slot token, so moving the pool to another thread moves sole access with it.
+// SAFETY: the pool's slice of the arena is touched by no one else; access goes through `&mut
+// self` plus a slot token, so moving the pool to another thread moves sole access with it.
 unsafe impl Send for BufferPool {}
 
 impl std::fmt::Debug for BufferPool {
@@ -56,37 +187,64 @@ impl std::fmt::Debug for BufferPool {
     }
 }
 
-const PAGE: usize = 4096;
-
 impl BufferPool {
-    /// Allocates `slots` slots of `slot_size` bytes (rounded up to a page), zeroed.
-    pub fn new(slots: usize, slot_size: usize) -> std::io::Result<Self> {
-        let invalid =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    /// A pool of `slots` slots of `slot_size` bytes (rounded up to a page) on an arena of its own.
+    pub fn new(slots: usize, slot_size: usize) -> io::Result<Self> {
+        let slot_size = Self::slot_bytes(slot_size)?;
+        let arena = Arena::new(Self::check_slots(slots)?.saturating_mul(slot_size))?;
+        let mut pools = Self::cut(&arena, &[slots], slot_size)?;
+        Ok(pools.pop().expect("one pool asked for"))
+    }
+
+    /// The bytes one slot of `slot_size` takes (a whole number of pages).
+    pub fn slot_bytes(slot_size: usize) -> io::Result<usize> {
+        slot_size
+            .checked_next_multiple_of(PAGE)
+            .filter(|&s| s > 0 && s <= 1 << 30)
+            .ok_or_else(|| invalid("buffer slot size must be 1 byte..1 GiB"))
+    }
+
+    fn check_slots(slots: usize) -> io::Result<usize> {
         if slots == 0 || slots > usize::from(u16::MAX) {
             return Err(invalid("buffer pool needs 1..=65535 slots"));
         }
-        let slot_size = slot_size
-            .checked_next_multiple_of(PAGE)
-            .filter(|&s| s > 0 && s <= 1 << 30)
-            .ok_or_else(|| invalid("buffer slot size must be 1 byte..1 GiB"))?;
-        let total = slot_size
-            .checked_mul(slots)
-            .ok_or_else(|| invalid("buffer pool size overflows"))?;
-        let layout =
-            Layout::from_size_align(total, PAGE).map_err(|_| invalid("buffer pool layout"))?;
-        // SAFETY: the layout has a non-zero size (slots >= 1, slot_size >= one page).
-        let arena = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
-        let slots = slots as u16;
-        Ok(Self {
-            arena,
-            layout,
-            slot_size,
-            slots,
-            free: (0..slots).rev().map(BufId).collect(),
-            registered: false,
-        })
+        Ok(slots)
+    }
+
+    /// Cuts consecutive, disjoint pools out of `arena`: `slots[i]` slots of `slot_size` bytes
+    /// (rounded up to a page) for pool i.
+    pub fn cut(arena: &Arc<Arena>, slots: &[usize], slot_size: usize) -> io::Result<Vec<Self>> {
+        let slot_size = Self::slot_bytes(slot_size)?;
+        let mut offset = 0usize;
+        let mut pools = Vec::with_capacity(slots.len());
+        for &n in slots {
+            let n = Self::check_slots(n)?;
+            let bytes = n
+                .checked_mul(slot_size)
+                .ok_or_else(|| invalid("buffer pool size overflows"))?;
+            let end = offset
+                .checked_add(bytes)
+                .filter(|&end| end <= arena.len())
+                .ok_or_else(|| invalid("buffer pools do not fit the arena"))?;
+            // SAFETY: offset < end <= arena.len(), so the pointer stays inside the arena.
+            let base = unsafe { NonNull::new_unchecked(arena.base.as_ptr().add(offset)) };
+            let count = n as u16;
+            pools.push(Self {
+                arena: Arc::clone(arena),
+                base,
+                slot_size,
+                slots: count,
+                free: (0..count).rev().map(BufId).collect(),
+                registered: false,
+            });
+            offset = end;
+        }
+        Ok(pools)
+    }
+
+    /// The arena this pool is cut from.
+    pub fn arena(&self) -> &Arc<Arena> {
+        &self.arena
     }
 
     /// One iovec per slot, for `register_buffers`.
@@ -144,17 +302,13 @@ impl BufferPool {
 
     pub(crate) fn slot_ptr(&self, index: u16) -> *mut u8 {
         assert!(index < self.slots, "slot index out of range");
-        // SAFETY: index < slots, so the offset stays inside the arena allocation.
-        unsafe { self.arena.as_ptr().add(usize::from(index) * self.slot_size) }
+        // SAFETY: index < slots, so the offset stays inside this pool's slice of the arena.
+        unsafe { self.base.as_ptr().add(usize::from(index) * self.slot_size) }
     }
 }
 
-impl Drop for BufferPool {
-    fn drop(&mut self) {
-        // SAFETY: the arena was allocated with this layout in `new`. The ring that may use it is
-        // dropped first (it is declared before the pool in `Ring` and drains its ops before).
-        unsafe { alloc::dealloc(self.arena.as_ptr(), self.layout) }
-    }
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
 }
 
 #[cfg(test)]
@@ -185,5 +339,38 @@ mod tests {
         assert!(BufferPool::new(0, 4096).is_err());
         assert!(BufferPool::new(1, 0).is_err());
         assert!(BufferPool::new(1, (1 << 30) + 1).is_err());
+    }
+
+    #[test]
+    fn pools_cut_from_one_arena_are_disjoint_and_bounded() {
+        let arena = Arena::new(5 * 8192).unwrap();
+        let mut pools = BufferPool::cut(&arena, &[2, 3], 5000).unwrap();
+        let ids: Vec<Vec<BufId>> = pools
+            .iter_mut()
+            .map(|p| (0..p.slots()).map(|_| p.take().unwrap()).collect())
+            .collect();
+        for (p, (pool, ids)) in pools.iter_mut().zip(&ids).enumerate() {
+            for id in ids {
+                pool.slot_mut(id).fill(p as u8 + 1);
+            }
+        }
+        for (p, (pool, ids)) in pools.iter_mut().zip(&ids).enumerate() {
+            for id in ids {
+                assert!(pool.slot_mut(id).iter().all(|&x| x == p as u8 + 1));
+            }
+        }
+        assert!(
+            BufferPool::cut(&arena, &[3, 3], 5000).is_err(),
+            "6 slots in 5"
+        );
+        drop(pools);
+        assert_eq!(Arc::strong_count(&arena), 1, "pools let go of the arena");
+    }
+
+    #[test]
+    fn a_large_arena_starts_on_a_huge_page_boundary() {
+        let arena = Arena::new(4 << 20).unwrap();
+        assert_eq!(arena.base.as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(arena.len(), 4 << 20);
     }
 }

@@ -762,12 +762,13 @@ mod tests {
         masks.extend(Feature::ALL.iter().map(|&f| FeatureMask::empty().with(f)));
         for mask in masks {
             let path = data_path(&probe, mask, sqpoll);
-            let ring = Ring::new(&RingConfig {
-                entries: 8,
-                buffers: 2,
-                buffer_size: 4096,
-                forbid: mask,
-            });
+            let ring = Ring::new(
+                &RingConfig {
+                    entries: 8,
+                    forbid: mask,
+                },
+                crate::pool::BufferPool::new(2, 4096).unwrap(),
+            );
             let Ok(ring) = ring else {
                 assert_eq!(path.engine, "threads", "{mask:?}");
                 continue;

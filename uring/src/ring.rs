@@ -29,10 +29,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RingConfig {
     /// Submission queue entries.
     pub entries: u32,
-    /// Buffer pool slots.
-    pub buffers: usize,
-    /// Bytes per slot.
-    pub buffer_size: usize,
     /// Features not to use.
     pub forbid: FeatureMask,
 }
@@ -46,17 +42,6 @@ pub enum RingError {
     /// io_uring_setup failed (ENOSYS: no io_uring; EPERM: disabled by sysctl or seccomp).
     #[error("io_uring_setup failed")]
     Setup(#[source] io::Error),
-    /// The buffer pool could not be allocated.
-    #[error("allocating the buffer pool ({buffers} x {buffer_size} bytes)")]
-    Pool {
-        /// Slots asked for.
-        buffers: usize,
-        /// Bytes per slot asked for.
-        buffer_size: usize,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// The waker's eventfd could not be created.
     #[error("creating the ring's eventfd")]
     Waker(#[source] io::Error),
@@ -141,19 +126,12 @@ fn read_entry(fd: types::Fd, ptr: *mut u8, len: u32, fixed: Option<u16>) -> sque
 
 impl Ring {
     /// Sets up a ring: setup flags by probing (SINGLE_ISSUER + DEFER_TASKRUN, else
-    /// COOP_TASKRUN, else plain), a buffer pool registered where memlock allows, opcodes probed.
-    pub fn new(config: &RingConfig) -> Result<Self, RingError> {
+    /// COOP_TASKRUN, else plain), `pool` registered where memlock allows, opcodes probed.
+    pub fn new(config: &RingConfig, mut pool: BufferPool) -> Result<Self, RingError> {
         if config.forbid.contains(Feature::IoUring) {
             return Err(RingError::Forbidden);
         }
         let (ring, setup) = build_ring(config.entries, config.forbid).map_err(RingError::Setup)?;
-        let mut pool = BufferPool::new(config.buffers, config.buffer_size).map_err(|source| {
-            RingError::Pool {
-                buffers: config.buffers,
-                buffer_size: config.buffer_size,
-                source,
-            }
-        })?;
         let mut probe = io_uring::Probe::new();
         let probed = ring.submitter().register_probe(&mut probe).is_ok();
         let supported = |code: u8| probed && probe.is_supported(code);

@@ -6,15 +6,18 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use vfio_multifd_uring::{Buffer, Completion, Feature, FeatureMask, OpKind, Ring, RingConfig};
+use vfio_multifd_uring::{
+    Buffer, BufferPool, Completion, Feature, FeatureMask, OpKind, Ring, RingConfig,
+};
 
 fn ring(forbid: FeatureMask) -> Ring {
-    Ring::new(&RingConfig {
-        entries: 64,
-        buffers: 4,
-        buffer_size: 64 << 10,
-        forbid,
-    })
+    Ring::new(
+        &RingConfig {
+            entries: 64,
+            forbid,
+        },
+        BufferPool::new(4, 64 << 10).unwrap(),
+    )
     .unwrap()
 }
 
@@ -233,12 +236,13 @@ fn waker_interrupts_a_wait_from_another_thread() {
 
 #[test]
 fn forbidding_io_uring_refuses_the_ring() {
-    let err = Ring::new(&RingConfig {
-        entries: 8,
-        buffers: 1,
-        buffer_size: 4096,
-        forbid: FeatureMask::empty().with(Feature::IoUring),
-    })
+    let err = Ring::new(
+        &RingConfig {
+            entries: 8,
+            forbid: FeatureMask::empty().with(Feature::IoUring),
+        },
+        BufferPool::new(1, 4096).unwrap(),
+    )
     .unwrap_err();
     assert!(err.to_string().contains("forbidden"));
 }
