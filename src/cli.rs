@@ -99,8 +99,9 @@ pub struct ServeArgs {
     /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
     #[arg(long, default_value = "1MiB", value_name = "BYTES")]
     pub chunk: String,
-    /// Packet buffers per migration, fixed at its start (2 to 65536).
-    #[arg(long, default_value = "32", value_name = "N")]
+    /// Packet buffers per migration, fixed at its start (2 to 65536); `auto`: 32, or as many as
+    /// fit in 96 MiB with chunks over 3 MiB (at least 8).
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
     /// io_uring features not to use (as for `demo --forbid`); added to VFIO_MULTIFD_FORBID.
     #[arg(long, value_name = "FEATURES")]
@@ -193,8 +194,9 @@ pub struct MigrationArgs {
     /// channel for a while [default: unlimited].
     #[arg(long, value_name = "BYTES")]
     pub queued_bytes_limit: Option<String>,
-    /// Packet buffers per helper, fixed at start (2 to 65536; at most 4 GiB with --chunk).
-    #[arg(long, default_value = "32", value_name = "N")]
+    /// Packet buffers per helper, fixed at start (2 to 65536; at most 4 GiB with --chunk);
+    /// `auto`: 32, or as many as fit in 96 MiB with chunks over 3 MiB (at least 8).
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
     /// Migration uuid sent in every init packet (QEMU's -uuid) [default: all zeros, as QEMU
     /// without -uuid].

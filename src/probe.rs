@@ -29,7 +29,7 @@ pub struct ProbeArgs {
     #[arg(long, default_value = "1MiB", value_name = "BYTES")]
     pub chunk: String,
     /// Packet buffers per helper to check pinning for (as `--pool-buffers` of the helpers).
-    #[arg(long, default_value = "32", value_name = "N")]
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -71,14 +71,21 @@ fn parse_pool(args: &ProbeArgs) -> Result<(usize, usize), String> {
             "--chunk {chunk}: must be {MIN_CHUNK} bytes to {MAX_CHUNK} bytes (64 MiB)"
         ));
     }
-    let buffers = args
-        .pool_buffers
-        .trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (2..=65536).contains(n))
-        .ok_or_else(|| format!("--pool-buffers {:?}: must be 2 to 65536", args.pool_buffers))?;
-    Ok((buffers, chunk as usize + PACKET_HEADER_ROOM))
+    let slot = chunk as usize + PACKET_HEADER_ROOM;
+    let buffers = match args.pool_buffers.trim() {
+        "auto" => crate::config::auto_pool_buffers(slot),
+        n => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (2..=65536).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "--pool-buffers {:?}: must be `auto` or 2 to 65536",
+                    args.pool_buffers
+                )
+            })?,
+    };
+    Ok((buffers, slot))
 }
 
 /// One VFIO interface node.
@@ -448,7 +455,7 @@ mod tests {
         ProbeArgs {
             forbid: forbid.map(str::to_string),
             chunk: "1MiB".into(),
-            pool_buffers: "32".into(),
+            pool_buffers: "auto".into(),
             json: true,
         }
     }
@@ -468,6 +475,9 @@ mod tests {
     #[test]
     fn default_pool_is_32_buffers_of_a_chunk_and_headers() {
         assert_eq!(parse_pool(&args(None)).unwrap(), (32, (1 << 20) + 288));
+        let mut large = args(None);
+        large.chunk = "8MiB".into();
+        assert_eq!(parse_pool(&large).unwrap(), (12, (8 << 20) + 288));
         let mut bad = args(None);
         bad.pool_buffers = "1".into();
         assert!(parse_pool(&bad).is_err());

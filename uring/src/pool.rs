@@ -112,7 +112,7 @@ impl Arena {
             len,
             huge: false,
         };
-        if want_huge {
+        if want_huge && std::env::var_os("XX_NOHUGE").is_none() {
             // SAFETY: advice on our own mapping's range; it changes no contents.
             arena.huge =
                 unsafe { libc::madvise(base.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
