@@ -1,5 +1,4 @@
-//! Packet buffers: an [`Arena`] of anonymous memory, faulted in when it is made (on huge pages
-//! where transparent huge pages allow), sliced into [`BufferPool`]s of equal slots, one pool per
+//! Packet buffers: an [`Arena`] of anonymous memory, faulted in when it is made, sliced into [`BufferPool`]s of equal slots, one pool per
 //! ring, each registered with its ring as fixed buffers (one iovec per slot) where the memlock
 //! limit allows; plain (unregistered) buffers otherwise, said once in a note.
 //!
@@ -39,55 +38,43 @@ pub enum Buffer {
 }
 
 const PAGE: usize = 4096;
-const HUGE_PAGE: usize = 2 << 20;
 
 /// Page-aligned anonymous memory, present from the start, freed when the last pool cut from it
 /// is dropped.
+///
+/// Small pages on purpose: with the arena on transparent huge pages, loopback SEND_ZC from it
+/// made the receiver prune its queue (`TcpExtPruneCalled`) and retransmit after a 200 ms RTO
+/// (4 x 8 MiB of 64 KiB packets took 438 ms instead of 32), and 1 in 4 to 5 runs of 1 GiB
+/// with 8 MiB packets fell to 0.25 GiB/s even without SEND_ZC (0.83-1.13 on small pages).
 pub struct Arena {
-    /// The mapping as made (`map_len` bytes); `base` is its first huge-page boundary.
-    map: NonNull<u8>,
-    map_len: usize,
     base: NonNull<u8>,
     len: usize,
-    huge: bool,
 }
 
 // SAFETY: the arena is plain memory; it hands out disjoint slices only to the pools cut from it
 // (`BufferPool::cut`), each of which is accessed through `&mut` plus slot tokens.
 unsafe impl Send for Arena {}
-// SAFETY: `&Arena` exposes only its length and whether it is on huge pages.
+// SAFETY: `&Arena` exposes only its length.
 unsafe impl Sync for Arena {}
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena")
-            .field("len", &self.len)
-            .field("huge", &self.huge)
-            .finish()
+        f.debug_struct("Arena").field("len", &self.len).finish()
     }
 }
 
 impl Arena {
-    /// Maps `len` bytes (rounded up to a page), asks for transparent huge pages when it spans
-    /// at least one, and faults every page in.
+    /// Maps `len` bytes (rounded up to a page) and faults every page in.
     pub fn new(len: usize) -> io::Result<Arc<Arena>> {
         let len = len
             .max(1)
             .checked_next_multiple_of(PAGE)
             .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        let want_huge = len >= HUGE_PAGE;
-        // Room to start on a huge-page boundary, so every 2 MiB of the arena can be one page.
-        let map_len = if want_huge {
-            len.checked_add(HUGE_PAGE)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?
-        } else {
-            len
-        };
         // SAFETY: a fresh private anonymous mapping; no existing memory is named.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                map_len,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -97,26 +84,8 @@ impl Arena {
         if map == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let map = NonNull::new(map.cast::<u8>()).expect("mmap never returns null on success");
-        let offset = if want_huge {
-            (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize
-        } else {
-            0
-        };
-        // SAFETY: offset < HUGE_PAGE and map_len = len + HUGE_PAGE, so base..base+len is inside.
-        let base = unsafe { NonNull::new_unchecked(map.as_ptr().add(offset)) };
-        let mut arena = Arena {
-            map,
-            map_len,
-            base,
-            len,
-            huge: false,
-        };
-        if want_huge && std::env::var_os("XX_NOHUGE").is_none() {
-            // SAFETY: advice on our own mapping's range; it changes no contents.
-            arena.huge =
-                unsafe { libc::madvise(base.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } == 0;
-        }
+        let base = NonNull::new(map.cast::<u8>()).expect("mmap never returns null on success");
+        let mut arena = Arena { base, len };
         arena.fault_in();
         Ok(Arc::new(arena))
     }
@@ -148,17 +117,12 @@ impl Arena {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Whether transparent huge pages were asked for (and the kernel accepted the advice).
-    pub fn huge_pages(&self) -> bool {
-        self.huge
-    }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`; no pool refers to it any more (they hold the Arc).
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
@@ -365,12 +329,5 @@ mod tests {
         );
         drop(pools);
         assert_eq!(Arc::strong_count(&arena), 1, "pools let go of the arena");
-    }
-
-    #[test]
-    fn a_large_arena_starts_on_a_huge_page_boundary() {
-        let arena = Arena::new(4 << 20).unwrap();
-        assert_eq!(arena.base.as_ptr() as usize % HUGE_PAGE, 0);
-        assert_eq!(arena.len(), 4 << 20);
     }
 }
