@@ -104,6 +104,59 @@ impl UringEngine {
     }
 }
 
+/// `statfs` magic of anonymous-inode files (VFIO's `data_fd`), from linux/magic.h.
+const ANON_INODE_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x0904_1934);
+
+/// Saving `data_fd`s that io_uring can only read from a worker thread (files without
+/// FMODE_NOWAIT: shmem and anonymous-inode device files such as VFIO's) are switched to
+/// O_NONBLOCK for the run: the read then runs inline in the submitting thread. A device with
+/// nothing saved yet says EAGAIN (mlx5 does under O_NONBLOCK), which io_uring itself turns
+/// into a wait for readiness on any file with a poll method. Pipes, sockets and disk files
+/// already read inline or wait inside the kernel, so they are left alone. The open file description is
+/// shared with whoever passed the fd, so the flag is cleared again when the run ends.
+struct NonBlockingReads(Vec<OwnedFd>);
+
+impl NonBlockingReads {
+    fn set(devices: &[SourceDevice]) -> Self {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let mut switched = Vec::new();
+        for device in devices {
+            let fd = &device.data_fd;
+            let punted = nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| {
+                let magic = fs.filesystem_type();
+                magic == nix::sys::statfs::TMPFS_MAGIC || magic == ANON_INODE_FS_MAGIC
+            });
+            let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL).map(OFlag::from_bits_truncate) else {
+                continue;
+            };
+            if !punted || flags.contains(OFlag::O_NONBLOCK) {
+                continue;
+            }
+            match fd.try_clone() {
+                Ok(dup) if fcntl(&dup, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).is_ok() => {
+                    switched.push(dup)
+                }
+                _ => log::debug!("device {}: reads stay blocking", device.id),
+            }
+        }
+        NonBlockingReads(switched)
+    }
+}
+
+impl Drop for NonBlockingReads {
+    fn drop(&mut self) {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        for fd in &self.0 {
+            let restored = fcntl(fd, FcntlArg::F_GETFL)
+                .map(OFlag::from_bits_truncate)
+                .and_then(|flags| fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)));
+            if let Err(err) = restored {
+                log::warn!("clearing O_NONBLOCK on a data_fd again: {err}");
+            }
+        }
+    }
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -757,6 +810,7 @@ impl Engine for UringEngine {
             })
         };
         let worker_channels: Vec<OwnedFd> = channels.iter().map(dup).collect::<Result<_, _>>()?;
+        let _non_blocking = NonBlockingReads::set(&devices);
         let per_worker_devices = split_round_robin(devices, workers);
         let per_worker_channels = split_round_robin(worker_channels, workers);
         let (arena, pools) = self.worker_pools(workers)?;
@@ -1774,8 +1828,27 @@ mod tests {
                 data_fd: dst.into(),
             });
         }
+        let (src_report, dst_report) = run_pair(config, src_devices, dst_devices, (src_ch, dst_ch));
+        let bytes = outputs
+            .into_iter()
+            .map(|mut f| {
+                f.rewind().unwrap();
+                let mut v = Vec::new();
+                f.read_to_end(&mut v).unwrap();
+                v
+            })
+            .collect();
+        (src_report, dst_report, bytes)
+    }
+
+    fn run_pair(
+        config: EngineConfig,
+        src_devices: Vec<SourceDevice>,
+        dst_devices: Vec<DestDevice>,
+        (src_ch, dst_ch): (Vec<OwnedFd>, Vec<OwnedFd>),
+    ) -> (SourceReport, DestReport) {
         let engine = UringEngine::new(config).unwrap();
-        let (src_report, dst_report) = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let dst = s.spawn(|| {
                 engine.run_dest(DestPlan {
                     devices: dst_devices,
@@ -1789,17 +1862,127 @@ mod tests {
                 progress: Arc::default(),
             });
             (src.unwrap(), dst.join().unwrap().unwrap())
-        });
-        let bytes = outputs
+        })
+    }
+
+    fn is_non_blocking(fd: &impl AsFd) -> bool {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap()).contains(OFlag::O_NONBLOCK)
+    }
+
+    #[test]
+    fn an_o_nonblock_pipe_and_a_tmpfs_source_move_and_the_tmpfs_flags_come_back() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let chunk = 64 << 10;
+        let bursts: Vec<Vec<u8>> = (0..4).map(|i| content(i, 100 << 10)).collect();
+        // Passed already O_NONBLOCK (as a VMM may): between bursts reads say EAGAIN.
+        let (pipe_rx, pipe_tx) = nix::unistd::pipe2(OFlag::O_NONBLOCK).unwrap();
+        fcntl(&pipe_tx, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+        // Blocking tmpfs: switched to O_NONBLOCK for the run only.
+        let shm = tmpfs_file(&content(9, 300 << 10));
+        let shm_probe = shm.try_clone().unwrap();
+        let ids: Vec<DeviceId> = (0..2)
+            .map(|i| DeviceId::new(format!("0000:00:0{i}.0/vfio"), 0).unwrap())
+            .collect();
+        let outputs = [tmpfs_file(&[]), tmpfs_file(&[])];
+        let src_devices = [pipe_rx, OwnedFd::from(shm)]
             .into_iter()
-            .map(|mut f| {
-                f.rewind().unwrap();
-                let mut v = Vec::new();
-                f.read_to_end(&mut v).unwrap();
-                v
+            .zip(&ids)
+            .map(|(data_fd, id)| SourceDevice {
+                id: id.clone(),
+                data_fd,
+                read_size: chunk,
+                config: b"config".to_vec(),
             })
             .collect();
-        (src_report, dst_report, bytes)
+        let dst_devices = outputs
+            .iter()
+            .zip(&ids)
+            .map(|(f, id)| DestDevice {
+                id: id.clone(),
+                data_fd: f.try_clone().unwrap().into(),
+            })
+            .collect();
+        let writer = std::thread::spawn({
+            let bursts = bursts.clone();
+            move || {
+                let mut tx = std::fs::File::from(pipe_tx);
+                for burst in bursts {
+                    std::thread::sleep(Duration::from_millis(30));
+                    tx.write_all(&burst).unwrap();
+                }
+            }
+        });
+        let (src, _dst) = run_pair(config(1, chunk), src_devices, dst_devices, channel_pairs(2));
+        writer.join().unwrap();
+        let mut got = Vec::new();
+        for mut f in outputs {
+            f.rewind().unwrap();
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).unwrap();
+            got.push(v);
+        }
+        assert!(
+            got[0] == bursts.concat(),
+            "the paced pipe's bytes arrive in order"
+        );
+        assert!(
+            got[1] == content(9, 300 << 10),
+            "the tmpfs device's bytes arrive"
+        );
+        assert_eq!(src.devices[0].bytes, 400 << 10);
+        assert!(
+            !is_non_blocking(&shm_probe),
+            "O_NONBLOCK cleared after the run"
+        );
+    }
+
+    #[test]
+    fn a_device_saying_eagain_mid_stream_is_waited_for_not_failed() {
+        use ::vfio::sim::fault::{fuse_available, Fault};
+        use ::vfio::{MigState, MigrationDevice, SimSource, SimSpec};
+        if let Err(err) = fuse_available() {
+            eprintln!("SKIP: FUSE fault devices unavailable here: {err}");
+            return;
+        }
+        let (size, chunk) = (1 << 20, 64 << 10);
+        let spec = SimSpec::new(size, 77);
+        let fault = Fault::NotReady {
+            at: 300 << 10,
+            reads: 3,
+        };
+        let mut device = SimSource::with_fault("not-ready", spec, fault).unwrap();
+        let data_fd = device.set_state(MigState::StopCopy).unwrap().unwrap();
+        let id = DeviceId::new("0000:00:05.0/vfio".to_string(), 0).unwrap();
+        let output = tmpfs_file(&[]);
+        let source = SourceDevice {
+            id: id.clone(),
+            data_fd,
+            read_size: chunk,
+            config: b"config".to_vec(),
+        };
+        let sink = DestDevice {
+            id,
+            data_fd: output.try_clone().unwrap().into(),
+        };
+        // The FUSE file has a poll method, so io_uring waits for readiness itself, as it does
+        // on mlx5's data_fd.
+        let (src, dst) = run_pair(config(1, chunk), vec![source], vec![sink], channel_pairs(2));
+        let mut got = Vec::new();
+        let mut output = output;
+        output.rewind().unwrap();
+        output.read_to_end(&mut got).unwrap();
+        let mut want = vec![0u8; size as usize];
+        ::vfio::sim::fill(77, 0, &mut want);
+        let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(got == want, "every byte, in order, after the not-ready reads: {} of {size}, first difference at {bad:?}", got.len());
+        assert_eq!(src.devices[0].bytes, size);
+        assert_eq!(dst.devices[0].config, b"config");
+        assert_eq!(
+            src.devices[0].read_issued_ns.len(),
+            16,
+            "one issue per packet"
+        );
     }
 
     fn check(config: EngineConfig, sizes: &[usize], channels: usize) {

@@ -5,6 +5,7 @@
 //! | fault | fd | source (read) | sink (write) |
 //! |---|---|---|---|
 //! | [`Fault::Errno`] | FUSE file | bytes up to `at`, then `errno` on every read | accepted up to `at` (a short write), then `errno` |
+//! | [`Fault::NotReady`] | FUSE file | bytes up to `at`, then EAGAIN `reads` times (nothing saved yet, as an O_NONBLOCK mlx5 data_fd says), then the rest | — |
 //! | [`Fault::ShortReads`] | pipe | each read returns at most `max` bytes | — |
 //! | [`Fault::Stall`] | pipe | nothing past `at` for `duration`, then the rest | the device stops taking bytes at `at` for `duration` |
 //! | [`Fault::EndEarly`] | pipe | read 0 (EOF) at `at`, before `size` | — |
@@ -31,6 +32,14 @@ pub enum Fault {
         at: u64,
         /// The errno (e.g. `libc::EIO`, `libc::ENODEV`).
         errno: i32,
+    },
+    /// Once the stream reaches byte `at`, the next `reads` reads fail with EAGAIN, then the
+    /// stream goes on (FUSE; the file has no poll, so it always looks readable).
+    NotReady {
+        /// Stream offset where the device has nothing ready.
+        at: u64,
+        /// How many reads say EAGAIN.
+        reads: u32,
     },
     /// Every read returns at most `max` bytes (pipe).
     ShortReads {
@@ -69,6 +78,14 @@ impl Fault {
                 }
                 if spec.speed.is_some() {
                     return bad("a FUSE errno device does not model speed");
+                }
+            }
+            Fault::NotReady { at, reads } => {
+                if reads == 0 || at >= spec.size {
+                    return bad("Fault::NotReady needs reads > 0 at an offset inside the stream");
+                }
+                if spec.speed.is_some() {
+                    return bad("a FUSE not-ready device does not model speed");
                 }
             }
             Fault::ShortReads { max } => {
@@ -116,7 +133,7 @@ impl Fault {
                 }
                 Ok(())
             }
-            Fault::ShortReads { .. } | Fault::EndEarly { .. } => {
+            Fault::ShortReads { .. } | Fault::EndEarly { .. } | Fault::NotReady { .. } => {
                 bad("a sink fault must be Errno or Stall")
             }
         }

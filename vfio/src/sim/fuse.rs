@@ -148,6 +148,9 @@ impl FuseMount {
             .read(!write)
             .write(write)
             .open(&self.path)?;
+        // The mount's root starts with size 0 and FUSE cuts async (io_uring) direct reads to
+        // i_size: a stat fetches the size GETATTR reports.
+        file.metadata()?;
         Ok(OwnedFd::from(file))
     }
 }
@@ -203,6 +206,9 @@ fn attr_out() -> Vec<u8> {
     let mut out = vec![0u8; 16 + 88];
     let attr = &mut out[16..];
     attr[0..8].copy_from_slice(&1u64.to_le_bytes()); // ino
+                                                     // A data_fd has no size, but FUSE cuts an async (io_uring) direct read to i_size: report
+                                                     // the largest stream a simulated device may have.
+    attr[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes()); // size
     attr[60..64].copy_from_slice(&(libc::S_IFREG | 0o600).to_le_bytes()); // mode
     attr[64..68].copy_from_slice(&1u32.to_le_bytes()); // nlink
     attr[68..72].copy_from_slice(&uid.to_le_bytes());

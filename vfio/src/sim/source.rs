@@ -125,7 +125,14 @@ impl SimSource {
         if let Some(fault) = self.fault {
             return match fault {
                 Fault::Errno { at, errno } => {
-                    let (fd, s) = FuseSave::open(&self.name, self.spec, at, errno, precopy)?;
+                    let (fd, s) =
+                        FuseSave::open(&self.name, self.spec, at, (errno, None), precopy)?;
+                    self.session = Some(Box::new(s));
+                    Ok(fd)
+                }
+                Fault::NotReady { at, reads } => {
+                    let fail = (libc::EAGAIN, Some(reads));
+                    let (fd, s) = FuseSave::open(&self.name, self.spec, at, fail, precopy)?;
                     self.session = Some(Box::new(s));
                     Ok(fd)
                 }
@@ -689,7 +696,8 @@ impl Drop for PipeSave {
     }
 }
 
-/// A FUSE-backed saving fd whose read fails with `errno` once the stream reaches `at`.
+/// A FUSE-backed saving fd whose read fails with `errno` once the stream reaches `at`: for
+/// good, or for `times` reads.
 struct FuseSave {
     state: Arc<Mutex<FuseSourceFile>>,
     _mount: FuseMount,
@@ -700,6 +708,8 @@ struct FuseSourceFile {
     pos: u64,
     at: u64,
     errno: i32,
+    /// Reads still to fail at `at` (None: every read from there on).
+    times: Option<u32>,
     stop_copy: bool,
     failed: bool,
 }
@@ -707,8 +717,17 @@ struct FuseSourceFile {
 impl FuseHandler for FuseSourceFile {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, i32> {
         if self.failed || self.pos == self.at && self.at < self.spec.size {
-            self.failed = true;
-            return Err(self.errno);
+            match &mut self.times {
+                None => {
+                    self.failed = true;
+                    return Err(self.errno);
+                }
+                Some(0) => {}
+                Some(left) => {
+                    *left -= 1;
+                    return Err(self.errno);
+                }
+            }
         }
         let mut end = self.spec.size;
         if !self.stop_copy {
@@ -739,7 +758,7 @@ impl FuseSave {
         name: &str,
         spec: SimSpec,
         at: u64,
-        errno: i32,
+        (errno, times): (i32, Option<u32>),
         precopy: bool,
     ) -> io::Result<(OwnedFd, FuseSave)> {
         let state = Arc::new(Mutex::new(FuseSourceFile {
@@ -747,6 +766,7 @@ impl FuseSave {
             pos: 0,
             at,
             errno,
+            times,
             stop_copy: !precopy,
             failed: false,
         }));
