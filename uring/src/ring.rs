@@ -327,6 +327,35 @@ impl Ring {
         )
     }
 
+    /// Writes `range` of `buf` to `fd` now, in this thread, and queues the completion as if the
+    /// ring had made the write: for files whose buffered writes io_uring can only hand to an
+    /// io-wq worker (shmem has no FMODE_BUF_WASYNC), where the handoff costs more than the copy.
+    pub fn write_now(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) {
+        let bytes = match &buf {
+            Buffer::Pool(id) => &self.pool.slot_mut(id)[range],
+            Buffer::Heap(heap) => &heap[range],
+        };
+        let result = loop {
+            // SAFETY: `bytes` is a live slice of a buffer this ring owns for the call; the
+            // kernel only reads `bytes.len()` bytes from it.
+            let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+            if n >= 0 {
+                break Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                break Err(err);
+            }
+        };
+        self.ready.push_back(Completion {
+            tag,
+            kind: OpKind::Write,
+            result,
+            buf: Some(buf),
+            zc_copied: false,
+        });
+    }
+
     /// Receives exactly `range.len()` bytes (MSG_WAITALL) unless the peer ends or fails first.
     pub fn recv(
         &mut self,
