@@ -144,11 +144,6 @@ pub(crate) fn fstat_raw(fd: RawFd) -> io::Result<libc::stat> {
     Ok(st)
 }
 
-/// `fstat`.
-pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    fstat_raw(fd.as_raw_fd())
-}
-
 /// `getsockopt` of an int option on a bare number.
 pub(crate) fn getsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<i32> {
     let mut val: libc::c_int = 0;
