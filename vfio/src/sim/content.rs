@@ -43,26 +43,36 @@ pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
 }
 
 /// The offset of the first byte of `data` (the stream at `offset`) that differs from the
-/// seeded content, or `None` when all match.
+/// seeded content, or `None` when all match. Words are compared with the hash as it is
+/// computed: a paced sink checks while its device loads, on the cores the data plane needs.
 pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
-    let mut expect = [0u8; 64 * 1024];
-    let mut done = 0usize;
-    while done < data.len() {
-        let n = (data.len() - done).min(expect.len());
-        let want = &mut expect[..n];
-        fill(seed, offset + done as u64, want);
-        let got = &data[done..done + n];
-        if got != &want[..] {
-            let i = got
-                .iter()
-                .zip(want.iter())
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            return Some(offset + (done + i) as u64);
+    let head = (((8 - (offset % 8)) % 8) as usize).min(data.len());
+    let mut index = offset / 8;
+    if head > 0 {
+        let want = word(seed, index).to_le_bytes();
+        let start = (offset % 8) as usize;
+        if let Some(i) = first_difference(&data[..head], &want[start..start + head]) {
+            return Some(offset + i as u64);
         }
-        done += n;
+        index += 1;
     }
-    None
+    let mut words = data[head..].chunks_exact(8);
+    let mut at = offset + head as u64;
+    for got in &mut words {
+        let want = word(seed, index).to_le_bytes();
+        if got != want {
+            return first_difference(got, &want).map(|i| at + i as u64);
+        }
+        index += 1;
+        at += 8;
+    }
+    let tail = words.remainder();
+    let want = word(seed, index).to_le_bytes();
+    first_difference(tail, &want[..tail.len()]).map(|i| at + i as u64)
+}
+
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 #[cfg(test)]
@@ -94,6 +104,30 @@ mod tests {
         a[1234] ^= 0x40;
         assert_eq!(first_mismatch(1, 0, &a), Some(1234));
         assert_eq!(first_mismatch(1, 5, &a[5..]), Some(1234));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_found_at_any_alignment() {
+        let mut good = [0u8; 64];
+        for offset in 0..9u64 {
+            for len in [0usize, 1, 7, 8, 9, 31, 64 - offset as usize] {
+                fill(5, offset, &mut good[..len]);
+                assert_eq!(
+                    first_mismatch(5, offset, &good[..len]),
+                    None,
+                    "{offset}+{len}"
+                );
+                for bad in 0..len {
+                    let mut data = good[..len].to_vec();
+                    data[bad] ^= 1;
+                    assert_eq!(
+                        first_mismatch(5, offset, &data),
+                        Some(offset + bad as u64),
+                        "offset {offset} len {len} flipped {bad}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
