@@ -98,7 +98,7 @@ const DEFINITIONS: [(&str, &str); 9] = [
     ("throughput_gib_s", "device (or RAM) bytes / downtime"),
     (
         "cpu_src_s_per_gib",
-        "user+system CPU seconds of the source process over its session window (getrusage(RUSAGE_SELF) deltas, every thread incl. io-wq and the simulated device's pacing thread; qemu-ram: /proc/<pid>/stat over the migration), per GiB moved",
+        "user+system CPU seconds of the source process from the switchover to its engine's end (getrusage(RUSAGE_SELF) deltas, every thread incl. io-wq and the simulated device's pacing thread; qemu-ram: /proc/<pid>/stat over the migration), per GiB moved",
     ),
     ("cpu_dst_s_per_gib", "the same for the destination process"),
     (

@@ -95,8 +95,8 @@ pub struct RunMetrics {
     /// Switchover start -> every device loaded (see the row for its equivalent).
     pub downtime_ms: f64,
     pub throughput_gib_s: f64,
-    /// CPU seconds per GiB over each side's session window (the kernel's accounting of that
-    /// process between the session's start and its end).
+    /// CPU seconds per GiB over each side's switchover (the kernel's accounting of that
+    /// process from SWITCHOVER_START to its engine's end).
     pub cpu_src_s_per_gib: Option<f64>,
     pub cpu_dst_s_per_gib: Option<f64>,
     /// The kernel's totals for each whole process (setup and device simulation included).

@@ -89,7 +89,7 @@ pub struct DestOutcome {
     pub results: Vec<DeviceResult>,
     /// Each device's config blob (config space is the VMM's).
     pub configs: Vec<Vec<u8>>,
-    /// CPU seconds of this process from the session's start to the engine's end (see
+    /// CPU seconds of this process from SWITCHOVER_START to the engine's end (see
     /// [`crate::metrics`]).
     pub cpu_s: f64,
 }
@@ -283,6 +283,9 @@ impl<'a> DestSession<'a> {
                     }
                     Event::Peer(Ok(MainEvent::SwitchoverStart)) => {
                         switchover_ns = Some(monotonic_ns());
+                        // Not before: RESUMING's setup (a simulated device's prefill) is no
+                        // part of the downtime the CPU is charged to.
+                        self.cpu_start = metrics::process_cpu_seconds();
                         self.notify(Notice::Phase(Phase::StopCopy));
                         if let Some(plan) = pending.take() {
                             let engine = self.engine.clone();

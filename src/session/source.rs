@@ -100,7 +100,7 @@ pub struct SourceOutcome {
     pub sent_ns: u64,
     /// When the destination's result arrived.
     pub result_ns: u64,
-    /// CPU seconds of this process from the session's start to the engine's end (see
+    /// CPU seconds of this process from SWITCHOVER_START to the engine's end (see
     /// [`crate::metrics`]).
     pub cpu_s: f64,
 }
@@ -553,6 +553,8 @@ impl<'a> SourceSession<'a> {
             }
         }
         let switchover_ns = monotonic_ns();
+        // CPU is counted over the switchover, the window the ceiling and QEMU rows are measured in.
+        self.cpu_start = metrics::process_cpu_seconds();
         main_channel::send(&mut main, "SWITCHOVER_START", &encode_switchover_start())
             .map_err(SessionError::Main)?;
         self.notify(Notice::Phase(Phase::StopCopy));
