@@ -100,7 +100,7 @@ enum State {
         main: Conn,
         switchover_ns: Option<u64>,
         eof: bool,
-        /// The engine's report and the process CPU seconds when it came.
+        /// The engine's report and the process CPU seconds from SWITCHOVER_START to it.
         report: Option<(DestReport, f64)>,
         /// With precopy devices, the engine starts at SWITCHOVER_START.
         pending: Option<DestPlan>,
@@ -131,7 +131,9 @@ pub struct DestSession<'a> {
     driver: Driver<MainEvent, DestReport>,
     /// The return path, once the main channel is here.
     reply: Option<Conn>,
-    cpu_start: f64,
+    /// Process CPU seconds at SWITCHOVER_START, which the outcome's `cpu_s` counts from:
+    /// set-up before it (channels, a device's RESUMING set-up) is not downtime.
+    cpu_at_switchover: f64,
     /// Devices this session moved out of RUNNING (a prefix of `devices`).
     touched: usize,
     /// Present when a VMM drives the migration.
@@ -154,7 +156,7 @@ impl<'a> DestSession<'a> {
             engine,
             driver: Driver::new(progress, timeout),
             reply: None,
-            cpu_start: metrics::process_cpu_seconds(),
+            cpu_at_switchover: metrics::process_cpu_seconds(),
             touched: 0,
             link: None,
         }
@@ -177,7 +179,7 @@ impl<'a> DestSession<'a> {
             engine,
             driver: Driver::new(progress, timeout),
             reply: None,
-            cpu_start: metrics::process_cpu_seconds(),
+            cpu_at_switchover: metrics::process_cpu_seconds(),
             touched: 0,
             link: Some(link),
         }
@@ -283,9 +285,7 @@ impl<'a> DestSession<'a> {
                     }
                     Event::Peer(Ok(MainEvent::SwitchoverStart)) => {
                         switchover_ns = Some(monotonic_ns());
-                        // Not before: RESUMING's setup (a simulated device's prefill) is no
-                        // part of the downtime the CPU is charged to.
-                        self.cpu_start = metrics::process_cpu_seconds();
+                        self.cpu_at_switchover = metrics::process_cpu_seconds();
                         self.notify(Notice::Phase(Phase::StopCopy));
                         if let Some(plan) = pending.take() {
                             let engine = self.engine.clone();
@@ -311,7 +311,10 @@ impl<'a> DestSession<'a> {
                     }
                     Event::Peer(Err(err)) => return Err(SessionError::Main(err)),
                     Event::Engine(Ok(Ok(done))) => {
-                        report = Some((done, metrics::process_cpu_seconds() - self.cpu_start))
+                        report = Some((
+                            done,
+                            metrics::process_cpu_seconds() - self.cpu_at_switchover,
+                        ))
                     }
                     Event::Engine(Ok(Err(source))) => {
                         return Err(SessionError::DataPlane {

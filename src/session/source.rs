@@ -147,7 +147,9 @@ pub struct SourceSession<'a> {
     devices: &'a mut [SourceInput],
     engine: Arc<dyn Engine>,
     driver: Driver<ReturnMessage, SourceReport>,
-    cpu_start: f64,
+    /// Process CPU seconds at SWITCHOVER_START, which the outcome's `cpu_s` counts from:
+    /// set-up before it (channels, a device's RESUMING set-up) is not downtime.
+    cpu_at_switchover: f64,
     /// Present when a VMM drives the migration.
     link: Option<ControlLink>,
 }
@@ -166,7 +168,7 @@ impl<'a> SourceSession<'a> {
             devices,
             engine,
             driver: Driver::new(progress, timeout),
-            cpu_start: metrics::process_cpu_seconds(),
+            cpu_at_switchover: metrics::process_cpu_seconds(),
             link: None,
         }
     }
@@ -288,7 +290,7 @@ impl<'a> SourceSession<'a> {
             } => match self.driver.wait("streaming device state")? {
                 Event::Engine(Ok(Ok(report))) => {
                     let sent_ns = monotonic_ns();
-                    let cpu_s = metrics::process_cpu_seconds() - self.cpu_start;
+                    let cpu_s = metrics::process_cpu_seconds() - self.cpu_at_switchover;
                     main_channel::send(
                         &mut main,
                         "END sections and EOF",
@@ -553,8 +555,7 @@ impl<'a> SourceSession<'a> {
             }
         }
         let switchover_ns = monotonic_ns();
-        // CPU is counted over the switchover, the window the ceiling and QEMU rows are measured in.
-        self.cpu_start = metrics::process_cpu_seconds();
+        self.cpu_at_switchover = metrics::process_cpu_seconds();
         main_channel::send(&mut main, "SWITCHOVER_START", &encode_switchover_start())
             .map_err(SessionError::Main)?;
         self.notify(Notice::Phase(Phase::StopCopy));
