@@ -20,11 +20,11 @@ mod pool;
 mod probe;
 mod ring;
 mod seccomp;
-mod worker;
+mod waker;
 
 pub use ops::{Completion, OpKind};
 pub use pool::{Arena, BufId, Buffer, BufferPool};
 pub use probe::{data_path, probe, probe_pool, Check, DataPath, Feature, FeatureMask, Probe};
 pub use ring::{Ring, RingConfig, RingError};
 pub use seccomp::deny_io_uring_setup;
-pub use worker::{allowed_cpus, pin_current_thread, spawn_worker, Waker};
+pub use waker::Waker;

@@ -15,7 +15,7 @@ use crate::ops::{
 };
 use crate::pool::{BufId, Buffer, BufferPool};
 use crate::probe::{Feature, FeatureMask};
-use crate::worker::Waker;
+use crate::waker::Waker;
 
 /// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the kernel copied.
 const SEND_ZC_REPORT_USAGE: u16 = 8;
