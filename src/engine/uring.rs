@@ -19,7 +19,7 @@
 //! mask (set it with taskset or a cpuset to give the helper its cores). Pinning worker i to
 //! the i-th core put both helpers of a same-host migration on the same first cores: gpu (one
 //! device, so one source worker) on 2 cores left CPU 1 idle 65 % of the switchover while the
-//! destination's worker 0 waited 350 ms for CPU 0; unpinned, gpu went from 1.51-1.82 to
+//! destination's worker 0 waited 350 ms for CPU 0; unpinned, gpu went from 1.45-1.87 to
 //! 1.61-2.59 GiB/s, with seed, small and many unchanged within noise.
 
 use std::collections::{HashMap, VecDeque};
