@@ -56,8 +56,22 @@ pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
         }
         index += 1;
     }
-    let mut words = data[head..].chunks_exact(8);
     let mut at = offset + head as u64;
+    // Whole spans are checked a block at a time; only a span that differs is searched.
+    let mut spans = data[head..].chunks_exact(SPAN);
+    for span in &mut spans {
+        if !blocks_match(seed, index, span) {
+            return first_mismatch_in_words(seed, index, at, span);
+        }
+        index += (SPAN / 8) as u64;
+        at += SPAN as u64;
+    }
+    first_mismatch_in_words(seed, index, at, spans.remainder())
+}
+
+/// `first_mismatch` over `data` that starts on word `index` (stream offset `at`).
+fn first_mismatch_in_words(seed: u64, mut index: u64, mut at: u64, data: &[u8]) -> Option<u64> {
+    let mut words = data.chunks_exact(8);
     for got in &mut words {
         let want = word(seed, index).to_le_bytes();
         if got != want {
@@ -73,6 +87,46 @@ pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
 
 fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
     got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+/// Bytes of stream per block: eight words, one AVX-512 vector of hashes.
+const BLOCK: usize = 64;
+/// Bytes checked before a mismatch is searched word by word.
+const SPAN: usize = 4096;
+
+/// Whether `data` (whole blocks) holds the words from `index` on.
+fn blocks_match(seed: u64, index: u64, data: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+    {
+        // SAFETY: the CPU has AVX-512F and DQ (checked just above), all that the function's
+        // target features require.
+        return unsafe { blocks_match_avx512(seed, index, data) };
+    }
+    blocks_match_portable(seed, index, data)
+}
+
+// The hash's 64-bit multiplies vectorize only with AVX-512DQ (vpmullq): the check runs at 6.2
+// GiB/s scalar, 18.5-19.1 GiB/s so on this machine's cores. A paced sink checks on the cores the
+// data plane needs. (Filling this way was slower, 4.7 against 6.9 GiB/s: stores bound it.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn blocks_match_avx512(seed: u64, index: u64, data: &[u8]) -> bool {
+    blocks_match_portable(seed, index, data)
+}
+
+#[inline(always)]
+fn blocks_match_portable(seed: u64, index: u64, data: &[u8]) -> bool {
+    data.chunks_exact(BLOCK).enumerate().all(|(b, block)| {
+        let first = index + (b * BLOCK / 8) as u64;
+        let mut diff = 0u64;
+        for (k, w) in block.chunks_exact(8).enumerate() {
+            let got = u64::from_le_bytes(w.try_into().expect("an 8-byte chunk"));
+            diff |= got ^ word(seed, first + k as u64);
+        }
+        diff == 0
+    })
 }
 
 #[cfg(test)]
@@ -127,6 +181,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn long_fills_are_the_words_and_mismatches_are_found_in_any_span() {
+        let offset = 5u64;
+        let len = 3 * SPAN + 100;
+        let mut data = vec![0u8; len];
+        fill(9, offset, &mut data);
+        for (i, &byte) in data.iter().enumerate() {
+            let o = offset + i as u64;
+            assert_eq!(
+                byte,
+                word(9, o / 8).to_le_bytes()[(o % 8) as usize],
+                "byte {i}"
+            );
+        }
+        assert_eq!(first_mismatch(9, offset, &data), None);
+        for bad in [0, 2, 3, 64, SPAN + 3, 2 * SPAN + 63, 3 * SPAN + 2, len - 1] {
+            let mut corrupt = data.clone();
+            corrupt[bad] ^= 0x80;
+            // A later difference must not hide the first one.
+            corrupt[len - 1] ^= if bad == len - 1 { 0 } else { 1 };
+            assert_eq!(
+                first_mismatch(9, offset, &corrupt),
+                Some(offset + bad as u64),
+                "flipped {bad}"
+            );
         }
     }
 
