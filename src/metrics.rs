@@ -10,8 +10,8 @@
 //!   from SWITCHOVER_START (sent or received) to its engine's end, the window the ceiling
 //!   is charged. Building the simulated devices and the sink's RESUMING set-up before, and
 //!   the simulated sink's verification after, are the device's cost and fall outside; a
-//!   paced simulated device's feeder and drain threads run inside and are counted. `demo` runs each side as its own child process, so each side's figure is its
-//!   own.
+//!   paced simulated device's feeder and drain threads run inside and are counted. `demo`
+//!   runs each side as its own child process, so each side's figure is its own.
 //! - **Latency**: per data packet, source read issued (`read_issued_ns[idx]`) -> destination
 //!   written to the device (`written_ns[idx]`), paired by device and idx.
 
