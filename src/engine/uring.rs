@@ -6,6 +6,9 @@
 //! on an idle channel. A short read cancels the send; the completion path rewrites
 //! `next_packet_size` and sends what was read. A read of 0 ends the device, whose config packet
 //! goes last. One read in flight per device (a `data_fd` is a stream), one send per channel.
+//! With fewer devices than workers, one worker reads each device and lends the filled slots to
+//! the other workers, which own the channels and send (`handoff`): otherwise a single device
+//! would run on one worker, its read and send copies on one core.
 //!
 //! Destination, per worker (it owns some channels, one ring, one pool): per channel, the 288
 //! header bytes are received into a small buffer, then the payload straight into a pool slot,
@@ -36,6 +39,9 @@ use crate::wire::{
     write_packet_headers, DeviceStatePacketHeader, VfioDeviceStatePacketHeader,
     DEVICE_STATE_HEADER_LEN, PACKET_HEADER_ROOM, VFIO_HEADER_LEN,
 };
+use handoff::Handoff;
+
+mod handoff;
 
 const POLL: Duration = Duration::from_millis(100);
 /// With every channel parked and nothing in flight anywhere, how long before "no progress".
@@ -326,6 +332,9 @@ struct SrcChannel {
 
 const TAG_DEVICE: u64 = 1 << 32;
 
+/// A source worker's devices and channels, with their global indexes.
+type SourceShare = (Vec<(usize, SourceDevice)>, Vec<(usize, OwnedFd)>);
+
 /// A source worker's reports, by global device and channel index, and its notes.
 type SourceWorkerReport = (
     Vec<(usize, SourceDeviceReport)>,
@@ -333,7 +342,19 @@ type SourceWorkerReport = (
     Vec<String>,
 );
 
+/// A source worker's part in the run.
+#[derive(Clone, Copy)]
+enum Role<'a> {
+    /// Reads its devices and sends their packets on its channels.
+    Alone,
+    /// Reads device `device` (its only one) and hands the packets to the senders.
+    Reader { handoff: &'a Handoff, device: usize },
+    /// Owns channels and sends what the readers hand it.
+    Sender { handoff: &'a Handoff, me: usize },
+}
+
 struct SourceWorker<'a> {
+    role: Role<'a>,
     ring: Ring,
     devices: Vec<SrcDevice>,
     channels: Vec<SrcChannel>,
@@ -349,8 +370,8 @@ struct SourceWorker<'a> {
 impl UringEngine {
     fn source_worker(
         &self,
-        devices: Vec<(usize, SourceDevice)>,
-        channels: Vec<(usize, OwnedFd)>,
+        role: Role<'_>,
+        (devices, channels): SourceShare,
         pool: BufferPool,
         progress: &Progress,
         failure: &Failure,
@@ -359,8 +380,14 @@ impl UringEngine {
             engine: "uring",
             source: io::Error::other(error_chain(&err)),
         })?;
+        match role {
+            Role::Alone => {}
+            Role::Reader { handoff, device } => handoff.register_reader(device, ring.waker()),
+            Role::Sender { handoff, me } => handoff.register_sender(me, ring.waker()),
+        }
         let zc = ring.send_zc();
         let mut worker = SourceWorker {
+            role,
             notes: ring.notes().to_vec(),
             ring,
             devices: devices
@@ -428,6 +455,9 @@ impl SourceWorker<'_> {
             }
             self.dispatch()?;
             if self.finished() {
+                if let Role::Reader { handoff, .. } = self.role {
+                    handoff.reader_done();
+                }
                 return Ok(());
             }
             self.ring
@@ -443,9 +473,13 @@ impl SourceWorker<'_> {
     }
 
     fn finished(&self) -> bool {
-        self.ready.is_empty()
+        let own_done = self.ready.is_empty()
             && self.devices.iter().all(|d| d.at_end && d.config.is_none())
-            && self.channels.iter().all(|c| c.sending.is_none())
+            && self.channels.iter().all(|c| c.sending.is_none());
+        match self.role {
+            Role::Sender { handoff, me } => own_done && handoff.inbox_closed(me),
+            Role::Alone | Role::Reader { .. } => own_done,
+        }
     }
 
     fn idle_channel(&mut self) -> Option<usize> {
@@ -460,6 +494,19 @@ impl SourceWorker<'_> {
     /// Hands out work: ready packets first (resends, config packets), then new reads, devices
     /// taken round robin so several devices interleave fairly.
     fn dispatch(&mut self) -> Result<(), DataPlaneError> {
+        match self.role {
+            Role::Alone => {}
+            Role::Reader { handoff, device } => {
+                for slot in handoff.take_returns(device) {
+                    self.ring.pool().take_back(slot);
+                }
+                while let Some(packet) = self.ready.pop_front() {
+                    let packet = self.lend(packet);
+                    handoff.hand_over(packet);
+                }
+            }
+            Role::Sender { handoff, me } => self.ready.extend(handoff.take_inbox(me)),
+        }
         while !self.ready.is_empty() {
             let Some(c) = self.idle_channel() else { break };
             let packet = self.ready.pop_front().expect("checked non-empty");
@@ -484,7 +531,12 @@ impl SourceWorker<'_> {
             if self.ring.pool().free_slots() == 0 {
                 break;
             }
-            if self.ring.linked_chains() {
+            if let Role::Reader { handoff, .. } = self.role {
+                if !handoff.has_room() {
+                    break;
+                }
+            }
+            if self.ring.linked_chains() && !self.channels.is_empty() {
                 let Some(c) = self.idle_channel() else { break };
                 self.start_chain(d, c)?;
             } else {
@@ -564,9 +616,29 @@ impl SourceWorker<'_> {
             })
     }
 
+    /// A packet of this reader for a sender: its device by global index, a pool slot lent.
+    fn lend(&mut self, packet: ReadyPacket) -> ReadyPacket {
+        let buf = match packet.buf {
+            Buffer::Pool(id) => Buffer::Lent(self.ring.pool().lend(id)),
+            other => other,
+        };
+        ReadyPacket {
+            device: self.devices[packet.device].index,
+            buf,
+            ..packet
+        }
+    }
+
+    /// Device `d` (a sender's `d` is the global index of a handed-over packet's device).
+    fn device_id(&self, d: usize) -> DeviceId {
+        match self.role {
+            Role::Sender { handoff, .. } => handoff.device_id(d).clone(),
+            Role::Alone | Role::Reader { .. } => self.devices[d].id.clone(),
+        }
+    }
+
     fn send_ready(&mut self, c: usize, packet: ReadyPacket) -> Result<(), DataPlaneError> {
         let channel = &self.channels[c];
-        let device = &self.devices[packet.device];
         self.ring
             .send(
                 c as u64,
@@ -577,7 +649,7 @@ impl SourceWorker<'_> {
             )
             .map_err(|source| DataPlaneError::Send {
                 channel: channel.index,
-                device: device.id.clone(),
+                device: self.device_id(packet.device),
                 idx: packet.idx,
                 source,
             })?;
@@ -664,6 +736,21 @@ impl SourceWorker<'_> {
         }
     }
 
+    /// A packet of device `d` is on the wire: its buffer is free again (a lent one goes back
+    /// to its reader).
+    fn sent(&mut self, d: usize, buf: Option<Buffer>) {
+        match self.role {
+            Role::Sender { handoff, me } => {
+                let slot = match buf {
+                    Some(Buffer::Lent(slot)) => Some(slot),
+                    _ => None,
+                };
+                handoff.sent(me, d, slot);
+            }
+            Role::Alone | Role::Reader { .. } => self.recycle(buf),
+        }
+    }
+
     fn complete(&mut self, done: Completion) -> Result<(), DataPlaneError> {
         match done.kind {
             OpKind::Wake => Ok(()),
@@ -721,7 +808,7 @@ impl SourceWorker<'_> {
                 let report = &mut self.channels[c].report;
                 report.bytes += sent as u64;
                 report.packets += 1;
-                self.recycle(done.buf);
+                self.sent(sending.device, done.buf);
                 Ok(())
             }
             Err(err) if sending.chained && err.raw_os_error() == Some(libc::ECANCELED) => {
@@ -766,7 +853,7 @@ impl SourceWorker<'_> {
             }
             Err(source) => Err(DataPlaneError::Send {
                 channel: self.channels[c].index,
-                device: self.devices[sending.device].id.clone(),
+                device: self.device_id(sending.device),
                 idx: sending.idx,
                 source,
             }),
@@ -817,10 +904,7 @@ impl Engine for UringEngine {
         let workers = if self.config.sequential_devices {
             1
         } else {
-            self.config
-                .workers
-                .clamp(1, n_channels)
-                .min(n_devices.max(1))
+            self.config.workers.clamp(1, n_channels)
         };
         // Channel fds stay here (dup'd for the workers) so they can be shut down at the end.
         let dup = |fd: &OwnedFd| {
@@ -831,28 +915,77 @@ impl Engine for UringEngine {
         };
         let worker_channels: Vec<OwnedFd> = channels.iter().map(dup).collect::<Result<_, _>>()?;
         let _non_blocking = NonBlockingReads::set(&devices);
-        let per_worker_devices = split_round_robin(devices, workers);
-        let per_worker_channels = split_round_robin(worker_channels, workers);
-        let (arena, pools) = self.worker_pools(workers)?;
+        let handoff = (n_devices > 0 && n_devices < workers).then(|| {
+            Handoff::new(
+                devices.iter().map(|d| d.id.clone()).collect(),
+                workers - n_devices,
+                n_channels,
+            )
+        });
+        let (arena, shares) = match &handoff {
+            None => {
+                let workers = workers.min(n_devices.max(1));
+                let (arena, pools) = self.worker_pools(workers)?;
+                let shares: Vec<_> = split_round_robin(devices, workers)
+                    .into_iter()
+                    .zip(split_round_robin(worker_channels, workers))
+                    .zip(pools)
+                    .map(|(share, pool)| (Role::Alone, share, pool))
+                    .collect();
+                (arena, shares)
+            }
+            Some(handoff) => {
+                let (arena, pools) = self.worker_pools(n_devices)?;
+                let mut shares: Vec<_> = devices
+                    .into_iter()
+                    .enumerate()
+                    .zip(pools)
+                    .map(|((d, device), pool)| {
+                        let role = Role::Reader { handoff, device: d };
+                        (role, (vec![(d, device)], Vec::new()), pool)
+                    })
+                    .collect();
+                let senders = split_round_robin(worker_channels, workers - n_devices);
+                for (me, chans) in senders.into_iter().enumerate() {
+                    // Senders send from lent slots: their own pool is a page the ring needs.
+                    let pool =
+                        BufferPool::new(1, 4096).map_err(|source| DataPlaneError::Setup {
+                            engine: "uring",
+                            source,
+                        })?;
+                    shares.push((Role::Sender { handoff, me }, (Vec::new(), chans), pool));
+                }
+                (arena, shares)
+            }
+        };
         let failure = Failure::default();
         let results = std::thread::scope(|scope| {
-            let handles: Vec<_> = per_worker_devices
+            let handles: Vec<_> = shares
                 .into_iter()
-                .zip(per_worker_channels)
-                .zip(pools)
                 .enumerate()
-                .map(|(w, ((devs, chans), pool))| {
+                .map(|(w, (role, share, pool))| {
                     let (progress, failure) = (&*progress, &failure);
-                    std::thread::Builder::new()
+                    let spawned = std::thread::Builder::new()
                         .name(format!("uring-{w}"))
                         .spawn_scoped(scope, move || {
-                            let result = self.source_worker(devs, chans, pool, progress, failure);
+                            let result = self.source_worker(role, share, pool, progress, failure);
                             record_failure(result, failure, progress)
-                        })
+                        });
+                    // Readers and senders wait on each other: the others stop now, not at join.
+                    if let Err(err) = &spawned {
+                        failure.set(DataPlaneError::Setup {
+                            engine: "uring",
+                            source: io::Error::new(err.kind(), err.to_string()),
+                        });
+                    }
+                    spawned
                 })
                 .collect();
             join_workers(handles, &failure, &progress)
         });
+        let handed_off = handoff.is_some();
+        // Slots still in mailboxes hold the arena.
+        drop(handoff);
         self.keep_arena(arena);
         let results = match results {
             Ok(results) => results,
@@ -867,6 +1000,13 @@ impl Engine for UringEngine {
             channels: vec![ChannelReport::default(); n_channels],
             notes: Vec::new(),
         };
+        if handed_off {
+            report.notes.push(format!(
+                "{n_devices} device(s) for {workers} workers: one worker reads each device and \
+                 hands its packets to {} sending workers",
+                workers - n_devices
+            ));
+        }
         for (devs, chans, notes) in results {
             for (i, d) in devs {
                 report.devices[i] = d;
@@ -1682,6 +1822,7 @@ impl DestWorker<'_> {
         match buf {
             Buffer::Pool(id) => self.ring.pool().slot_mut(id)[..len].to_vec(),
             Buffer::Heap(heap) => heap[..len].to_vec(),
+            Buffer::Lent(slot) => slot.bytes()[..len].to_vec(),
         }
     }
 
@@ -1689,6 +1830,8 @@ impl DestWorker<'_> {
         match buf {
             Buffer::Pool(id) => self.ring.pool().put(id),
             Buffer::Heap(_) => self.heap_held -= 1,
+            // Destination workers lend nothing; a lent slot here would just be dropped.
+            Buffer::Lent(_) => {}
         }
     }
 
@@ -1750,6 +1893,7 @@ mod tests {
     use super::*;
     use crate::wire::{InitExpectation, MultifdInitPacket};
     use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
     use zerocopy::IntoBytes;
 
     fn tmpfs_file(bytes: &[u8]) -> std::fs::File {
@@ -2102,6 +2246,111 @@ mod tests {
             "{:?}",
             src.notes
         );
+    }
+
+    #[test]
+    fn fewer_devices_than_workers_are_read_by_one_worker_each_and_sent_by_the_others() {
+        // (workers, pool buffers, device sizes, channels): one device on four workers; two
+        // devices on four; one device whose reader has only two slots, so it reads again only
+        // when a sender gives a slot back; every fallback path of the send.
+        for (workers, pool_buffers, sizes, channels) in [
+            (4, 16, &[(64 << 10) * 40 + 123][..], 6),
+            (4, 16, &[1 << 20, (64 << 10) * 5 + 1], 8),
+            (3, 2, &[(64 << 10) * 30][..], 5),
+        ] {
+            let config = EngineConfig {
+                pool_buffers,
+                ..config(workers, 64 << 10)
+            };
+            check(config.clone(), sizes, channels);
+            let (src, _, _) = migrate(config, sizes, channels);
+            let note = format!(
+                "hands its packets to {} sending workers",
+                workers - sizes.len()
+            );
+            assert!(
+                src.notes.iter().any(|n| n.contains(&note)),
+                "{:?}",
+                src.notes
+            );
+            // Senders own every channel and take the least loaded: with many more packets
+            // than channels, each channel carries some.
+            for (c, channel) in src.channels.iter().enumerate() {
+                assert!(channel.packets > 0, "channel {c} idle: {:?}", src.channels);
+            }
+        }
+        check(
+            EngineConfig {
+                forbid: ::uring::FeatureMask::parse("all").unwrap(),
+                ..config(2, 16 << 10)
+            },
+            &[300_001],
+            4,
+        );
+        let sizes = [300_000];
+        let (src, _, outputs) = migrate_over(config(3, 64 << 10), &sizes, unix_pairs(3));
+        assert!(outputs[0] == content(0, sizes[0]), "bytes differ");
+        assert!(
+            src.notes.iter().any(|n| n.contains("SEND_ZC refused")),
+            "{:?}",
+            src.notes
+        );
+    }
+
+    /// `cargo test --release -- --ignored source_only_speed --nocapture`: a rough look, not a
+    /// test. One 1 GiB device over 8 channels into sinks that drop what they receive without
+    /// copying it (TCP `MSG_TRUNC`), so the source has the cores to itself: 1 worker reads and
+    /// sends on one thread, 2 and 4 hand the sends to other workers.
+    #[test]
+    #[ignore]
+    fn source_only_speed() {
+        use nix::sys::socket::{recv, MsgFlags};
+        let size = 1usize << 30;
+        let file = tmpfs_file(&content(0, size));
+        for round in 0..3 {
+            for workers in [1, 2, 4] {
+                let (src_ch, dst_ch) = channel_pairs(8);
+                let sinks: Vec<_> = dst_ch
+                    .into_iter()
+                    .map(|fd| {
+                        std::thread::spawn(move || {
+                            let mut scratch = vec![0u8; 1 << 20];
+                            let mut total = 0usize;
+                            while let Ok(n @ 1..) =
+                                recv(fd.as_raw_fd(), &mut scratch, MsgFlags::MSG_TRUNC)
+                            {
+                                total += n;
+                            }
+                            total
+                        })
+                    })
+                    .collect();
+                let engine = UringEngine::new(config(workers, 8 << 20)).unwrap();
+                let mut reader = file.try_clone().unwrap();
+                reader.rewind().unwrap();
+                let start = std::time::Instant::now();
+                let report = engine
+                    .run_source(SourcePlan {
+                        devices: vec![SourceDevice {
+                            id: DeviceId::new("0000:00:01.0/vfio", 0).unwrap(),
+                            data_fd: OwnedFd::from(reader),
+                            read_size: 8 << 20,
+                            config: Vec::new(),
+                        }],
+                        channels: src_ch,
+                        progress: Arc::default(),
+                    })
+                    .unwrap();
+                let secs = start.elapsed().as_secs_f64();
+                let received: usize = sinks.into_iter().map(|s| s.join().unwrap()).sum();
+                assert!(received > size);
+                println!(
+                    "round {round} workers {workers}: {:.2} GiB/s ({} packets)",
+                    size as f64 / secs / (1u64 << 30) as f64,
+                    report.devices[0].data_packets
+                );
+            }
+        }
     }
 
     #[test]

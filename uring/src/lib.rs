@@ -6,6 +6,8 @@
 //!   a pool slot token [`BufId`] or a heap box) into the op table, and the buffer comes back
 //!   only with the operation's last completion ([`Completion::buf`]), after a SEND_ZC
 //!   notification where there is one. So program code never touches memory the kernel may use.
+//!   A pool can lend a slot token to another thread's ring ([`LentSlot`], used unregistered
+//!   there); the lender cannot hand the slot out until the token comes back.
 //! - A `data_fd` read and the send of the same slot are linked ([`Ring::read_then_send`]); both
 //!   SQEs are pushed together or not at all. A short read cancels the send (ECANCELED), and the
 //!   caller sends what was read.
@@ -23,7 +25,7 @@ mod seccomp;
 mod waker;
 
 pub use ops::{Completion, OpKind};
-pub use pool::{Arena, BufId, Buffer, BufferPool};
+pub use pool::{Arena, BufId, Buffer, BufferPool, LentSlot};
 pub use probe::{data_path, probe, probe_pool, Check, DataPath, Feature, FeatureMask, Probe};
 pub use ring::{Ring, RingConfig, RingError};
 pub use seccomp::deny_io_uring_setup;

@@ -35,6 +35,57 @@ pub enum Buffer {
     /// Heap memory, for the rare packet that does not fit a slot (a large config blob) and for
     /// small per-channel headers.
     Heap(Box<[u8]>),
+    /// A slot of another ring's pool, lent for one operation ([`BufferPool::lend`]); always
+    /// used unregistered, since this ring did not register the lender's slots.
+    Lent(LentSlot),
+}
+
+/// A slot lent by its pool to another thread's ring, until it goes back with
+/// [`BufferPool::take_back`]. Holding it is holding the slot's token, and the arena stays
+/// mapped while it lives, whatever happens to the lending pool.
+pub struct LentSlot {
+    arena: Arc<Arena>,
+    /// The lending pool's first slot: which pool it goes back to.
+    pool_base: NonNull<u8>,
+    ptr: NonNull<u8>,
+    len: usize,
+    id: BufId,
+}
+
+// SAFETY: a lent slot is the only handle to its bytes (the lending pool gave up the token), so
+// moving it to another thread moves sole access with it.
+unsafe impl Send for LentSlot {}
+
+impl std::fmt::Debug for LentSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LentSlot")
+            .field("index", &self.id.0)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl LentSlot {
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The slot's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a slot is at least a page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The slot's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the slot is `len` bytes of the arena this token keeps mapped, and holding the
+        // token means no operation is in flight on it and no pool hands it out.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
 }
 
 const PAGE: usize = 4096;
@@ -256,6 +307,37 @@ impl BufferPool {
         self.free.push(id);
     }
 
+    /// Lends a slot the caller holds to another ring: its operations use the slot's memory
+    /// unregistered, and the slot is not handed out here until [`Self::take_back`].
+    pub fn lend(&mut self, id: BufId) -> LentSlot {
+        let ptr = self.slot_ptr(id.0);
+        LentSlot {
+            arena: Arc::clone(&self.arena),
+            pool_base: self.base,
+            // SAFETY: `slot_ptr` points inside the arena, never at null.
+            ptr: unsafe { NonNull::new_unchecked(ptr) },
+            len: self.slot_size,
+            id,
+        }
+    }
+
+    /// Whether `slot` was lent by this pool.
+    pub fn lent_here(&self, slot: &LentSlot) -> bool {
+        slot.pool_base == self.base && Arc::ptr_eq(&slot.arena, &self.arena)
+    }
+
+    /// A lent slot comes back and can be handed out again.
+    ///
+    /// # Panics
+    /// If another pool lent it: that is a bug in the caller, not bad input.
+    pub fn take_back(&mut self, slot: LentSlot) {
+        assert!(
+            self.lent_here(&slot),
+            "a slot went back to a pool that did not lend it"
+        );
+        self.put(slot.id);
+    }
+
     /// The bytes of a slot the caller holds.
     pub fn slot_mut(&mut self, id: &BufId) -> &mut [u8] {
         // SAFETY: `id` is a token of this pool (index < slots) held by the caller, so no
@@ -296,6 +378,34 @@ mod tests {
         pool.put(a);
         pool.put(b);
         assert_eq!(pool.free_slots(), 3);
+    }
+
+    #[test]
+    fn a_lent_slot_is_out_of_the_pool_until_it_comes_back() {
+        let mut pool = BufferPool::new(2, 4096).unwrap();
+        let a = pool.take().unwrap();
+        pool.slot_mut(&a)[..3].copy_from_slice(b"abc");
+        let lent = pool.lend(a);
+        assert_eq!(&lent.bytes()[..3], b"abc");
+        assert_eq!(lent.len(), 4096);
+        let lent = std::thread::spawn(move || lent).join().unwrap();
+        let b = pool.take().unwrap();
+        assert!(pool.take().is_none(), "the lent slot was handed out again");
+        assert!(pool.lent_here(&lent));
+        pool.take_back(lent);
+        pool.put(b);
+        assert_eq!(pool.free_slots(), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "did not lend it")]
+    fn a_slot_cannot_go_back_to_a_pool_that_did_not_lend_it() {
+        let arena = Arena::new(2 * 4096).unwrap();
+        let mut pools = BufferPool::cut(&arena, &[1, 1], 4096).unwrap();
+        let id = pools[0].take().unwrap();
+        let lent = pools[0].lend(id);
+        assert!(!pools[1].lent_here(&lent));
+        pools[1].take_back(lent);
     }
 
     #[test]

@@ -224,6 +224,7 @@ impl Ring {
         let (base, len) = match buf {
             Buffer::Pool(id) => (self.pool.slot_ptr(id.index()), self.pool.slot_size()),
             Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
+            Buffer::Lent(slot) => (slot.ptr(), slot.len()),
         };
         assert!(
             range.start <= range.end && range.end <= len,
@@ -236,7 +237,7 @@ impl Ring {
     fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         loop {
             // SAFETY: every entry's buffer is owned by the op table entry inserted before this
-            // push (pool slot or heap box), and its fd is borrowed by the caller for the call;
+            // push (pool slot, heap box or lent slot, which keeps its arena mapped), and its fd is borrowed by the caller for the call;
             // the kernel takes its own file reference at submission, which happens below or in
             // the next `wait`, before the caller can drop the fd.
             let pushed = unsafe { self.ring.submission().push_multiple(entries) };
@@ -334,6 +335,7 @@ impl Ring {
         let bytes = match &buf {
             Buffer::Pool(id) => &self.pool.slot_mut(id)[range],
             Buffer::Heap(heap) => &heap[range],
+            Buffer::Lent(slot) => &slot.bytes()[range],
         };
         let result = loop {
             // SAFETY: `bytes` is a live slice of a buffer this ring owns for the call; the

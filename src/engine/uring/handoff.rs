@@ -1,0 +1,164 @@
+//! A source with fewer devices than workers: reading workers lend each filled buffer to the
+//! sending workers, which own every channel.
+//!
+//! A `data_fd` is a stream read one chunk at a time, so one worker reads each device. Without
+//! a handoff that worker also makes every send, and a single device (`gpu`) runs on one worker
+//! whatever `--workers` says: its read copy and its send copy (on loopback, the whole TCP path
+//! too) share one core. Here reader `d` reads device `d` into its own pool and lends each filled
+//! slot to the sender with the fewest packets outstanding, which sends it from the lent memory
+//! and gives the slot back. Readers and senders each sleep in their own ring; an inbox or a
+//! return box that goes from empty to non-empty wakes its owner through the ring's waker, and a
+//! busy owner drains it before its next wait, so a wake costs one eventfd write per batch.
+//!
+//! Order: each sender sends its inbox in arrival order, and the one reader of a device hands
+//! its packets over in idx order, so every channel still carries each device's idx rising.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use ::uring::{LentSlot, Waker};
+
+use super::ReadyPacket;
+use crate::wire::DeviceId;
+
+/// What readers and senders share for one run.
+pub(super) struct Handoff {
+    /// Per sender: packets to send, device-indexed by the run's global device index.
+    inboxes: Vec<Mailbox<ReadyPacket>>,
+    /// Per sender: packets handed to it and not yet sent (the load it is chosen by).
+    outstanding: Vec<AtomicUsize>,
+    /// Per reader (= per device): slots its senders are done with.
+    returns: Vec<Mailbox<LentSlot>>,
+    readers_left: AtomicUsize,
+    /// Packets handed over and not yet sent, all senders, beyond which readers wait.
+    room: usize,
+    /// By global device index, for senders' errors.
+    device_ids: Vec<DeviceId>,
+}
+
+struct Mailbox<T> {
+    items: Mutex<Vec<T>>,
+    waker: OnceLock<Waker>,
+}
+
+impl<T> Mailbox<T> {
+    fn new() -> Self {
+        Self {
+            items: Mutex::new(Vec::new()),
+            waker: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn post(&self, item: T) {
+        let was_empty = {
+            let mut items = self.lock();
+            items.push(item);
+            items.len() == 1
+        };
+        // Not empty before: a wake is pending or the owner has not drained yet.
+        if was_empty {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.get() {
+            waker.wake();
+        }
+    }
+
+    fn take_all(&self) -> Vec<T> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+impl Handoff {
+    /// One reader per device (reader `d` reads device `d`), `senders` senders, which own
+    /// `channels` channels between them.
+    pub(super) fn new(device_ids: Vec<DeviceId>, senders: usize, channels: usize) -> Self {
+        Self {
+            room: channels + senders,
+            inboxes: (0..senders).map(|_| Mailbox::new()).collect(),
+            outstanding: (0..senders).map(|_| AtomicUsize::new(0)).collect(),
+            returns: (0..device_ids.len()).map(|_| Mailbox::new()).collect(),
+            readers_left: AtomicUsize::new(device_ids.len()),
+            device_ids,
+        }
+    }
+
+    pub(super) fn device_id(&self, device: usize) -> &DeviceId {
+        &self.device_ids[device]
+    }
+
+    /// Reader `reader` sleeps in a ring woken by `waker`. Posts made before this call are
+    /// found by the reader's first drain.
+    pub(super) fn register_reader(&self, reader: usize, waker: Waker) {
+        let _ = self.returns[reader].waker.set(waker);
+    }
+
+    pub(super) fn register_sender(&self, sender: usize, waker: Waker) {
+        let _ = self.inboxes[sender].waker.set(waker);
+    }
+
+    /// Hands a packet (its `device` the global index) to the least loaded sender.
+    pub(super) fn hand_over(&self, packet: ReadyPacket) {
+        let sender = (0..self.outstanding.len())
+            .min_by_key(|&s| self.outstanding[s].load(Ordering::Relaxed))
+            .expect("a handoff has senders");
+        self.outstanding[sender].fetch_add(1, Ordering::Relaxed);
+        self.inboxes[sender].post(packet);
+    }
+
+    /// Whether a reader may read another packet: one per channel in flight and one queued per
+    /// sender keep every channel busy. `source_only_speed` (1 GiB, 8 channels, 8 MiB packets,
+    /// 1 reader and 1 or 3 senders) moved 3.1-3.4 GiB/s with room for 2 packets, 3.7-4.2 with
+    /// 4, 3.8-4.7 with 8 and 3.8-4.4 with 16. Reading further ahead only queues packets in
+    /// socket buffers: same-host gpu's p50 latency is 37-57 ms at this room, 14-19 ms at 3.
+    pub(super) fn has_room(&self) -> bool {
+        let outstanding: usize = self
+            .outstanding
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum();
+        outstanding < self.room
+    }
+
+    /// Arrival order: the inbox is a FIFO drained whole.
+    pub(super) fn take_inbox(&self, sender: usize) -> VecDeque<ReadyPacket> {
+        self.inboxes[sender].take_all().into()
+    }
+
+    /// A sender finished a packet of `device`; a lent slot goes back to that device's reader.
+    pub(super) fn sent(&self, sender: usize, device: usize, slot: Option<LentSlot>) {
+        self.outstanding[sender].fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = slot {
+            self.returns[device].post(slot);
+        }
+    }
+
+    pub(super) fn take_returns(&self, reader: usize) -> Vec<LentSlot> {
+        self.returns[reader].take_all()
+    }
+
+    /// A reader handed over its device's last packet: once every reader has, senders finish
+    /// when their inboxes are empty.
+    pub(super) fn reader_done(&self) {
+        if self.readers_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            for inbox in &self.inboxes {
+                inbox.wake();
+            }
+        }
+    }
+
+    /// Whether no packet can arrive for `sender` any more.
+    pub(super) fn inbox_closed(&self, sender: usize) -> bool {
+        // Readers post before they count themselves done, so once the count reads 0 every
+        // post is visible to this lock.
+        self.readers_left.load(Ordering::SeqCst) == 0 && self.inboxes[sender].lock().is_empty()
+    }
+}
