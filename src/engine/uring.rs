@@ -1002,8 +1002,7 @@ impl Engine for UringEngine {
         };
         if handed_off {
             report.notes.push(format!(
-                "{n_devices} device(s) for {workers} workers: one worker reads each device and \
-                 hands its packets to {} sending workers",
+                "handoff: {n_devices} reading and {} sending workers (fewer devices than workers)",
                 workers - n_devices
             ));
         }
@@ -2265,7 +2264,8 @@ mod tests {
             check(config.clone(), sizes, channels);
             let (src, _, _) = migrate(config, sizes, channels);
             let note = format!(
-                "hands its packets to {} sending workers",
+                "handoff: {} reading and {} sending workers",
+                sizes.len(),
                 workers - sizes.len()
             );
             assert!(
