@@ -28,7 +28,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ::uring::{Arena, Buffer, BufferPool, Completion, OpKind, Ring, RingConfig, Waker};
@@ -276,6 +276,15 @@ fn join_workers<T>(
         return Err(DataPlaneError::Cancelled);
     }
     Ok(results)
+}
+
+/// The error for a worker thread that could not be started (its `io::Error` stays with the
+/// join handle, which reports it too; the first report wins).
+fn spawn_failed(err: &io::Error) -> DataPlaneError {
+    DataPlaneError::Setup {
+        engine: "uring",
+        source: io::Error::new(err.kind(), format!("starting an io_uring worker: {err}")),
+    }
 }
 
 fn shutdown(channels: &[OwnedFd], how: nix::sys::socket::Shutdown) {
@@ -973,10 +982,7 @@ impl Engine for UringEngine {
                         });
                     // Readers and senders wait on each other: the others stop now, not at join.
                     if let Err(err) = &spawned {
-                        failure.set(DataPlaneError::Setup {
-                            engine: "uring",
-                            source: io::Error::new(err.kind(), err.to_string()),
-                        });
+                        failure.set(spawn_failed(err));
                     }
                     spawned
                 })
@@ -1054,25 +1060,29 @@ impl Engine for UringEngine {
             .collect::<Result<_, _>>()?;
         let per_worker = split_round_robin(worker_channels, workers);
         let (arena, pools) = self.worker_pools(workers)?;
-        let barrier = Barrier::new(workers);
         let notes = std::thread::scope(|scope| {
             let handles: Vec<_> = per_worker
                 .into_iter()
                 .zip(pools)
                 .enumerate()
                 .map(|(w, (chans, pool))| {
-                    let (shared, barrier, progress) = (&shared, &barrier, &*progress);
-                    std::thread::Builder::new()
+                    let (shared, progress) = (&shared, &*progress);
+                    let spawned = std::thread::Builder::new()
                         .name(format!("uring-{w}"))
                         .spawn_scoped(scope, move || {
-                            let result =
-                                self.dest_worker(w, chans, pool, shared, barrier, progress);
+                            let result = self.dest_worker(w, chans, pool, shared, progress);
                             let result = record_failure(result, &shared.failure, progress);
                             if result.is_err() {
                                 shared.wake_all();
                             }
                             result
-                        })
+                        });
+                    // The other workers stop now: a device can complete only with every channel.
+                    if let Err(err) = &spawned {
+                        shared.failure.set(spawn_failed(err));
+                        shared.wake_all();
+                    }
+                    spawned
                 })
                 .collect();
             join_workers(handles, &shared.failure, &progress)
@@ -1280,18 +1290,16 @@ impl UringEngine {
         channels: Vec<(usize, OwnedFd)>,
         pool: BufferPool,
         shared: &DestShared,
-        barrier: &Barrier,
         progress: &Progress,
     ) -> Result<Vec<String>, DataPlaneError> {
-        let ring = Ring::new(&self.ring_config(), pool);
-        if let Ok(ring) = &ring {
-            shared.wakers.lock().unwrap_or_else(|p| p.into_inner())[w] = Some(ring.waker());
-        }
-        barrier.wait();
-        let ring = ring.map_err(|err| DataPlaneError::Setup {
+        let ring = Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
             engine: "uring",
             source: io::Error::other(error_chain(&err)),
         })?;
+        // Registered before this worker's first receive: only a worker that owns a slot or a
+        // parked channel is ever woken, and it owns neither before it has received, so no wake
+        // is lost and workers need not wait for each other to start.
+        shared.wakers.lock().unwrap_or_else(|p| p.into_inner())[w] = Some(ring.waker());
         let notes = ring.notes().to_vec();
         let mut worker = DestWorker {
             w,
