@@ -1124,6 +1124,33 @@ fn source_read_error(kind: EngineKind) {
     );
 }
 
+/// A lone device that cannot be read, on more channels than devices (the uring source hands
+/// such a device's packets from its reader to sending workers): the run fails naming it and
+/// idx 0, and the sending side stops too.
+fn source_read_error_on_a_lone_device(kind: EngineKind) {
+    let t = Transfer::new(
+        4,
+        vec![DevSpec {
+            source: Source::Unreadable,
+            ..DevSpec::memfd(1000, 4096)
+        }],
+    );
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    match out.source {
+        Err(DataPlaneError::ReadDevice {
+            ref device, idx: 0, ..
+        }) if *device == device_id(0) => {}
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("run_source succeeded with an unreadable device"),
+    }
+    assert!(
+        out.dest.is_err(),
+        "the destination cannot complete without the source"
+    );
+}
+
 /// A destination data_fd that cannot be written: the error names the device, idx 0 and the
 /// channel the packet came on.
 fn dest_write_error(kind: EngineKind) {
@@ -1281,6 +1308,7 @@ per_engine!(
     source_cancel,
     source_peer_gone,
     source_read_error,
+    source_read_error_on_a_lone_device,
     dest_write_error,
     invalid_plans,
 );
