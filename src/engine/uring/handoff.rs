@@ -162,3 +162,56 @@ impl Handoff {
         self.readers_left.load(Ordering::SeqCst) == 0 && self.inboxes[sender].lock().is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::uring::Buffer;
+
+    fn packet(device: usize, idx: u32) -> ReadyPacket {
+        ReadyPacket {
+            device,
+            idx,
+            buf: Buffer::Heap(vec![0u8; 8].into_boxed_slice()),
+            len: 8,
+        }
+    }
+
+    fn ids(n: usize) -> Vec<DeviceId> {
+        (0..n)
+            .map(|i| DeviceId::new(format!("0000:00:0{i}.0/vfio"), 0).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn packets_go_to_the_least_loaded_sender_in_order_and_room_bounds_the_readers() {
+        let handoff = Handoff::new(ids(1), 2, 4);
+        for idx in 0..6 {
+            assert!(handoff.has_room(), "room for channels + senders = 6");
+            handoff.hand_over(packet(0, idx));
+        }
+        assert!(!handoff.has_room());
+        let first: Vec<u32> = handoff.take_inbox(0).iter().map(|p| p.idx).collect();
+        let second: Vec<u32> = handoff.take_inbox(1).iter().map(|p| p.idx).collect();
+        assert_eq!(first, [0, 2, 4]);
+        assert_eq!(second, [1, 3, 5]);
+        handoff.sent(1, 0, None);
+        assert!(handoff.has_room());
+        handoff.hand_over(packet(0, 6));
+        let second: Vec<u32> = handoff.take_inbox(1).iter().map(|p| p.idx).collect();
+        assert_eq!(second, [6], "sender 1 had fewer packets outstanding");
+    }
+
+    #[test]
+    fn an_inbox_closes_only_when_every_reader_is_done_and_it_is_empty() {
+        let handoff = Handoff::new(ids(2), 1, 2);
+        assert!(!handoff.inbox_closed(0));
+        handoff.hand_over(packet(1, 0));
+        handoff.reader_done();
+        handoff.reader_done();
+        assert!(!handoff.inbox_closed(0), "a packet is still queued");
+        assert_eq!(handoff.take_inbox(0).len(), 1);
+        assert!(handoff.inbox_closed(0));
+        assert_eq!(handoff.device_id(1), &ids(2)[1]);
+    }
+}
