@@ -24,7 +24,7 @@ use crate::wire::DeviceId;
 
 /// What readers and senders share for one run.
 pub(super) struct Handoff {
-    /// Per sender: packets to send, device-indexed by the run's global device index.
+    /// Per sender: packets to send, each packet's `device` the run's global device index.
     inboxes: Vec<Mailbox<ReadyPacket>>,
     /// Per sender: packets handed to it and not yet sent (the load it is chosen by).
     outstanding: Vec<AtomicUsize>,
