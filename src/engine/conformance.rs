@@ -1103,45 +1103,34 @@ fn source_peer_gone(kind: EngineKind) {
 /// device's threads are stopped too.
 fn source_read_error(kind: EngineKind) {
     let mut devices = mixed_devices(1);
-    devices.push(DevSpec {
-        source: Source::Unreadable,
-        ..DevSpec::memfd(1000, 4096)
-    });
-    let t = Transfer::new(2, devices);
-    let Some(out) = run_transfer(kind, kind, &t) else {
-        return;
-    };
-    match out.source {
-        Err(DataPlaneError::ReadDevice {
-            ref device, idx: 0, ..
-        }) if *device == device_id(1) => {}
-        Err(other) => panic!("{other:?}"),
-        Ok(_) => panic!("run_source succeeded with an unreadable device"),
-    }
-    assert!(
-        out.dest.is_err(),
-        "the destination cannot complete without the source"
-    );
+    devices.push(unreadable_device());
+    fails_reading(kind, Transfer::new(2, devices), 1);
 }
 
 /// A lone device that cannot be read, on more channels than devices (the uring source hands
 /// such a device's packets from its reader to sending workers): the run fails naming it and
 /// idx 0, and the sending side stops too.
 fn source_read_error_on_a_lone_device(kind: EngineKind) {
-    let t = Transfer::new(
-        4,
-        vec![DevSpec {
-            source: Source::Unreadable,
-            ..DevSpec::memfd(1000, 4096)
-        }],
-    );
+    fails_reading(kind, Transfer::new(4, vec![unreadable_device()]), 0);
+}
+
+fn unreadable_device() -> DevSpec {
+    DevSpec {
+        source: Source::Unreadable,
+        ..DevSpec::memfd(1000, 4096)
+    }
+}
+
+/// Runs `t`, whose device `unreadable` cannot be read: the source fails naming it and idx 0,
+/// and the destination does not complete.
+fn fails_reading(kind: EngineKind, t: Transfer, unreadable: usize) {
     let Some(out) = run_transfer(kind, kind, &t) else {
         return;
     };
     match out.source {
         Err(DataPlaneError::ReadDevice {
             ref device, idx: 0, ..
-        }) if *device == device_id(0) => {}
+        }) if *device == device_id(unreadable) => {}
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("run_source succeeded with an unreadable device"),
     }

@@ -70,14 +70,9 @@ impl LentSlot {
         self.ptr.as_ptr()
     }
 
-    /// The slot's size in bytes.
-    pub fn len(&self) -> usize {
+    /// The slot's size in bytes (a whole number of pages).
+    pub fn size(&self) -> usize {
         self.len
-    }
-
-    /// Always false: a slot is at least a page.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The slot's bytes.
@@ -387,7 +382,7 @@ mod tests {
         pool.slot_mut(&a)[..3].copy_from_slice(b"abc");
         let lent = pool.lend(a);
         assert_eq!(&lent.bytes()[..3], b"abc");
-        assert_eq!(lent.len(), 4096);
+        assert_eq!(lent.size(), 4096);
         let lent = std::thread::spawn(move || lent).join().unwrap();
         let b = pool.take().unwrap();
         assert!(pool.take().is_none(), "the lent slot was handed out again");

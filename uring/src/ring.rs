@@ -224,7 +224,7 @@ impl Ring {
         let (base, len) = match buf {
             Buffer::Pool(id) => (self.pool.slot_ptr(id.index()), self.pool.slot_size()),
             Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
-            Buffer::Lent(slot) => (slot.ptr(), slot.len()),
+            Buffer::Lent(slot) => (slot.ptr(), slot.size()),
         };
         assert!(
             range.start <= range.end && range.end <= len,

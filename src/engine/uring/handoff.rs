@@ -13,7 +13,6 @@
 //! Order: each sender sends its inbox in arrival order, and the one reader of a device hands
 //! its packets over in idx order, so every channel still carries each device's idx rising.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -128,9 +127,9 @@ impl Handoff {
         outstanding < self.room
     }
 
-    /// Arrival order: the inbox is a FIFO drained whole.
-    pub(super) fn take_inbox(&self, sender: usize) -> VecDeque<ReadyPacket> {
-        self.inboxes[sender].take_all().into()
+    /// In arrival order: the inbox is drained whole.
+    pub(super) fn take_inbox(&self, sender: usize) -> Vec<ReadyPacket> {
+        self.inboxes[sender].take_all()
     }
 
     /// A sender finished a packet of `device`; a lent slot goes back to that device's reader.
