@@ -810,3 +810,40 @@ fn cancelled_sessions_restart_the_stream() {
     assert_eq!(migrate(&mut src, &mut sink, 1 << 20), spec.size);
     sink.set_state(MigState::Stop).unwrap();
 }
+
+#[test]
+fn a_paced_source_hands_its_image_to_the_next_session() {
+    let spec = SimSpec {
+        size: 4 * MIB,
+        seed: 15,
+        precopy_initial: MIB,
+        speed: Some(DeviceSpeed {
+            save_bytes_per_sec: 512 * MIB,
+            load_bytes_per_sec: 0,
+            per_read_latency: Duration::ZERO,
+        }),
+        ..SimSpec::default()
+    };
+    let mut src = SimSource::new("paced-again", spec).unwrap();
+    // A whole session, a cancelled one, and a whole one again: every stream the sink checks
+    // comes from the image the first session handed back.
+    for round in 0..3 {
+        let mut sink = SimSink::new("paced-again", spec).unwrap();
+        if round == 1 {
+            let mut f = start_save(&mut src, MigState::PreCopy);
+            let mut buf = vec![0u8; 10_000];
+            f.read_exact(&mut buf).unwrap();
+            src.set_state(MigState::Running).unwrap();
+            continue;
+        }
+        assert_eq!(
+            migrate(&mut src, &mut sink, 1 << 20),
+            spec.size,
+            "round {round}"
+        );
+        sink.set_state(MigState::Stop).unwrap();
+        assert_eq!(sink.loaded_bytes(), Some(spec.size), "round {round}");
+        src.set_state(MigState::Stop).unwrap();
+        src.set_state(MigState::Running).unwrap();
+    }
+}

@@ -485,6 +485,10 @@ struct PipeSave {
     shared: Arc<PipeShared>,
     reader: OwnedFd,
     thread: Option<JoinHandle<()>>,
+    /// The session's hold on the image the feeder splices from (it only reads it): handed
+    /// back for the next session, so the feeder's close at the stream's end is a plain close
+    /// and not the freeing of the whole image during the downtime it measures.
+    image: Option<OwnedFd>,
 }
 
 impl PipeSave {
@@ -501,6 +505,7 @@ impl PipeSave {
         os::set_status_flags(w.as_fd(), fl | libc::O_NONBLOCK)?;
         let reader = r.try_clone()?;
         let probe = r.try_clone()?;
+        let held_image = image.as_ref().map(OwnedFd::try_clone).transpose()?;
         let shared = Arc::new(PipeShared {
             signal: Signal::default(),
             fed: Mutex::new(0),
@@ -529,6 +534,7 @@ impl PipeSave {
                 shared,
                 reader,
                 thread: Some(thread),
+                image: held_image,
             },
         ))
     }
@@ -673,6 +679,10 @@ fn feed(
 }
 
 impl SaveSession for PipeSave {
+    fn take_image(&mut self) -> Option<OwnedFd> {
+        self.image.take()
+    }
+
     fn consumed(&self) -> io::Result<u64> {
         let fed = self.shared.fed.lock().unwrap_or_else(|p| p.into_inner());
         let buffered = os::fionread(self.reader.as_fd())? as u64;
