@@ -18,7 +18,7 @@ use std::sync::{Mutex, OnceLock};
 
 use ::uring::{LentSlot, Waker};
 
-use super::ReadyPacket;
+use super::source::ReadyPacket;
 use crate::wire::DeviceId;
 
 /// What readers and senders share for one run.
