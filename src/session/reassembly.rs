@@ -164,6 +164,12 @@ impl<B> Reassembly<B> {
             .flatten()
     }
 
+    /// Whether this device can still move without another packet arriving: its next buffer is
+    /// here, or a write is in flight (whose completion may make the next one deliverable).
+    pub fn can_move(&self) -> bool {
+        self.in_flight || self.peek_ready().is_some()
+    }
+
     /// The next buffer in order, if it is here and no write is in flight.
     pub fn pop_ready(&mut self) -> Option<Ready<B>> {
         if self.in_flight {
@@ -233,6 +239,29 @@ mod tests {
             r.complete(ready.len);
         }
         out
+    }
+
+    /// A destination worker leaves with buffers queued only when no device can move: a write
+    /// in flight still can (its completion makes the next buffer deliverable), a gap cannot.
+    #[test]
+    fn a_write_in_flight_can_move_a_gap_cannot() {
+        let mut r = Reassembly::new(u64::MAX);
+        for idx in [0, 1] {
+            r.insert(idx, false, 10, idx);
+        }
+        assert!(r.can_move(), "idx 0 is ready");
+        let first = r.pop_ready().expect("idx 0 is ready");
+        assert!(
+            r.peek_ready().is_none(),
+            "nothing is ready while idx 0 is written"
+        );
+        assert!(r.can_move(), "the write of idx 0 is in flight");
+        r.complete(first.len);
+        assert!(r.can_move(), "idx 1 is ready");
+        let second = r.pop_ready().expect("idx 1 is ready");
+        r.complete(second.len);
+        r.insert(3, true, 10, 3);
+        assert!(!r.can_move(), "idx 2 is missing and nothing is in flight");
     }
 
     #[test]

@@ -140,6 +140,10 @@ impl DestShared {
         Ok(report)
     }
 
+    fn any_device_can_move(&self) -> bool {
+        (0..self.devices.len()).any(|d| self.state(d).reassembly.can_move())
+    }
+
     pub(super) fn wake_all(&self) {
         for waker in self
             .wakers
@@ -328,16 +332,17 @@ impl DestWorker<'_> {
             return Ok(true);
         }
         // Buffers of this worker wait in a reassembly. Once every channel everywhere has ended
-        // and nothing is in flight anywhere, only deliveries can still happen: stay while any
-        // device's next buffer is here (deliver it, or wake its owner), leave when none is.
+        // and no receive is in flight, only deliveries can still happen: stay while any device
+        // can move (deliver its next buffer if it is ours; otherwise its owner, or the writer
+        // in flight, wakes us), leave when none can (a gap: the run is incomplete). A write in
+        // flight keeps us too: `active_ops` was read before the devices, so another worker may
+        // have started that write, from a buffer ready at the read, in between.
         let all_ended = self.shared.done_channels.load(Ordering::SeqCst) == self.shared.n_channels
             && self.shared.active_ops.load(Ordering::SeqCst) == 0;
         if !all_ended {
             return Ok(false);
         }
-        let deliverable = (0..self.shared.devices.len())
-            .any(|d| self.shared.state(d).reassembly.peek_ready().is_some());
-        if deliverable {
+        if self.shared.any_device_can_move() {
             self.deliver_mine()?;
             return Ok(false);
         }
