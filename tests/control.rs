@@ -365,6 +365,13 @@ struct Run {
 
 impl Run {
     fn new(devs: Vec<Dev>, channels: u8, hold_last: bool) -> Run {
+        let order: Vec<usize> = (0..devs.len()).collect();
+        Run::with_dest_order(devs, channels, hold_last, &order)
+    }
+
+    /// `dest_order`: the order in which the destination VMM adds the devices (the source adds
+    /// them in `devs` order).
+    fn with_dest_order(devs: Vec<Dev>, channels: u8, hold_last: bool, dest_order: &[usize]) -> Run {
         let src = Helper::start("src");
         let dst = Helper::start("dst");
         let s = src.client();
@@ -379,9 +386,11 @@ impl Run {
             base,
         };
         let last = run.devs.len() - 1;
-        for (i, dev) in run.devs.iter_mut().enumerate() {
+        for &i in dest_order {
             let hold = if hold_last && i == last { "on" } else { "off" };
-            dev.add_to_dest(&mut run.d, json!({ "load-config-after-iter": hold }));
+            run.devs[i].add_to_dest(&mut run.d, json!({ "load-config-after-iter": hold }));
+        }
+        for dev in run.devs.iter_mut() {
             dev.add_to_source(&mut run.s);
         }
         let (a, b, names) = channel_pairs(channels);
@@ -544,6 +553,39 @@ fn full_migration_with_precopy_switchover_ack_and_a_held_config() {
         !run.src.socket.exists(),
         "the socket file is removed at exit"
     );
+}
+
+/// Precopy data is routed by device id, not by position: the destination adds the devices in
+/// the other order than the source, and each sink still gets its own stream.
+#[test]
+fn precopy_reaches_the_right_device_when_the_sides_list_devices_in_different_orders() {
+    let devs = vec![
+        Dev::new(0, 4 << 20, true, None),
+        Dev::new(1, 3 << 20, true, None),
+        Dev::new(2, 2 << 20, false, None),
+    ];
+    let mut run = Run::with_dest_order(devs, 2, false, &[2, 1, 0]);
+    wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+        e.event == "SWITCHOVER_ACK"
+    });
+    run.switchover();
+    let (_, seen) = wait_for(&mut run.d, "completed", status_is("completed"));
+    let configs: std::collections::BTreeMap<String, Vec<u8>> = seen
+        .iter()
+        .filter(|e| e.event == "DEVICE_LOADED")
+        .map(|e| {
+            (
+                e.data["device"].as_str().unwrap().to_string(),
+                base64_decode(e.data["config"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    wait_for(&mut run.s, "completed", status_is("completed"));
+    for dev in run.devs.iter_mut() {
+        dev.sink.verify_config(&configs[&dev.handle()]).unwrap();
+        dev.sink.set_state(MigState::Stop).unwrap();
+        dev.source.set_state(MigState::Stop).unwrap();
+    }
 }
 
 #[test]

@@ -402,7 +402,12 @@ impl<'a> DestSession<'a> {
                 let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
                 let setup = main_reader.read_setup().map_err(SessionError::Main)?;
                 self.check_setup(&setup)?;
-                precopy_sections = setup.precopy.clone();
+                // Sections are numbered in the source's device order, which may not be ours.
+                precopy_sections = setup
+                    .precopy
+                    .iter()
+                    .map(|&section| (section, setup.devices[section as usize].clone()))
+                    .collect();
                 reader = Some(main_reader);
             }
         }
@@ -445,8 +450,15 @@ impl<'a> DestSession<'a> {
         // The reader writes precopy data into duplicates of the resuming data_fds, and drops
         // them at SWITCHOVER_START, before the engine writes the first stop-copy byte.
         let mut precopy_fds: HashMap<u32, (DeviceId, File)> = HashMap::new();
-        for &section in &precopy_sections {
-            let device = &devices[section as usize];
+        for (section, id) in &precopy_sections {
+            let section = *section;
+            let device =
+                devices
+                    .iter()
+                    .find(|d| &d.id == id)
+                    .ok_or_else(|| SessionError::Mismatch {
+                        what: format!("precopy section {section} is device {id}, unknown here"),
+                    })?;
             let dup = device
                 .data_fd
                 .try_clone()
@@ -496,7 +508,7 @@ impl<'a> DestSession<'a> {
             }
             event
         })?;
-        let awaiting_init: BTreeSet<u32> = precopy_sections.iter().copied().collect();
+        let awaiting_init: BTreeSet<u32> = precopy_sections.iter().map(|(s, _)| *s).collect();
         self.notify(Notice::Phase(Phase::Precopy));
         if awaiting_init.is_empty() {
             // No precopy device: QEMU acks at once.
