@@ -1,5 +1,5 @@
-//! The test vectors of `docs/qemu-wire.md` section 9, byte for byte, and every strict error the
-//! decoders promise (field, value and offset).
+//! The test vectors of `../shared/docs/qemu-wire.md` section 9, byte for byte, and every strict
+//! error the decoders promise (field, value and offset).
 
 // Test helpers unwrap too: a failed step is a failed test (clippy allows it only in #[test] fns).
 #![allow(clippy::unwrap_used)]

@@ -13,7 +13,8 @@ pub enum RowKind {
     Uring,
     /// The `threads` engine (QEMU 10.0's design, with its copies) on both helpers.
     Threads,
-    /// One multifd channel (QEMU before 10.0), `uring` engine.
+    /// One multifd channel with devices saved one after another (QEMU before 10.0), `uring`
+    /// engine.
     Single,
     /// The same kernel copies with no framing: blocking threads pumping data_fd -> TCP -> data_fd.
     Ceiling,
@@ -104,7 +105,7 @@ pub struct BenchArgs {
     /// io_uring workers per helper (passed as --workers) [default: the helper's, the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<u32>,
-    /// The vfio-multifd binary [default: next to this one, or $VFIO_MULTIFD_BIN].
+    /// The vfio-multifd binary [default: $VFIO_MULTIFD_BIN, else the one next to this binary].
     #[arg(long, value_name = "PATH")]
     pub helper: Option<PathBuf>,
     /// Log level of this binary and of the helpers (error, warn, info, debug).

@@ -17,7 +17,7 @@ use serde_json::Value;
 /// Version of this protocol; the greeting and `--print-capabilities` carry it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Every command, in the order the reference lists them.
+/// Every command (the order of `query-capabilities`' list).
 pub const COMMANDS: [&str; 12] = [
     "query-capabilities",
     "add-device",

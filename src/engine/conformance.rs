@@ -10,8 +10,8 @@
 //! - error offsets are stream offsets counted from the start of the channel, init packet
 //!   included, and name the start of the offending packet.
 //!
-//! A case for an engine that cannot be built here (the uring engine while it is absent, or a
-//! kernel without io_uring) prints why and passes.
+//! A uring case where the engine cannot be set up here (no io_uring, refused by seccomp,
+//! forbidden, or no memory for its buffers) prints why and passes.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

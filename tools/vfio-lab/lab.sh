@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # VFIO lab: real kernel VFIO migration (the mtty sample driver) inside a Debian guest under
-# qemu-system-x86_64 -accel tcg, no host VFIO or KVM needed (docs/vfio-lab.md).
+# qemu-system-x86_64 -accel tcg, no host VFIO or KVM needed (../shared/docs/vfio-lab.md).
 #
 # Fetches the pinned Debian kernel, headers and source with `apt-get download` (never
 # installed on the host), builds mtty.ko against them, builds tools/vfio-lab/guest as a

@@ -11,12 +11,12 @@
 #   lab_boot <initrd> <serial-log> <timeout-s> [extra kernel args]
 #
 # Nothing here installs a kernel on the host: every .deb is fetched with `apt-get download`
-# and unpacked with `dpkg-deb -x` (docs/vfio-lab.md, "no-install path").
+# and unpacked with `dpkg-deb -x` (../shared/docs/vfio-lab.md, "no-install path").
 
 LAB_DIR=${LAB_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 LAB_WORK=${LAB_WORK:-$LAB_DIR/work}
 LAB_ARCH=amd64
-# The pin studied in docs/vfio-lab.md. mtty migration needs 6.7 or later.
+# The pin studied in ../shared/docs/vfio-lab.md. mtty migration needs 6.7 or later.
 LAB_DEFAULT_ABI=6.12.117+deb12
 LAB_DEFAULT_PKGVER=6.12.117-1~deb12u1
 LAB_BUSYBOX_PKGVER=${LAB_BUSYBOX_PKGVER:-1:1.35.0-4+deb12u1+b1}

@@ -28,8 +28,9 @@
 //! - Closing the last device fd, RESET or a session-ending arc disables a real data_fd
 //!   (ENODEV); a sim's pipe then reads EOF, its memfd is not disabled (do not rely on either).
 //!
-//! All `unsafe` of the crate sits in `sys` (ioctls), `os` (plain syscalls) and [`fd`]
-//! (adopting numbers, SCM_RIGHTS), each block with a `SAFETY` comment.
+//! All `unsafe` of the crate sits in `sys` (ioctls), `os` (plain syscalls), [`fd`] (adopting
+//! numbers, SCM_RIGHTS) and one call in `sim::content` (the AVX-512 check, after feature
+//! detection), each block with a `SAFETY` comment.
 
 #![warn(missing_docs)]
 

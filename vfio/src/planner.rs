@@ -1,5 +1,6 @@
 //! Transition planning: the kernel's next-hop table (`vfio_mig_get_next_state` in
-//! `drivers/vfio/vfio_main.c`) plus the helper's own rules (`docs/vfio-uapi.md` §1.3).
+//! `drivers/vfio/vfio_main.c`) plus the helper's own rules (`../shared/docs/vfio-uapi.md`
+//! §1.3).
 //!
 //! [`plan`] returns the single arcs to take, one SET each, so a failure names the exact arc and
 //! a data_fd can only appear on the arc that must open it:

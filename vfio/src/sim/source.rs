@@ -8,7 +8,8 @@
 //! (Leaving precopy undrained, or a precopy device going straight to STOP_COPY, costs one copy
 //! of the stop-copy part at that transition.)
 //!
-//! With a speed: a 1 MiB pipe fed by a pacing thread (`sim-save-<name>`).
+//! With a speed: a 1 MiB pipe fed by a pacing thread (`sim-save-<name>`) that splices pages of
+//! the same pre-generated image (kept for the next session); fault devices generate as they go.
 
 use std::ffi::CString;
 use std::io;
@@ -67,8 +68,8 @@ impl std::fmt::Debug for SimSource {
 }
 
 impl SimSource {
-    /// A source in RUNNING. Without a speed the whole stream is generated now (setup time, not
-    /// downtime).
+    /// A source in RUNNING. Unless it is a fault device, the whole stream is generated now (setup
+    /// time, not downtime); a paced device's feeder splices from it.
     pub fn new(name: &str, spec: SimSpec) -> Result<SimSource, VfioError> {
         Self::build(name, spec, None)
     }
