@@ -1016,6 +1016,42 @@ fn dest_stall_detected(kind: EngineKind) {
     );
 }
 
+/// A peer that never sends a device's next idx cannot make the destination hold ever more,
+/// even with no queued-bytes limit (QEMU's default): out-of-order packets, with data or
+/// without, fill what the engine holds (the uring pool's 16 buffers; the threads engine's cap
+/// of queued packets per device) and the run then stalls with an error naming the channels and
+/// the device.
+fn dest_out_of_order_flood_is_bounded(kind: EngineKind) {
+    let config = test_config();
+    assert_eq!(config.max_queued_bytes, u64::MAX);
+    let Some(d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let mut feeds: Vec<TcpStream> = d
+        .feeds
+        .iter()
+        .map(|f| f.try_clone().expect("clone a feed"))
+        .collect();
+    // From another thread: once the destination stops reading, these writes block until it
+    // fails and shuts its channels.
+    let flood_id = id.clone();
+    let flood = thread::spawn(move || {
+        // Each channel alone carries more than either engine holds, so both end up waiting.
+        for idx in 1..=(2 * super::threads::QUEUE_CAP_PACKETS as u32 + 200) {
+            let payload: &[u8] = if idx % 2 == 0 { b"" } else { b"x" };
+            let bytes = packet(&flood_id, idx, false, payload);
+            if feeds[(idx % 2) as usize].write_all(&bytes).is_err() {
+                return;
+            }
+        }
+    });
+    let err = d.error();
+    assert!(matches!(err, DataPlaneError::Stalled { .. }), "{err:?}");
+    assert_names(&err, &["channel 0", "channel 1", &id.to_string()]);
+    flood.join().expect("the flood thread ends");
+}
+
 /// Channels that never end: cancel stops the run and every thread.
 fn dest_cancel(kind: EngineKind) {
     let Some(mut d) = RawDest::start(kind, 3, 2, test_config()) else {
@@ -1293,6 +1329,7 @@ per_engine!(
     dest_channel_closed_early,
     dest_backpressure_out_of_order,
     dest_stall_detected,
+    dest_out_of_order_flood_is_bounded,
     dest_cancel,
     source_cancel,
     source_peer_gone,

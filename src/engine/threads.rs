@@ -22,8 +22,9 @@
 //!   config blob over last.
 //!
 //! Where QEMU 10.1 fails on its queued-buffers limit, a receiver here keeps the packet it read
-//! and stops reading its channel until the device has written something (memory: at most
-//! `max_queued_bytes` queued per device plus one packet held per channel). When every open
+//! and stops reading its channel until the device has written something (memory: per device,
+//! at most `max_queued_bytes`, and never more than [`QUEUE_CAP_BYTES`] in [`QUEUE_CAP_PACKETS`]
+//! packets, queued, plus one packet held per channel). When every open
 //! channel waits like that and no waited-on device can write, no progress is possible and the run
 //! fails with [`DataPlaneError::Stalled`] instead of hanging.
 //!
@@ -49,6 +50,11 @@ use crate::wire::{
     DeviceStatePacketHeader, VfioDeviceStatePacketHeader, DEVICE_STATE_HEADER_LEN, INIT_PACKET_LEN,
     VFIO_HEADER_LEN,
 };
+
+/// Out-of-order bytes one device may queue at most, whatever the queued-bytes limit.
+pub const QUEUE_CAP_BYTES: u64 = 256 << 20;
+/// Out-of-order packets one device may queue at most: what bounds packets without data.
+pub const QUEUE_CAP_PACKETS: usize = 4096;
 
 /// How often a waiting run looks at [`Progress::cancel`].
 const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -152,20 +158,26 @@ impl Engine for ThreadsEngine {
             channels,
             progress,
         } = plan;
+        // Whatever the queued-bytes limit (QEMU's default is none) and whatever the peer sends,
+        // a device queues at most this much: memory stays bounded, and a well-behaved source
+        // (channels a few packets apart) never comes near it.
+        let max_queued_bytes = self.config.max_queued_bytes.min(QUEUE_CAP_BYTES);
         let shared = DestShared {
             channels: &channels,
             devices: devices
                 .iter()
                 .map(|d| DevSlot {
                     id: &d.id,
-                    state: Mutex::new(Reassembly::new(self.config.max_queued_bytes)),
+                    state: Mutex::new(
+                        Reassembly::new(max_queued_bytes).with_packet_limit(QUEUE_CAP_PACKETS),
+                    ),
                     cv: Condvar::new(),
                 })
                 .collect(),
             status: Mutex::new(vec![ChanStatus::Reading; channels.len()]),
             channels_closed: AtomicBool::new(false),
             max_packet_size: self.config.max_packet_size,
-            max_queued_bytes: self.config.max_queued_bytes,
+            max_queued_bytes,
             abort: Abort::default(),
             live: Live::default(),
             progress: &progress,

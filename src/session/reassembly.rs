@@ -63,6 +63,9 @@ pub struct Reassembly<B> {
     pending: BTreeMap<u32, Queued<B>>,
     queued_bytes: u64,
     max_queued_bytes: u64,
+    /// Packets queued (received or reserved, not yet written) beyond which only the next idx
+    /// is admitted: bounds what packets without data cost, which `max_queued_bytes` does not.
+    max_queued_packets: usize,
     in_flight: bool,
     loaded: bool,
 }
@@ -76,9 +79,16 @@ impl<B> Reassembly<B> {
             pending: BTreeMap::new(),
             queued_bytes: 0,
             max_queued_bytes,
+            max_queued_packets: usize::MAX,
             in_flight: false,
             loaded: false,
         }
+    }
+
+    /// At most `packets` queued at once; beyond it only the next idx is admitted.
+    pub fn with_packet_limit(mut self, packets: usize) -> Self {
+        self.max_queued_packets = packets;
+        self
     }
 
     /// Checks a packet before its payload is read: errors are final, `Wait` is backpressure.
@@ -109,7 +119,9 @@ impl<B> Reassembly<B> {
             (false, _) => {}
         }
         let deliverable_now = idx == self.next_idx;
-        if deliverable_now || self.queued_bytes + u64::from(len) <= self.max_queued_bytes {
+        let room = self.queued_bytes + u64::from(len) <= self.max_queued_bytes
+            && self.pending.len() < self.max_queued_packets;
+        if deliverable_now || room {
             Ok(Admission::Accept)
         } else {
             Ok(Admission::Wait)
@@ -346,6 +358,21 @@ mod tests {
                 next_idx: 2
             })
         );
+    }
+
+    /// Packets without data cost no bytes, so the packet limit is what bounds them.
+    #[test]
+    fn the_packet_limit_holds_back_empty_packets_but_not_the_next_idx() {
+        let mut r = Reassembly::new(u64::MAX).with_packet_limit(2);
+        for idx in [1, 2] {
+            assert_eq!(r.admit(idx, false, 0), Ok(Admission::Accept));
+            r.insert(idx, false, 0, idx);
+        }
+        assert_eq!(r.admit(3, false, 0), Ok(Admission::Wait));
+        assert_eq!(r.admit(0, false, 0), Ok(Admission::Accept), "idx 0 is next");
+        r.insert(0, false, 0, 0);
+        assert_eq!(deliver_all(&mut r), vec![0, 1, 2]);
+        assert_eq!(r.admit(3, false, 0), Ok(Admission::Accept));
     }
 
     #[test]
