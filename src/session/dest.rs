@@ -400,7 +400,9 @@ impl<'a> DestSession<'a> {
                 self.reply = Some(main.try_clone().map_err(socket_err)?);
                 self.driver.watch(main).map_err(socket_err)?;
                 let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
-                let setup = main_reader.read_setup().map_err(SessionError::Main)?;
+                let setup = main_reader
+                    .read_setup(self.devices.len())
+                    .map_err(SessionError::Main)?;
                 self.check_setup(&setup)?;
                 // Sections are numbered in the source's device order, which may not be ours.
                 precopy_sections = setup

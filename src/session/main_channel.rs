@@ -474,8 +474,10 @@ impl<R: Read> MainReader<R> {
             .next(what, |buf| Ok(decode_footer(buf, id)?.map(|n| ((), n))))
     }
 
-    /// Reads the file header, CONFIGURATION, the device sections and the setup JSON.
-    pub fn read_setup(&mut self) -> Result<Setup, MainChannelError> {
+    /// Reads the file header, CONFIGURATION, the device sections and the setup JSON. A source
+    /// that lists more than `max_devices` devices is refused at the first extra one (each
+    /// record is bounded, their number is not).
+    pub fn read_setup(&mut self, max_devices: usize) -> Result<Setup, MainChannelError> {
         self.stream.next("the QEVM header", |buf| {
             Ok(decode_file_header(buf)?.map(|n| ((), n)))
         })?;
@@ -501,6 +503,13 @@ impl<R: Read> MainReader<R> {
         loop {
             match self.record("a device SECTION_START or the setup description")? {
                 Owned::SectionStart(id, sid) => {
+                    if devices.len() == max_devices {
+                        return Err(MainChannelError::Malformed {
+                            what: format!(
+                                "device {id} is past the {max_devices} devices this destination has"
+                            ),
+                        });
+                    }
                     if sid != section_id(devices.len()) {
                         return Err(MainChannelError::Malformed {
                             what: format!(
@@ -796,7 +805,7 @@ mod tests {
         out.extend(encode_completion(2));
 
         let mut reader = MainReader::new(&out[..]);
-        assert_eq!(reader.read_setup().unwrap(), with_precopy);
+        assert_eq!(reader.read_setup(8).unwrap(), with_precopy);
         let mut got = Vec::new();
         let mut sink = |sid: u32, data: &[u8]| {
             got.push((sid, data.to_vec()));
@@ -817,14 +826,14 @@ mod tests {
         let mut out = encode_setup(&with_precopy).unwrap();
         out.extend(encode_init_data_sent(0));
         let mut reader = MainReader::new(&out[..]);
-        reader.read_setup().unwrap();
+        reader.read_setup(8).unwrap();
         let err = reader.next_event().unwrap_err();
         assert!(err.to_string().contains("did not announce"), "{err}");
         let mut out = encode_setup(&with_precopy).unwrap();
         out.extend(encode_init_data_sent(1));
         out.extend(encode_init_data_sent(1));
         let mut reader = MainReader::new(&out[..]);
-        reader.read_setup().unwrap();
+        reader.read_setup(8).unwrap();
         assert_eq!(reader.next_event().unwrap(), MainEvent::InitDataSent(1));
         let err = reader.next_event().unwrap_err();
         assert!(
@@ -852,7 +861,7 @@ mod tests {
         assert_eq!(out.last(), Some(&0x00));
 
         let mut reader = MainReader::new(&out[..]);
-        assert_eq!(reader.read_setup().unwrap(), setup());
+        assert_eq!(reader.read_setup(8).unwrap(), setup());
         assert_eq!(reader.next_event().unwrap(), MainEvent::SwitchoverStart);
         assert_eq!(reader.next_event().unwrap(), MainEvent::Eof);
         assert!(matches!(
@@ -878,9 +887,29 @@ mod tests {
         out.extend(encode_switchover_start());
         out.extend(encode_completion(2));
         let mut reader = MainReader::new(Trickle(&out));
-        assert_eq!(reader.read_setup().unwrap().devices.len(), 2);
+        assert_eq!(reader.read_setup(8).unwrap().devices.len(), 2);
         assert_eq!(reader.next_event().unwrap(), MainEvent::SwitchoverStart);
         assert_eq!(reader.next_event().unwrap(), MainEvent::Eof);
+    }
+
+    #[test]
+    fn a_source_listing_more_devices_than_the_destination_has_is_refused() {
+        let listed = setup();
+        let out = encode_setup(&listed).unwrap();
+        let err = MainReader::new(&out[..]).read_setup(1).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&listed.devices[1].to_string()) && text.contains("1 devices"),
+            "{text}"
+        );
+        assert_eq!(
+            MainReader::new(&out[..])
+                .read_setup(2)
+                .unwrap()
+                .devices
+                .len(),
+            2
+        );
     }
 
     #[test]
@@ -889,7 +918,7 @@ mod tests {
         out.extend(encode_switchover_start());
         out.extend(encode_completion(1));
         let mut reader = MainReader::new(&out[..]);
-        reader.read_setup().unwrap();
+        reader.read_setup(8).unwrap();
         reader.next_event().unwrap();
         let err = reader.next_event().unwrap_err();
         assert!(
@@ -900,7 +929,7 @@ mod tests {
         let mut out = encode_setup(&setup()).unwrap();
         out.extend([0x08, 0x00, 0x0b, 0x00, 0x01, 0xff]);
         let mut reader = MainReader::new(&out[..]);
-        reader.read_setup().unwrap();
+        reader.read_setup(8).unwrap();
         let err = reader.next_event().unwrap_err();
         let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(
@@ -909,7 +938,7 @@ mod tests {
         );
 
         let mut reader = MainReader::new(&b"QEVM\x00\x00\x00\x02"[..]);
-        let err = reader.read_setup().unwrap_err();
+        let err = reader.read_setup(8).unwrap_err();
         assert!(matches!(
             err,
             MainChannelError::Wire {
