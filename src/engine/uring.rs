@@ -79,12 +79,12 @@ impl UringEngine {
         let slot = PACKET_HEADER_ROOM + self.config.chunk_size;
         let need = slots.iter().sum::<usize>() * BufferPool::slot_bytes(slot).map_err(setup)?;
         let kept = self.arena.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let arena = match kept {
+        let mut arena = match kept {
             Some(arena) if arena.len() >= need => arena,
             // Another run holds it, or this split needs more: a fresh one, faulted in now.
             _ => Arena::new(need).map_err(setup)?,
         };
-        let pools = BufferPool::cut(&arena, &slots, slot).map_err(setup)?;
+        let pools = BufferPool::cut(&mut arena, &slots, slot).map_err(setup)?;
         Ok((arena, pools))
     }
 

@@ -8,6 +8,10 @@
 //!   notification where there is one. So program code never touches memory the kernel may use.
 //!   A pool can lend a slot token to another thread's ring ([`LentSlot`], used unregistered
 //!   there); the lender cannot hand the slot out until the token comes back.
+//! - A token names its pool, and a pool (so a ring) panics on another pool's token rather than
+//!   open a slot that token does not own. Pools are cut from an [`Arena`] only while nothing
+//!   else holds it, so they never overlap. A ring holds its arena itself, so swapping its pool
+//!   out through [`Ring::pool`] cannot unmap memory its ops use.
 //! - A `data_fd` read and the send of the same slot are linked ([`Ring::read_then_send`]); both
 //!   SQEs are pushed together or not at all. A short read cancels the send (ECANCELED), and the
 //!   caller sends what was read.

@@ -6,24 +6,42 @@
 //! pinning them, which faults them in) costs more CPU than moving them, and must not land in
 //! the downtime.
 //!
-//! Ownership: a slot is named by a [`BufId`], a move-only token. Whoever holds the token may
-//! touch the slot's bytes ([`BufferPool::slot_mut`]); submitting an operation moves the token into
-//! the ring's op table until the operation's last completion, so no slot is touched by the
-//! program while the kernel may touch it. Pools of one arena never overlap; the arena lives as
-//! long as its last pool (a pool leaked by a ring whose ops never finished keeps it alive).
+//! Ownership: a slot is named by a [`BufId`], a move-only token that also names its pool (a
+//! pool refuses, by panicking, a token of another pool: that is a bug in the caller, and it
+//! must not alias a slot the kernel may be using). Whoever holds the token may touch the
+//! slot's bytes ([`BufferPool::slot_mut`]); submitting an operation moves the token into the
+//! ring's op table until the operation's last completion, so no slot is touched by the program
+//! while the kernel may touch it. Pools are cut from an arena only while nothing else holds
+//! it ([`BufferPool::cut`]), so pools of one arena never overlap; the arena lives as long as
+//! its last pool, lent slot or ring (a ring whose ops never finished leaks its hold).
 
 use std::io;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A slot of the pool, owned by whoever holds this token.
+/// A slot of one pool, owned by whoever holds this token.
 #[derive(Debug, PartialEq, Eq)]
-pub struct BufId(u16);
+pub struct BufId {
+    index: u16,
+    pool: PoolId,
+}
 
 impl BufId {
     /// The slot index, which is also its fixed-buffer index when the pool is registered.
     pub fn index(&self) -> u16 {
-        self.0
+        self.index
+    }
+}
+
+/// Which pool a token belongs to: unique for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PoolId(u64);
+
+impl PoolId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        PoolId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -44,9 +62,8 @@ pub enum Buffer {
 /// [`BufferPool::take_back`]. Holding it is holding the slot's token, and the arena stays
 /// mapped while it lives, whatever happens to the lending pool.
 pub struct LentSlot {
-    arena: Arc<Arena>,
-    /// The lending pool's first slot: which pool it goes back to.
-    pool_base: NonNull<u8>,
+    /// Keeps the slot's memory mapped while it lives.
+    _arena: Arc<Arena>,
     ptr: NonNull<u8>,
     len: usize,
     id: BufId,
@@ -59,7 +76,7 @@ unsafe impl Send for LentSlot {}
 impl std::fmt::Debug for LentSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LentSlot")
-            .field("index", &self.id.0)
+            .field("index", &self.id.index)
             .field("len", &self.len)
             .finish()
     }
@@ -97,8 +114,9 @@ pub struct Arena {
     len: usize,
 }
 
-// SAFETY: the arena is plain memory; it hands out disjoint slices only to the pools cut from it
-// (`BufferPool::cut`), each of which is accessed through `&mut` plus slot tokens.
+// SAFETY: the arena is plain memory; its slices go only to the pools cut from it, and
+// `BufferPool::cut` cuts only while it holds the arena alone, so those pools are disjoint; each
+// is accessed through `&mut` plus slot tokens of its own.
 unsafe impl Send for Arena {}
 // SAFETY: `&Arena` exposes only its length.
 unsafe impl Sync for Arena {}
@@ -175,6 +193,7 @@ impl Drop for Arena {
 /// A ring's slots: a slice of an arena, and its free slots.
 pub struct BufferPool {
     arena: Arc<Arena>,
+    id: PoolId,
     base: NonNull<u8>,
     slot_size: usize,
     slots: u16,
@@ -201,8 +220,8 @@ impl BufferPool {
     /// A pool of `slots` slots of `slot_size` bytes (rounded up to a page) on an arena of its own.
     pub fn new(slots: usize, slot_size: usize) -> io::Result<Self> {
         let slot_size = Self::slot_bytes(slot_size)?;
-        let arena = Arena::new(Self::check_slots(slots)?.saturating_mul(slot_size))?;
-        let mut pools = Self::cut(&arena, &[slots], slot_size)?;
+        let mut arena = Arena::new(Self::check_slots(slots)?.saturating_mul(slot_size))?;
+        let mut pools = Self::cut(&mut arena, &[slots], slot_size)?;
         Ok(pools.pop().expect("one pool asked for"))
     }
 
@@ -222,8 +241,15 @@ impl BufferPool {
     }
 
     /// Cuts consecutive, disjoint pools out of `arena`: `slots[i]` slots of `slot_size` bytes
-    /// (rounded up to a page) for pool i.
-    pub fn cut(arena: &Arc<Arena>, slots: &[usize], slot_size: usize) -> io::Result<Vec<Self>> {
+    /// (rounded up to a page) for pool i. Refused while anything else holds the arena (a pool,
+    /// a lent slot or a ring from an earlier cut, or another clone of the `Arc`): the new pools
+    /// would overlap slots that may still be in use.
+    pub fn cut(arena: &mut Arc<Arena>, slots: &[usize], slot_size: usize) -> io::Result<Vec<Self>> {
+        if Arc::get_mut(arena).is_none() {
+            return Err(invalid(
+                "the arena is still held by pools, lent slots or rings cut from it earlier",
+            ));
+        }
         let slot_size = Self::slot_bytes(slot_size)?;
         let mut offset = 0usize;
         let mut pools = Vec::with_capacity(slots.len());
@@ -239,12 +265,17 @@ impl BufferPool {
             // SAFETY: offset < end <= arena.len(), so the pointer stays inside the arena.
             let base = unsafe { NonNull::new_unchecked(arena.base.as_ptr().add(offset)) };
             let count = n as u16;
+            let id = PoolId::fresh();
             pools.push(Self {
                 arena: Arc::clone(arena),
+                id,
                 base,
                 slot_size,
                 slots: count,
-                free: (0..count).rev().map(BufId).collect(),
+                free: (0..count)
+                    .rev()
+                    .map(|index| BufId { index, pool: id })
+                    .collect(),
                 registered: false,
             });
             offset = end;
@@ -296,19 +327,31 @@ impl BufferPool {
         self.free.pop()
     }
 
-    /// Gives a slot back.
+    /// Gives a slot back. (A token is unique and moved in, so a slot cannot come back twice.)
+    ///
+    /// # Panics
+    /// If the token is another pool's: a bug in the caller, not bad input.
     pub fn put(&mut self, id: BufId) {
-        debug_assert!(id.0 < self.slots && !self.free.contains(&id));
+        self.check(&id);
         self.free.push(id);
+    }
+
+    fn check(&self, id: &BufId) {
+        assert!(
+            id.pool == self.id,
+            "slot token of another pool used on this one"
+        );
     }
 
     /// Lends a slot the caller holds to another ring: its operations use the slot's memory
     /// unregistered, and the slot is not handed out here until [`Self::take_back`].
+    ///
+    /// # Panics
+    /// If the token is another pool's.
     pub fn lend(&mut self, id: BufId) -> LentSlot {
-        let ptr = self.slot_ptr(id.0);
+        let ptr = self.token_ptr(&id);
         LentSlot {
-            arena: Arc::clone(&self.arena),
-            pool_base: self.base,
+            _arena: Arc::clone(&self.arena),
             // SAFETY: `slot_ptr` points inside the arena, never at null.
             ptr: unsafe { NonNull::new_unchecked(ptr) },
             len: self.slot_size,
@@ -318,7 +361,7 @@ impl BufferPool {
 
     /// Whether `slot` was lent by this pool.
     pub fn lent_here(&self, slot: &LentSlot) -> bool {
-        slot.pool_base == self.base && Arc::ptr_eq(&slot.arena, &self.arena)
+        slot.id.pool == self.id
     }
 
     /// A lent slot comes back and can be handed out again.
@@ -334,14 +377,27 @@ impl BufferPool {
     }
 
     /// The bytes of a slot the caller holds.
+    ///
+    /// # Panics
+    /// If the token is another pool's.
     pub fn slot_mut(&mut self, id: &BufId) -> &mut [u8] {
-        // SAFETY: `id` is a token of this pool (index < slots) held by the caller, so no
-        // operation is in flight on this slot; `&mut self` excludes any other borrow of the pool,
-        // and slots do not overlap.
-        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(id.0), self.slot_size) }
+        let ptr = self.token_ptr(id);
+        // SAFETY: `token_ptr` checked that `id` is a token of this pool, and the caller holds
+        // it, so no operation is in flight on this slot; `&mut self` excludes any other borrow
+        // of the pool, and slots do not overlap.
+        unsafe { std::slice::from_raw_parts_mut(ptr, self.slot_size) }
     }
 
-    pub(crate) fn slot_ptr(&self, index: u16) -> *mut u8 {
+    /// Where the slot of a token of this pool starts.
+    ///
+    /// # Panics
+    /// If the token is another pool's.
+    pub(crate) fn token_ptr(&self, id: &BufId) -> *mut u8 {
+        self.check(id);
+        self.slot_ptr(id.index)
+    }
+
+    fn slot_ptr(&self, index: u16) -> *mut u8 {
         assert!(index < self.slots, "slot index out of range");
         // SAFETY: index < slots, so the offset stays inside this pool's slice of the arena.
         unsafe { self.base.as_ptr().add(usize::from(index) * self.slot_size) }
@@ -395,8 +451,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "did not lend it")]
     fn a_slot_cannot_go_back_to_a_pool_that_did_not_lend_it() {
-        let arena = Arena::new(2 * 4096).unwrap();
-        let mut pools = BufferPool::cut(&arena, &[1, 1], 4096).unwrap();
+        let mut arena = Arena::new(2 * 4096).unwrap();
+        let mut pools = BufferPool::cut(&mut arena, &[1, 1], 4096).unwrap();
         let id = pools[0].take().unwrap();
         let lent = pools[0].lend(id);
         assert!(!pools[1].lent_here(&lent));
@@ -412,8 +468,8 @@ mod tests {
 
     #[test]
     fn pools_cut_from_one_arena_are_disjoint_and_bounded() {
-        let arena = Arena::new(5 * 8192).unwrap();
-        let mut pools = BufferPool::cut(&arena, &[2, 3], 5000).unwrap();
+        let mut arena = Arena::new(5 * 8192).unwrap();
+        let mut pools = BufferPool::cut(&mut arena, &[2, 3], 5000).unwrap();
         let ids: Vec<Vec<BufId>> = pools
             .iter_mut()
             .map(|p| (0..p.slots()).map(|_| p.take().unwrap()).collect())
@@ -428,11 +484,48 @@ mod tests {
                 assert!(pool.slot_mut(id).iter().all(|&x| x == p as u8 + 1));
             }
         }
-        assert!(
-            BufferPool::cut(&arena, &[3, 3], 5000).is_err(),
-            "6 slots in 5"
-        );
         drop(pools);
         assert_eq!(Arc::strong_count(&arena), 1, "pools let go of the arena");
+        assert!(
+            BufferPool::cut(&mut arena, &[3, 3], 5000).is_err(),
+            "6 slots in 5"
+        );
+    }
+
+    /// Pools of one arena are disjoint only if nothing from an earlier cut is still alive.
+    #[test]
+    fn an_arena_is_cut_again_only_once_nothing_holds_it() {
+        let mut arena = Arena::new(2 * 4096).unwrap();
+        let mut pools = BufferPool::cut(&mut arena, &[2], 4096).unwrap();
+        assert!(
+            BufferPool::cut(&mut arena, &[2], 4096).is_err(),
+            "a pool is alive"
+        );
+        let id = pools[0].take().unwrap();
+        let lent = pools[0].lend(id);
+        drop(pools);
+        assert!(
+            BufferPool::cut(&mut arena, &[2], 4096).is_err(),
+            "a lent slot is alive"
+        );
+        drop(lent);
+        assert_eq!(BufferPool::cut(&mut arena, &[2], 4096).unwrap().len(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "another pool")]
+    fn a_token_of_another_pool_does_not_open_a_slot() {
+        let mut mine = BufferPool::new(1, 4096).unwrap();
+        let mut theirs = BufferPool::new(1, 4096).unwrap();
+        let id = theirs.take().unwrap();
+        mine.slot_mut(&id);
+    }
+
+    #[test]
+    #[should_panic(expected = "another pool")]
+    fn a_token_of_another_pool_does_not_go_back_into_this_one() {
+        let mut mine = BufferPool::new(1, 4096).unwrap();
+        let mut theirs = BufferPool::new(1, 4096).unwrap();
+        mine.put(theirs.take().unwrap());
     }
 }

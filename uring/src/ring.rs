@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -13,7 +14,7 @@ use crate::ops::{
     split_user_data, user_data, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA, PART_CHAIN_SEND,
     PART_MAIN, WAKE_USER_DATA,
 };
-use crate::pool::{BufId, Buffer, BufferPool};
+use crate::pool::{Arena, BufId, Buffer, BufferPool};
 use crate::probe::{Feature, FeatureMask};
 use crate::waker::Waker;
 
@@ -54,6 +55,9 @@ pub struct Ring {
     ring: IoUring,
     ops: OpTable,
     pool: std::mem::ManuallyDrop<BufferPool>,
+    /// The ring's own hold on the memory it registered and its ops use: `pool()` hands out
+    /// `&mut BufferPool`, which a caller could swap out and drop while ops are in flight.
+    arena: std::mem::ManuallyDrop<Arc<Arena>>,
     ready: VecDeque<Completion>,
     waker: Waker,
     /// Leaked on purpose: a cancelled eventfd read may still land after the ring closes.
@@ -140,8 +144,8 @@ impl Ring {
         let mut fixed_buffers = false;
         if !config.forbid.contains(Feature::FixedBuffers) && supported(opcode::ReadFixed::CODE) {
             let iovecs = pool.iovecs();
-            // SAFETY: every iovec points into the pool's arena, which lives in `Ring::pool` and
-            // is freed only after the ring is closed (field order, and `Drop` drains first).
+            // SAFETY: every iovec points into the pool's arena, which `Ring::arena` keeps mapped
+            // until the ring is closed (field order, and `Drop` drains first or leaks it).
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
                 Ok(()) => fixed_buffers = true,
                 Err(err) => notes.push(format!(
@@ -157,6 +161,7 @@ impl Ring {
         let mut ring = Self {
             ring,
             ops: OpTable::default(),
+            arena: std::mem::ManuallyDrop::new(Arc::clone(pool.arena())),
             pool: std::mem::ManuallyDrop::new(pool),
             ready: VecDeque::new(),
             waker,
@@ -222,7 +227,7 @@ impl Ring {
 
     fn buf_range(&mut self, buf: &Buffer, range: &Range<usize>) -> *mut u8 {
         let (base, len) = match buf {
-            Buffer::Pool(id) => (self.pool.slot_ptr(id.index()), self.pool.slot_size()),
+            Buffer::Pool(id) => (self.pool.token_ptr(id), self.pool.slot_size()),
             Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
             Buffer::Lent(slot) => (slot.ptr(), slot.size()),
         };
@@ -659,9 +664,12 @@ impl Drop for Ring {
     fn drop(&mut self) {
         let drained = self.ops.live() == 0 || self.cancel_all(DRAIN_TIMEOUT);
         if drained {
-            // SAFETY: no op is in flight, so the kernel no longer uses the pool; the pool is not
-            // used again (this is drop).
-            unsafe { std::mem::ManuallyDrop::drop(&mut self.pool) };
+            // SAFETY: no op is in flight, so the kernel no longer uses the pool or the arena;
+            // neither is used again (this is drop).
+            unsafe {
+                std::mem::ManuallyDrop::drop(&mut self.pool);
+                std::mem::ManuallyDrop::drop(&mut self.arena);
+            }
         } else {
             log::error!(
                 "{} io_uring ops did not finish after cancel; leaking their buffers rather than \
