@@ -899,25 +899,30 @@ fn dest_packet_too_large(kind: EngineKind) {
     );
 }
 
+/// The payload ends early: the error names the channel, the packet's offset, its device and
+/// its idx (its headers came).
 fn dest_truncated_payload(kind: EngineKind) {
     let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
         return;
     };
-    let full = packet(&d.ids[0], 0, false, &[7u8; 1000]);
+    let id = d.ids[0].clone();
+    let full = packet(&id, 3, false, &[7u8; 1000]);
     d.send(0, &full[..full.len() - 500]);
     d.close(0);
     let err = d.error();
     assert!(
         matches!(
             err,
-            DataPlaneError::TruncatedPacket {
+            DataPlaneError::TruncatedPayload {
                 channel: 0,
+                ref device,
+                idx: Some(3),
                 offset: 64
-            }
+            } if *device == id
         ),
         "{err:?}"
     );
-    assert_names(&err, &["channel 0"]);
+    assert_names(&err, &["channel 0", &id.to_string(), "idx 3"]);
 }
 
 fn dest_truncated_header(kind: EngineKind) {

@@ -222,6 +222,23 @@ pub enum DataPlaneError {
     },
     #[error("channel {channel}: unexpected EOF after packet header at stream offset {offset}")]
     TruncatedPacket { channel: usize, offset: u64 },
+    /// The packet's header named its device (and, where its VFIO header was read, its idx).
+    #[error("channel {channel}: unexpected EOF in the payload of device {device}{} (packet at stream offset {offset})", idx_text(.idx))]
+    TruncatedPayload {
+        channel: usize,
+        device: DeviceId,
+        idx: Option<u32>,
+        offset: u64,
+    },
+    #[error("receiving the payload of device {device}{} on channel {channel} (packet at stream offset {offset})", idx_text(.idx))]
+    RecvPayload {
+        channel: usize,
+        device: DeviceId,
+        idx: Option<u32>,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("channel {channel}: Unknown idstr {idstr} or instance id {instance_id} for load state buffer (stream offset {offset})")]
     UnknownDevice {
         channel: usize,
@@ -253,6 +270,10 @@ pub enum DataPlaneError {
         #[source]
         source: io::Error,
     },
+}
+
+fn idx_text(idx: &Option<u32>) -> String {
+    idx.map(|idx| format!(" idx {idx}")).unwrap_or_default()
 }
 
 /// One op set, two implementations.

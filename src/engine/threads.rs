@@ -862,13 +862,27 @@ impl DestShared<'_> {
             let mut payload = vec![0u8; size];
             match read_full(fd, &mut payload) {
                 Ok(got) if got == size => {}
-                Ok(_) => {
-                    return self.recv_failed(DataPlaneError::TruncatedPacket { channel: n, offset })
+                Ok(got) => {
+                    // The idx is known if its VFIO header came.
+                    let idx = payload[..got]
+                        .first_chunk::<VFIO_HEADER_LEN>()
+                        .and_then(|h| {
+                            VfioDeviceStatePacketHeader::decode(h, DEVICE_STATE_HEADER_LEN).ok()
+                        })
+                        .map(|h| h.idx);
+                    return self.recv_failed(DataPlaneError::TruncatedPayload {
+                        channel: n,
+                        device: self.devices[device].id.clone(),
+                        idx,
+                        offset,
+                    });
                 }
                 Err(source) => {
-                    return self.recv_failed(DataPlaneError::Recv {
+                    return self.recv_failed(DataPlaneError::RecvPayload {
                         channel: n,
-                        offset: offset + DEVICE_STATE_HEADER_LEN as u64,
+                        device: self.devices[device].id.clone(),
+                        idx: None,
+                        offset,
                         source,
                     })
                 }

@@ -313,6 +313,18 @@ pub fn locate(err: &(dyn std::error::Error + 'static)) -> Location {
                     idx,
                     ..
                 } => at.fill(Some(device.to_string()), Some(*channel), Some(*idx)),
+                D::TruncatedPayload {
+                    channel,
+                    device,
+                    idx,
+                    ..
+                }
+                | D::RecvPayload {
+                    channel,
+                    device,
+                    idx,
+                    ..
+                } => at.fill(Some(device.to_string()), Some(*channel), *idx),
                 D::Recv { channel, .. }
                 | D::Wire { channel, .. }
                 | D::TruncatedPacket { channel, .. } => at.fill(None, Some(*channel), None),

@@ -396,10 +396,19 @@ impl DestWorker<'_> {
             Ok(n) => n,
             Err(source) => {
                 let offset = channel.offset;
-                return Err(DataPlaneError::Recv {
-                    channel: index,
-                    offset,
-                    source,
+                return Err(match channel.state {
+                    ChanState::Packet(info) => DataPlaneError::RecvPayload {
+                        channel: index,
+                        device: self.shared.devices[info.device].id.clone(),
+                        idx: Some(info.idx),
+                        offset,
+                        source,
+                    },
+                    _ => DataPlaneError::Recv {
+                        channel: index,
+                        offset,
+                        source,
+                    },
                 });
             }
         };
@@ -434,8 +443,10 @@ impl DestWorker<'_> {
             }
             ChanState::Packet(info) => {
                 if n == 0 {
-                    return Err(DataPlaneError::TruncatedPacket {
+                    return Err(DataPlaneError::TruncatedPayload {
                         channel: index,
+                        device: self.shared.devices[info.device].id.clone(),
+                        idx: Some(info.idx),
                         offset: channel.offset,
                     });
                 }
