@@ -272,6 +272,57 @@ pub enum DataPlaneError {
     },
 }
 
+/// What both engines refuse before they start: no channels, a read size outside 1..=chunk, a
+/// config blob that does not fit a packet.
+fn check_source_plan(
+    engine: &'static str,
+    config: &EngineConfig,
+    plan: &SourcePlan,
+) -> Result<(), DataPlaneError> {
+    let invalid = |why: String| DataPlaneError::Setup {
+        engine,
+        source: io::Error::new(io::ErrorKind::InvalidInput, why),
+    };
+    if plan.channels.is_empty() {
+        return Err(invalid("no channels".into()));
+    }
+    let max_data = u32::MAX as usize - crate::wire::VFIO_HEADER_LEN;
+    let max_read = config.chunk_size.min(max_data);
+    for device in &plan.devices {
+        if device.read_size == 0 || device.read_size > max_read {
+            return Err(invalid(format!(
+                "device {}: read size {} is not in 1..={max_read}",
+                device.id, device.read_size
+            )));
+        }
+        if device.config.len() > max_data {
+            return Err(invalid(format!(
+                "device {}: config blob of {} bytes does not fit a packet",
+                device.id,
+                device.config.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What both engines refuse before they start: no channels, a device listed twice.
+fn check_dest_plan(engine: &'static str, plan: &DestPlan) -> Result<(), DataPlaneError> {
+    let invalid = |why: String| DataPlaneError::Setup {
+        engine,
+        source: io::Error::new(io::ErrorKind::InvalidInput, why),
+    };
+    if plan.channels.is_empty() {
+        return Err(invalid("no channels".into()));
+    }
+    for (i, device) in plan.devices.iter().enumerate() {
+        if plan.devices[..i].iter().any(|d| d.id == device.id) {
+            return Err(invalid(format!("device {} is listed twice", device.id)));
+        }
+    }
+    Ok(())
+}
+
 fn idx_text(idx: &Option<u32>) -> String {
     idx.map(|idx| format!(" idx {idx}")).unwrap_or_default()
 }

@@ -79,7 +79,7 @@ impl Engine for ThreadsEngine {
     }
 
     fn run_source(&self, plan: SourcePlan) -> Result<SourceReport, DataPlaneError> {
-        check_source_plan(&self.config, &plan)?;
+        check_source_plan(ENGINE, &self.config, &plan)?;
         let SourcePlan {
             devices,
             channels,
@@ -152,7 +152,7 @@ impl Engine for ThreadsEngine {
     }
 
     fn run_dest(&self, plan: DestPlan) -> Result<DestReport, DataPlaneError> {
-        check_dest_plan(&plan)?;
+        check_dest_plan(ENGINE, &plan)?;
         let DestPlan {
             devices,
             channels,
@@ -225,55 +225,11 @@ impl Engine for ThreadsEngine {
     }
 }
 
-fn setup_error(why: String) -> DataPlaneError {
-    DataPlaneError::Setup {
-        engine: ENGINE,
-        source: io::Error::new(io::ErrorKind::InvalidInput, why),
-    }
-}
-
 /// A broken invariant of this engine (a thread panicked); reported, never propagated as a panic.
 fn internal(what: &str) -> DataPlaneError {
     DataPlaneError::Stalled {
         detail: format!("internal error in the {ENGINE} engine: {what}"),
     }
-}
-
-fn check_source_plan(config: &EngineConfig, plan: &SourcePlan) -> Result<(), DataPlaneError> {
-    if plan.channels.is_empty() {
-        return Err(setup_error("no channels".into()));
-    }
-    let max_data = u32::MAX as usize - VFIO_HEADER_LEN;
-    for device in &plan.devices {
-        if device.read_size == 0 || device.read_size > config.chunk_size.min(max_data) {
-            return Err(setup_error(format!(
-                "device {}: read_size {} is not in 1..={}",
-                device.id,
-                device.read_size,
-                config.chunk_size.min(max_data)
-            )));
-        }
-        if device.config.len() > max_data {
-            return Err(setup_error(format!(
-                "device {}: config blob of {} bytes does not fit a packet",
-                device.id,
-                device.config.len()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn check_dest_plan(plan: &DestPlan) -> Result<(), DataPlaneError> {
-    if plan.channels.is_empty() {
-        return Err(setup_error("no channels".into()));
-    }
-    for (i, device) in plan.devices.iter().enumerate() {
-        if plan.devices[..i].iter().any(|d| d.id == device.id) {
-            return Err(setup_error(format!("device {} is listed twice", device.id)));
-        }
-    }
-    Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

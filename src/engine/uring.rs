@@ -280,6 +280,7 @@ impl Engine for UringEngine {
     }
 
     fn run_source(&self, plan: SourcePlan) -> Result<SourceReport, DataPlaneError> {
+        check_source_plan("uring", &self.config, &plan)?;
         let SourcePlan {
             devices,
             channels,
@@ -287,26 +288,6 @@ impl Engine for UringEngine {
         } = plan;
         let n_devices = devices.len();
         let n_channels = channels.len();
-        if n_channels == 0 {
-            return Err(DataPlaneError::Stalled {
-                detail: "no channels to send on".into(),
-            });
-        }
-        if let Some(device) = devices
-            .iter()
-            .find(|d| d.read_size == 0 || d.read_size > self.config.chunk_size)
-        {
-            return Err(DataPlaneError::Setup {
-                engine: "uring",
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "device {}: read size {} is outside 1..={} (the chunk size)",
-                        device.id, device.read_size, self.config.chunk_size
-                    ),
-                ),
-            });
-        }
         // Devices one after another is one stream of work: one worker, as QEMU's single
         // migration thread was.
         let workers = if self.config.sequential_devices {
@@ -424,28 +405,13 @@ impl Engine for UringEngine {
     }
 
     fn run_dest(&self, plan: DestPlan) -> Result<DestReport, DataPlaneError> {
+        check_dest_plan("uring", &plan)?;
         let DestPlan {
             devices,
             channels,
             progress,
         } = plan;
         let n_channels = channels.len();
-        if n_channels == 0 {
-            return Err(DataPlaneError::Stalled {
-                detail: "no channels to receive on".into(),
-            });
-        }
-        for (i, device) in devices.iter().enumerate() {
-            if devices[..i].iter().any(|other| other.id == device.id) {
-                return Err(DataPlaneError::Setup {
-                    engine: "uring",
-                    source: io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("device {} is listed twice", device.id),
-                    ),
-                });
-            }
-        }
         let workers = self.config.workers.clamp(1, n_channels);
         let shared = DestShared::new(devices, self.config.max_queued_bytes, workers, n_channels);
         let worker_channels: Vec<OwnedFd> = channels

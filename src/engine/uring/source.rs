@@ -280,7 +280,17 @@ impl SourceWorker<'_> {
         Ok(())
     }
 
-    fn prepare_slot(&mut self, d: usize) -> (::uring::BufId, usize) {
+    fn prepare_slot(&mut self, d: usize) -> Result<(::uring::BufId, usize), DataPlaneError> {
+        let device = &self.devices[d];
+        // idx u32::MAX is invalid on the wire and the config packet needs the idx after the
+        // last data packet.
+        if device.next_idx >= u32::MAX - 1 {
+            return Err(DataPlaneError::ReadDevice {
+                device: device.id.clone(),
+                idx: device.next_idx,
+                source: io::Error::other("more data packets than a u32 idx can number"),
+            });
+        }
         let buf = self.ring.pool().take().expect("caller checked a free slot");
         let device = &mut self.devices[d];
         let slot = self.ring.pool().slot_mut(&buf);
@@ -297,11 +307,11 @@ impl SourceWorker<'_> {
         );
         device.reading = true;
         device.report.read_issued_ns.push(monotonic_ns());
-        (buf, device.read_size)
+        Ok((buf, device.read_size))
     }
 
     fn start_chain(&mut self, d: usize, c: usize) -> Result<(), DataPlaneError> {
-        let (buf, read_size) = self.prepare_slot(d);
+        let (buf, read_size) = self.prepare_slot(d)?;
         let device = &self.devices[d];
         let channel = &self.channels[c];
         let idx = device.next_idx;
@@ -333,7 +343,7 @@ impl SourceWorker<'_> {
     }
 
     fn start_read(&mut self, d: usize) -> Result<(), DataPlaneError> {
-        let (buf, read_size) = self.prepare_slot(d);
+        let (buf, read_size) = self.prepare_slot(d)?;
         let device = &self.devices[d];
         self.ring
             .read(
