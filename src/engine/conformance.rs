@@ -136,7 +136,7 @@ fn memfd_with(bytes: &[u8]) -> OwnedFd {
 /// A pipe whose write end a thread feeds `piece` bytes at a time with pauses, so reads of more
 /// than `piece` bytes come back short.
 fn pipe_fed(bytes: Vec<u8>, piece: usize) -> (OwnedFd, JoinHandle<()>) {
-    let (read, write) = nix::unistd::pipe().unwrap();
+    let (read, write) = vfio::fd::pipe().unwrap();
     let feeder = thread::Builder::new()
         .name("test-feed".into())
         .spawn(move || {
@@ -168,7 +168,7 @@ impl Sink {
     }
 
     fn pipe() -> (OwnedFd, Sink) {
-        let (read, write) = nix::unistd::pipe().unwrap();
+        let (read, write) = vfio::fd::pipe().unwrap();
         let drain = thread::Builder::new()
             .name("test-drain".into())
             .spawn(move || {
@@ -315,7 +315,7 @@ fn run_transfer(src_kind: EngineKind, dst_kind: EngineKind, t: &Transfer) -> Opt
                 feeders.push(feeder);
                 fd
             }
-            Source::Unreadable => nix::unistd::pipe().unwrap().1,
+            Source::Unreadable => vfio::fd::pipe().unwrap().1,
         };
         source_devices.push(SourceDevice {
             id: device_id(i),
@@ -1190,7 +1190,7 @@ fn dest_write_error(kind: EngineKind) {
     };
     let (mut feeds, dst) = channel_streams(2);
     let id = device_id(0);
-    let (read_end, _write_end) = nix::unistd::pipe().unwrap();
+    let (read_end, _write_end) = vfio::fd::pipe().unwrap();
     let progress = Arc::new(Progress::default());
     let plan = DestPlan {
         devices: vec![DestDevice {

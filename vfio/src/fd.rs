@@ -181,6 +181,11 @@ pub fn check_device_fd(fd: BorrowedFd<'_>) -> Result<(), VfioError> {
 }
 
 /// Adopts an inherited number after `check` passes: open, without FD_CLOEXEC, then marked.
+///
+/// Sound because every fd this workspace creates carries FD_CLOEXEC (std, and `os`: memfd,
+/// pipe2, socketpair, eventfd, the VFIO ioctls' O_CLOEXEC), tests included, so a number
+/// without it was inherited over exec and has no owner here. A program linking this crate
+/// that makes fds without FD_CLOEXEC must not pass their numbers to the `adopt_*` functions.
 fn adopt(
     fd: RawFd,
     check: impl FnOnce(RawFd) -> Result<(), VfioError>,

@@ -154,7 +154,7 @@ fn an_o_nonblock_pipe_and_a_tmpfs_source_move_and_the_tmpfs_flags_come_back() {
     let chunk = 64 << 10;
     let bursts: Vec<Vec<u8>> = (0..4).map(|i| content(i, 100 << 10)).collect();
     // Passed already O_NONBLOCK (as a VMM may): between bursts reads say EAGAIN.
-    let (pipe_rx, pipe_tx) = nix::unistd::pipe2(OFlag::O_NONBLOCK).unwrap();
+    let (pipe_rx, pipe_tx) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
     fcntl(&pipe_tx, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
     // Blocking tmpfs: switched to O_NONBLOCK for the run only.
     let shm = tmpfs_file(&content(9, 300 << 10));
