@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian 12 (bookworm) machine:
 # QEMU 10.0.x from bookworm-backports (a real peer for the wire format and the VFIO lab's
-# TCG guest), the lab's build tools, FUSE (fault-injecting simulated devices), and the Python
-# hdrhistogram decoder. Idempotent: installs only what is missing.
+# TCG guest), the lab's build tools, FUSE (fault-injecting simulated devices), strace (a
+# destination under it ends its workers in odd orders), and the Python hdrhistogram decoder.
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
 need_qemu=0
@@ -10,7 +11,7 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-system-x86_64 --version 
   need_qemu=1
 fi
 others=()
-for pkg in gcc make cpio xz-utils libc6-dev fuse3 util-linux; do
+for pkg in gcc make cpio xz-utils libc6-dev fuse3 util-linux strace; do
   dpkg -s "$pkg" >/dev/null 2>&1 || others+=("$pkg")
 done
 
