@@ -500,27 +500,29 @@ impl Ring {
     /// Submits what is queued and waits until at least `want` completions are ready or
     /// `timeout` passes; interrupted and timed-out waits return normally.
     pub fn wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
-        if self.ready.len() >= want.max(1) {
-            self.ring.submit()?;
+        // A waker whose re-arm found the SQ full is armed now, before the ring sleeps.
+        self.arm_waker();
+        let result = if self.ready.len() >= want.max(1) {
+            self.ring.submit()
         } else {
             let want = want.saturating_sub(self.ready.len());
-            let result = match timeout {
+            match timeout {
                 Some(timeout) => {
                     let ts = types::Timespec::from(timeout);
                     let args = types::SubmitArgs::new().timespec(&ts);
                     self.ring.submitter().submit_with_args(want, &args)
                 }
                 None => self.ring.submit_and_wait(want),
-            };
-            match result {
-                Ok(_) => {}
-                Err(err)
-                    if matches!(
-                        err.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(err) => return Err(err),
             }
+        };
+        match result {
+            Ok(_) => {}
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(err) => return Err(err),
         }
         self.reap();
         Ok(())
@@ -547,6 +549,7 @@ impl Ring {
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
             self.wake_armed = true;
         }
+        // Not armed (SQ full): the next `wait` tries again, so no wake is lost for good.
     }
 
     fn reap(&mut self) {
