@@ -993,6 +993,34 @@ fn dest_backpressure_out_of_order(kind: EngineKind) {
     assert_eq!(report.devices[0].config, b"config");
 }
 
+/// A packet slow to arrive is not a stall: with channel 0 held back by the queued-bytes limit,
+/// the device's next idx comes on channel 1 in two parts 4.5 s apart (longer than the stall
+/// grace a parked channel waits), and the run completes.
+fn dest_slow_packet_is_not_a_stall(kind: EngineKind) {
+    let config = EngineConfig {
+        max_queued_bytes: 1000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let data = pattern(5, 3000);
+    d.send(0, &packet(&id, 1, false, &data[1000..2000]));
+    d.send(0, &packet(&id, 2, false, &data[2000..]));
+    let first = packet(&id, 0, false, &data[..1000]);
+    d.send(1, &first[..400]);
+    thread::sleep(Duration::from_millis(4500));
+    d.send(1, &first[400..]);
+    d.send(1, &packet(&id, 3, true, b"config"));
+    d.close(0);
+    d.close(1);
+    let (result, received) = d.finish();
+    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+    assert!(received[0] == data, "bytes differ");
+    assert_eq!(report.devices[0].config, b"config");
+}
+
 /// Every open channel holds a packet its device has no room for and the device's next idx is
 /// behind them: a clear error naming both channels, the device and the idx, and no hang (the
 /// channels stay open).
@@ -1334,6 +1362,7 @@ per_engine!(
     dest_channel_closed_early,
     dest_backpressure_out_of_order,
     dest_stall_detected,
+    dest_slow_packet_is_not_a_stall,
     dest_out_of_order_flood_is_bounded,
     dest_cancel,
     source_cancel,

@@ -50,6 +50,9 @@ pub(super) struct DestShared {
     active_ops: AtomicUsize,
     /// Device writes in flight, all workers.
     writes_in_flight: AtomicUsize,
+    /// Receives in flight of a packet already begun (its payload, or the rest of its header),
+    /// all workers: each ends as soon as the source, which is sending it, goes on.
+    partial_recvs: AtomicUsize,
     progress_events: AtomicU64,
     loaded: AtomicUsize,
     done_channels: AtomicUsize,
@@ -94,6 +97,7 @@ impl DestShared {
             parked: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             active_ops: AtomicUsize::new(0),
             writes_in_flight: AtomicUsize::new(0),
+            partial_recvs: AtomicUsize::new(0),
             progress_events: AtomicU64::new(0),
             loaded: AtomicUsize::new(0),
             done_channels: AtomicUsize::new(0),
@@ -183,6 +187,8 @@ struct DstChannel {
     index: usize,
     fd: OwnedFd,
     state: ChanState,
+    /// Its receive in flight is counted in `DestShared::partial_recvs`.
+    partial_recv: bool,
     hdr: Option<Box<[u8]>>,
     payload: Option<Buffer>,
     /// Bytes of the stream consumed before the current packet.
@@ -247,6 +253,7 @@ impl UringEngine {
                     index,
                     fd,
                     state: ChanState::Header { got: 0 },
+                    partial_recv: false,
                     hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
                     payload: None,
                     offset: crate::wire::INIT_PACKET_LEN as u64,
@@ -365,6 +372,10 @@ impl DestWorker<'_> {
         // Without MSG_WAITALL: one recv when the header is there (the common case), and a bad
         // device-state header is reported even if its VFIO header never follows.
         self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        if got > 0 {
+            channel.partial_recv = true;
+            self.shared.partial_recvs.fetch_add(1, Ordering::SeqCst);
+        }
         self.ring
             .recv_some(
                 c as u64,
@@ -383,6 +394,10 @@ impl DestWorker<'_> {
     /// next receive, a write handed out) are in place: a worker that sees nothing in flight and
     /// nothing deliverable may leave, so there must be no gap between the two.
     fn recv_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
+        let channel = &mut self.channels[done.tag as usize];
+        if std::mem::take(&mut channel.partial_recv) {
+            self.shared.partial_recvs.fetch_sub(1, Ordering::SeqCst);
+        }
         let result = self.recv_finished(done);
         self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
         result
@@ -603,6 +618,8 @@ impl DestWorker<'_> {
             .take()
             .expect("payload buffer set when placed");
         self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
+        channel.partial_recv = true;
+        self.shared.partial_recvs.fetch_add(1, Ordering::SeqCst);
         self.ring
             .recv(
                 c as u64,
@@ -810,17 +827,19 @@ impl DestWorker<'_> {
         Ok(())
     }
 
-    /// Fails when no channel anywhere can move: every live channel is parked and no receive or
-    /// write is in flight in any worker, for longer than a wake-up can take.
+    /// Fails when no channel anywhere can move: a channel of this worker is parked, and no
+    /// write and no receive of a begun packet is in flight in any worker, for longer than a
+    /// wake-up can take. (A receive waiting for a packet to begin is not counted: a source
+    /// that sends nothing more on that channel would keep it waiting for ever.)
     fn check_stall(&mut self) -> Result<(), DataPlaneError> {
         let events = self.shared.progress_events.load(Ordering::SeqCst);
-        if events != self.last_progress.0 || !self.has_parked() {
+        let moving = self.shared.writes_in_flight.load(Ordering::SeqCst) > 0
+            || self.shared.partial_recvs.load(Ordering::SeqCst) > 0;
+        if events != self.last_progress.0 || !self.has_parked() || moving {
             self.last_progress = (events, Instant::now());
             return Ok(());
         }
-        if self.shared.writes_in_flight.load(Ordering::SeqCst) > 0
-            || self.last_progress.1.elapsed() < STALL_GRACE
-        {
+        if self.last_progress.1.elapsed() < STALL_GRACE {
             return Ok(());
         }
         let mut parked: Vec<(usize, String)> = self
