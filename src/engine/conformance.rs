@@ -993,6 +993,26 @@ fn dest_backpressure_out_of_order(kind: EngineKind) {
     assert_eq!(report.devices[0].config, b"config");
 }
 
+/// A data packet without data (next_packet_size 12, which the wire allows) is taken in order
+/// and writes nothing.
+fn dest_empty_data_packet(kind: EngineKind) {
+    let Some(mut d) = RawDest::start(kind, 2, 1, test_config()) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let data = pattern(6, 2000);
+    d.send(0, &packet(&id, 0, false, &data[..1000]));
+    d.send(1, &packet(&id, 1, false, b""));
+    d.send(0, &packet(&id, 2, false, &data[1000..]));
+    d.send(1, &packet(&id, 3, true, b"config"));
+    d.close(0);
+    d.close(1);
+    let (result, received) = d.finish();
+    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+    assert!(received[0] == data, "bytes differ");
+    assert_eq!(report.devices[0].config, b"config");
+}
+
 /// A packet slow to arrive is not a stall: with channel 0 held back by the queued-bytes limit,
 /// the device's next idx comes on channel 1 in two parts 4.5 s apart (longer than the stall
 /// grace a parked channel waits), and the run completes.
@@ -1363,6 +1383,7 @@ per_engine!(
     dest_backpressure_out_of_order,
     dest_stall_detected,
     dest_slow_packet_is_not_a_stall,
+    dest_empty_data_packet,
     dest_out_of_order_flood_is_bounded,
     dest_cancel,
     source_cancel,

@@ -745,7 +745,8 @@ impl DestWorker<'_> {
             return Ok(WriteProgress::Done);
         };
         let written = match done.result {
-            Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+            // A packet without data writes nothing and is done.
+            Ok(0) if op.done < op.len => Err(io::Error::from(io::ErrorKind::WriteZero)),
             other => other,
         };
         let n = written.map_err(|source| DataPlaneError::WriteDevice {
