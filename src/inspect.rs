@@ -792,7 +792,10 @@ fn walk_main_records(
                 main.vmdescription_bytes = Some(len);
                 ch.listing
                     .push(format!("@{at} VMDESCRIPTION: {len} bytes of JSON"));
-                if !main.eof {
+                // Our standalone main channel sends its setup description early, before any
+                // device data (`session::main_channel`); QEMU sends it after EOF only.
+                let ours = main.machine.as_deref() == Some(crate::session::main_channel::MACHINE);
+                if !main.eof && !ours {
                     ctx.errors.push(ErrorReport {
                         file: file.to_owned(),
                         offset: at,
@@ -805,7 +808,17 @@ fn walk_main_records(
             }
             OwnedRecord::Configuration { machine, page_bits } => {
                 if let Some(bits) = page_bits {
-                    page_size = 1usize.checked_shl(bits).unwrap_or(RAM_PAGE_SIZE);
+                    // QEMU's targets have 1 KiB to 64 KiB pages.
+                    if !(10..=16).contains(&bits) {
+                        ctx.errors.push(ErrorReport {
+                            file: file.to_owned(),
+                            offset: at,
+                            field: Some("target_page_bits"),
+                            message: format!("target_page_bits {bits}, expected 10..=16"),
+                        });
+                        return Ok(());
+                    }
+                    page_size = 1 << bits;
                 }
                 ch.listing
                     .push(format!("@{at} CONFIGURATION machine {machine:?}"));
@@ -1123,7 +1136,13 @@ fn walk_vfio_body(
         main.vfio_markers += 1;
         match item {
             Err(len) => items.push(format!("DEV_DATA_STATE {len} bytes")),
-            Ok(m @ (VfioMarker::EndOfState | VfioMarker::DevConfigLoadReady)) => {
+            // DEV_INIT_DATA_SENT ends a precopy part in place of END_OF_STATE
+            // (`vfio_save_iterate` with switchover-ack).
+            Ok(
+                m @ (VfioMarker::EndOfState
+                | VfioMarker::DevConfigLoadReady
+                | VfioMarker::DevInitDataSent),
+            ) => {
                 items.push(m.name().to_owned());
                 ch.listing.push(format!("    vfio: {}", items.join(", ")));
                 return Ok(true);

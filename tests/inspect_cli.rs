@@ -439,3 +439,40 @@ fn unreadable_file_and_bad_arguments_exit_2() {
     let out = inspect(&["--uuid", "nope"], &[PathBuf::from("x")]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The main channel our standalone source really writes: CONFIGURATION, the setup description
+/// early (before any device data), a precopy part ended by DEV_INIT_DATA_SENT as QEMU's
+/// `vfio_save_iterate` ends it with switchover-ack, then switchover and completion.
+#[test]
+fn our_standalone_main_channel_with_precopy_decodes_without_errors() {
+    use vfio_multifd::session::main_channel::{
+        encode_completion, encode_init_data_sent, encode_setup, encode_switchover_start,
+        frame_precopy_part, Setup, PRECOPY_HEAD, PRECOPY_TAIL,
+    };
+    let setup = Setup {
+        uuid: [7; 16],
+        channels: 2,
+        chunk: 1 << 20,
+        devices: vec![
+            vfio_multifd::wire::DeviceId::new(DEV.to_owned(), 0).unwrap(),
+            vfio_multifd::wire::DeviceId::new("0000:00:03.0/vfio".to_owned(), 0).unwrap(),
+        ],
+        precopy: vec![1],
+    };
+    let mut s = encode_setup(&setup).unwrap();
+    let mut part = vec![0u8; PRECOPY_HEAD + 5 + PRECOPY_TAIL];
+    part[PRECOPY_HEAD..PRECOPY_HEAD + 5].copy_from_slice(b"hello");
+    s.extend_from_slice(frame_precopy_part(1, &mut part, 5));
+    s.extend(encode_init_data_sent(1));
+    s.extend(encode_switchover_start());
+    s.extend(encode_completion(2));
+    let dir = Dir::new("standalone");
+    let file = dir.write("main.bin", &s);
+    let (code, v, stderr) = inspect_json(std::slice::from_ref(&file));
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["errors"], json!([]));
+    assert_eq!(v["channels"][0]["main"]["eof"], true, "{v}");
+    let text = inspect(&[], &[file]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("DEV_INIT_DATA_SENT"), "{text}");
+}

@@ -387,13 +387,17 @@ fn own(record: &Record<'_>) -> Owned {
             machine: c.machine.to_vec(),
             uuid: c.uuid,
         },
-        Record::SectionStart(h) => Owned::SectionStart(
-            DeviceId {
-                idstr: String::from_utf8_lossy(h.idstr).into_owned(),
-                instance_id: h.instance_id,
-            },
-            h.section_id,
-        ),
+        Record::SectionStart(h) => match std::str::from_utf8(h.idstr)
+            .ok()
+            .and_then(|idstr| DeviceId::new(idstr, h.instance_id).ok())
+        {
+            Some(id) => Owned::SectionStart(id, h.section_id),
+            None => Owned::Other(format!(
+                "SECTION_START {} whose idstr {:?} is no device name",
+                h.section_id,
+                String::from_utf8_lossy(h.idstr)
+            )),
+        },
         Record::SectionPart { section_id } => Owned::SectionPart(*section_id),
         Record::SectionEnd { section_id } => Owned::SectionEnd(*section_id),
         Record::VmDescription { json } => Owned::Description(json.to_vec()),
