@@ -555,6 +555,45 @@ fn full_migration_with_precopy_switchover_ack_and_a_held_config() {
     );
 }
 
+/// load-config-ready for one device during stop-copy, before any config is held, does not
+/// release the config the other device holds later: the destination stays `loaded` until
+/// that one is released too, and its DEVICE_LOADED comes then.
+#[test]
+fn an_early_load_config_ready_for_one_device_does_not_release_another() {
+    let devs = vec![
+        Dev::new(0, 4 << 20, false, Some(8 << 20)),
+        Dev::new(1, 1 << 20, false, None),
+    ];
+    let mut run = Run::new(devs, 2, true);
+    wait_for(&mut run.s, "SWITCHOVER_ACK", |e| e.event == "SWITCHOVER_ACK");
+    run.switchover();
+    wait_for(&mut run.d, "stop-copy", status_is("stop-copy"));
+    let first = run.devs[0].handle();
+    let ret = ok(
+        &mut run.d,
+        "load-config-ready",
+        json!({ "device": first }),
+        &[],
+    );
+    assert_eq!(ret["held"], 0, "nothing is held yet");
+    wait_for(&mut run.d, "loaded", status_is("loaded"));
+    // Time for the migration thread to (wrongly) take the early release as the last one.
+    std::thread::sleep(Duration::from_millis(500));
+    let q = ok(&mut run.d, "query", json!({}), &[]);
+    assert_eq!(q["status"], "loaded", "{q}");
+    assert_eq!(q["devices"][1]["status"], "config-held", "{q}");
+    ok(&mut run.d, "load-config-ready", json!({}), &[]);
+    let (_, seen) = wait_for(&mut run.d, "completed", status_is("completed"));
+    let second = run.devs[1].handle();
+    assert!(
+        seen.iter()
+            .any(|e| e.event == "DEVICE_LOADED" && e.data["device"] == second.as_str()),
+        "no DEVICE_LOADED for {second}: {:?}",
+        names(&seen)
+    );
+    wait_for(&mut run.s, "completed", status_is("completed"));
+}
+
 /// Precopy data is routed by device id, not by position: the destination adds the devices in
 /// the other order than the source, and each sink still gets its own stream.
 #[test]

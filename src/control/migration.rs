@@ -666,9 +666,15 @@ fn run(
             let _ = commander_tx.send(session.commander());
             let mut result = session.run().map(|_| ());
             if result.is_ok() {
-                // Configs still held: the migration ends when the VMM takes them.
-                let held = shared.lock().devices.iter().any(|d| d.held.is_some());
-                if held && hold_rx.recv() != Ok(Hold::Released) {
+                // Configs still held: the migration ends when the VMM takes them. A `Released`
+                // sent before a config was held (load-config-ready for one device during
+                // stop-copy) says nothing about the configs held now: look again after each.
+                let held = || shared.lock().devices.iter().any(|d| d.held.is_some());
+                let mut released = true;
+                while released && held() {
+                    released = hold_rx.recv() == Ok(Hold::Released);
+                }
+                if !released {
                     result = Err(SessionError::Cancelled {
                         step: "holding device configs for load-config-ready",
                     });
