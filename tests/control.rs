@@ -557,18 +557,31 @@ fn full_migration_with_precopy_switchover_ack_and_a_held_config() {
 
 /// load-config-ready for one device during stop-copy, before any config is held, does not
 /// release the config the other device holds later: the destination stays `loaded` until
-/// that one is released too, and its DEVICE_LOADED comes then.
+/// that one is released too, and its DEVICE_LOADED comes then. On the source, a second
+/// switchover-start and a late update-device are refused.
 #[test]
 fn an_early_load_config_ready_for_one_device_does_not_release_another() {
+    // The held device is the slow one (0.5 s of stop-copy), so the early release comes first.
     let devs = vec![
-        Dev::new(0, 4 << 20, false, Some(8 << 20)),
-        Dev::new(1, 1 << 20, false, None),
+        Dev::new(0, 1 << 20, false, None),
+        Dev::new(1, 4 << 20, false, Some(8 << 20)),
     ];
     let mut run = Run::new(devs, 2, true);
-    wait_for(&mut run.s, "SWITCHOVER_ACK", |e| e.event == "SWITCHOVER_ACK");
+    wait_for(&mut run.s, "SWITCHOVER_ACK", |e| {
+        e.event == "SWITCHOVER_ACK"
+    });
     run.switchover();
-    wait_for(&mut run.d, "stop-copy", status_is("stop-copy"));
+    // Straight after it, before the source may say stop-copy: a second one is refused, and
+    // so is a device update nothing would read any more.
+    refused(&mut run.s, "switchover-start", json!({}), &[]);
     let first = run.devs[0].handle();
+    refused(
+        &mut run.s,
+        "update-device",
+        json!({ "device": first, "config": "" }),
+        &[],
+    );
+    wait_for(&mut run.d, "stop-copy", status_is("stop-copy"));
     let ret = ok(
         &mut run.d,
         "load-config-ready",

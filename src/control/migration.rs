@@ -420,6 +420,10 @@ pub struct Migration {
     pub hold: Sender<Hold>,
     /// Source: device updates the VMM sent, delivered with `switchover-start`.
     pub pending: Vec<DeviceUpdate>,
+    /// Source: `switchover-start` was accepted. The status says `stop-copy` only once the
+    /// session has sent SWITCHOVER_START; in between, a second switchover-start or an
+    /// update-device (which nothing would read any more) is refused by this.
+    pub switchover_sent: bool,
 }
 
 impl Migration {
@@ -539,6 +543,7 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
         cancel_requested,
         hold: hold_tx,
         pending: Vec::new(),
+        switchover_sent: false,
     })
 }
 

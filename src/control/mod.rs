@@ -861,7 +861,11 @@ impl Server {
             return Ok(json!({}));
         }
         let role = self.shared.lock().role;
-        if role != Some(Role::Source) || !matches!(status, Status::Setup | Status::Precopy) {
+        let switching = self.migration.as_ref().is_some_and(|m| m.switchover_sent);
+        if role != Some(Role::Source)
+            || !matches!(status, Status::Setup | Status::Precopy)
+            || switching
+        {
             return Err(Refusal::new(format!(
                 "update-device: only before migrate-* or, on the source, before switchover-start (status {})",
                 status.name()
@@ -1201,6 +1205,11 @@ impl Server {
         let Some(migration) = self.migration.as_mut() else {
             return Err(Refusal::new("switchover-start: no migration"));
         };
+        if migration.switchover_sent {
+            return Err(Refusal::new(
+                "switchover-start: already accepted; the migration is switching over",
+            ));
+        }
         let inner = self.shared.lock();
         if inner.role != Some(Role::Source) {
             return Err(Refusal::new(
@@ -1244,6 +1253,7 @@ impl Server {
         {
             return Err(Refusal::new("switchover-start: the migration has ended"));
         }
+        migration.switchover_sent = true;
         Ok(json!({}))
     }
 
