@@ -218,14 +218,20 @@ fn borrowed(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
 }
 
 /// Socketpairs for the main channel and `channels` multifd channels: (source ends, destination
-/// ends, names).
+/// ends, names). Both ends are O_NONBLOCK, as an event-loop VMM's sockets often are: the
+/// helpers must make them blocking themselves.
 fn channel_pairs(channels: u8) -> (Vec<OwnedFd>, Vec<OwnedFd>, Vec<String>) {
+    let nonblocking = |fd: OwnedFd| {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true).unwrap();
+        OwnedFd::from(s)
+    };
     let mut a = Vec::new();
     let mut b = Vec::new();
     for _ in 0..=channels {
         let (x, y) = vfio::fd::socketpair().unwrap();
-        a.push(x);
-        b.push(y);
+        a.push(nonblocking(x));
+        b.push(nonblocking(y));
     }
     let names = std::iter::once("main".to_string())
         .chain((0..channels).map(|i| format!("multifd-{i}")))
