@@ -231,6 +231,11 @@ pub enum SessionError {
     },
     #[error("the VMM's command does not fit the session: {what}")]
     VmmCommand { what: String },
+    #[error("no result from the destination, which may be running the VM: the source's devices are left in STOP for the VMM to decide, after")]
+    OutcomeUnknown {
+        #[source]
+        first: Box<SessionError>,
+    },
     #[error("returning devices to their pre-migration state failed too ({rollback}) after")]
     RollbackFailed {
         #[source]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vfio::sim::fault::Fault;
 use vfio::sim::{config_blob, DeviceSpeed, SimSink, SimSource, SimSpec};
 use vfio::{MigState, MigrationDevice, Owner};
 use vfio_multifd::config::ChannelOrder;
@@ -345,6 +346,53 @@ fn a_destination_that_never_answers_is_a_stall_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(devices[0].device.state().unwrap(), MigState::Running);
     drop(listener);
+}
+
+/// Everything sent, then no result within the timeout: the destination may already be
+/// running the VM, so the source stops its devices instead of resuming them, and says the
+/// outcome is unknown. (The destination's device takes no bytes for 3 s near the end; the
+/// source's 64 KiB are all in socket buffers by then.)
+#[test]
+fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_millis(500));
+    let sink_spec = spec(0, 64 << 10, None);
+    let sink = SimSink::with_fault(
+        "slow-sink",
+        sink_spec,
+        Fault::Stall {
+            at: 60 << 10,
+            duration: Duration::from_secs(3),
+        },
+    )
+    .unwrap();
+    let dest = spawn_dest(
+        listener,
+        vec![DestInput {
+            id: id(0),
+            device: Box::new(sink),
+            expected_config: Some(config_blob(&sink_spec)),
+        }],
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(10),
+    );
+    let mut devices = sources(1, 64 << 10, None);
+    let err = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap_err();
+    assert!(
+        matches!(err, SessionError::OutcomeUnknown { .. }),
+        "{}",
+        vfio_multifd::error::error_chain(&err)
+    );
+    assert_eq!(devices[0].device.state().unwrap(), MigState::Stop);
+    let _ = dest.join().unwrap();
 }
 
 #[test]

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use vfio::{MigrationDevice, Owner, VfioDevice};
+use vfio::{MigState, MigrationDevice, Owner, VfioDevice};
 
 use crate::config::ChannelOrder;
 use crate::control::lines::write_line;
@@ -557,6 +557,8 @@ struct Boxed {
 /// How each device ended, for the final event.
 struct DeviceEnd {
     state: Option<String>,
+    /// The device's `status` in the final event.
+    status: &'static str,
     recovery: &'static str,
 }
 
@@ -711,23 +713,41 @@ fn run(
     );
 }
 
+/// What became of a device at a failed or cancelled migration's end, read from the device
+/// itself: a rollback or reset that did not get there is said so.
 fn end_of(device: &dyn MigrationDevice, vmm_driven: bool, role: Role) -> DeviceEnd {
     if vmm_driven {
         return DeviceEnd {
             state: None,
+            status: "left-to-vmm",
             recovery: match role {
                 Role::Source => "vmm: return the device to RUNNING",
                 Role::Destination => "vmm: reset the device",
             },
         };
     }
+    let state = device.state().ok();
+    let (status, recovery) = match (role, device.owner(), state) {
+        (Role::Source, _, Some(MigState::Running)) => ("rolled-back", "helper: back to RUNNING"),
+        (Role::Source, _, Some(MigState::Stop)) => (
+            "stopped",
+            "vmm: the destination's outcome is unknown; resume the device only if the destination does not run the VM",
+        ),
+        (Role::Source, _, _) => (
+            "rollback-failed",
+            "helper: could not return the device to RUNNING (see the error)",
+        ),
+        (Role::Destination, Owner::Helper, Some(MigState::Running)) => ("reset", "helper: reset"),
+        (Role::Destination, Owner::Helper, _) => (
+            "reset-failed",
+            "helper: could not reset the device (see the error)",
+        ),
+        (Role::Destination, Owner::Vmm, _) => ("left-to-vmm", "vmm: reset the device"),
+    };
     DeviceEnd {
-        state: device.state().ok().map(|s| s.kernel_name().to_string()),
-        recovery: match (role, device.owner()) {
-            (Role::Source, _) => "helper: back to RUNNING",
-            (Role::Destination, Owner::Helper) => "helper: reset",
-            (Role::Destination, Owner::Vmm) => "vmm: reset the device",
-        },
+        state: state.map(|s| s.kernel_name().to_string()),
+        status,
+        recovery,
     }
 }
 
@@ -757,13 +777,7 @@ fn finish(
             .map(|(view, end)| {
                 view.state = end.state.clone();
                 view.held = None;
-                view.status = if end.recovery.starts_with("vmm") {
-                    "left-to-vmm"
-                } else if end.recovery.ends_with("reset") {
-                    "reset"
-                } else {
-                    "rolled-back"
-                };
+                view.status = end.status;
                 json!({
                     "device": view.handle,
                     "state": end.state,

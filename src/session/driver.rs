@@ -119,6 +119,12 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
         Commander::new(move |command| tx.send(Event::Vmm(command)).is_ok())
     }
 
+    /// An event already queued comes before a cancel or a stall: the destination's result may
+    /// be waiting there, and after it nothing may roll the source back.
+    fn queued(&self) -> Option<Event<P, R>> {
+        self.rx.try_recv().ok()
+    }
+
     /// A sender for threads the session starts itself (the precopy thread).
     pub fn sender(&self) -> Sender<Event<P, R>> {
         self.tx.clone()
@@ -128,6 +134,9 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
     /// only when the cancel flag is set.
     pub fn wait_unbounded(&self, step: &'static str) -> Result<Event<P, R>, SessionError> {
         loop {
+            if let Some(event) = self.queued() {
+                return Ok(event);
+            }
             if self.progress.cancelled() {
                 return Err(SessionError::Cancelled { step });
             }
@@ -147,6 +156,9 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
         let mut last_bytes = self.progress.bytes.load(Ordering::Relaxed);
         let mut idle_since = Instant::now();
         loop {
+            if let Some(event) = self.queued() {
+                return Ok(event);
+            }
             if self.progress.cancelled() {
                 return Err(SessionError::Cancelled { step });
             }

@@ -18,9 +18,15 @@
 //!     Connecting --> RolledBack: error
 //!     AwaitingAck --> RolledBack: error, destination failure
 //!     StopCopy --> RolledBack: error, destination failure, stall, cancel
-//!     AwaitingResult --> RolledBack: destination failure, stall
+//!     AwaitingResult --> RolledBack: destination failure, its main channel gone
+//!     AwaitingResult --> LeftStopped: stall, cancel (the outcome is unknown)
 //!     RolledBack --> [*]: devices RUNNING again
+//!     LeftStopped --> [*]: devices STOP, for the VMM to decide
 //! ```
+//!
+//! Once every byte and EOF are sent, the destination may be running the VM: with no result
+//! (a stall or a cancel while waiting for it) the devices are stopped, not resumed, as QEMU
+//! leaves a source paused after it sent everything; two running copies would be worse.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -226,7 +232,12 @@ impl<'a> SourceSession<'a> {
                     // Nothing of a VMM-driven device stays open here.
                     link.data_fds.clear();
                 }
-                let err = rollback(self.devices, &skip, err);
+                let target = if matches!(err, SessionError::OutcomeUnknown { .. }) {
+                    MigState::Stop
+                } else {
+                    MigState::Running
+                };
+                let err = rollback(self.devices, &skip, target, err);
                 self.driver.finish();
                 Err(err)
             }
@@ -311,7 +322,17 @@ impl<'a> SourceSession<'a> {
                 switchover_ns,
                 sent_ns,
                 cpu_s,
-            } => match self.driver.wait("waiting for the destination's result")? {
+            } => match self
+                .driver
+                .wait("waiting for the destination's result")
+                .map_err(|err| match err {
+                    SessionError::Stalled { .. } | SessionError::Cancelled { .. } => {
+                        SessionError::OutcomeUnknown {
+                            first: Box::new(err),
+                        }
+                    }
+                    other => other,
+                })? {
                 Event::Peer(Ok(ReturnMessage::Result(result))) if result.ok => {
                     let result_ns = monotonic_ns();
                     // The destination runs the devices now: nothing here may roll the
@@ -746,7 +767,14 @@ fn to_stop_copy(input: &mut SourceInput, chunk: usize) -> Result<SourceDevice, S
 /// Every device back to RUNNING (from STOP_COPY through STOP, from PRE_COPY directly), except
 /// those marked in `skip` (the VMM drives them). A device that cannot get there is named in
 /// the returned error.
-fn rollback(devices: &mut [SourceInput], skip: &[bool], err: SessionError) -> SessionError {
+/// Every device the helper drives to `target`: RUNNING after a failure, STOP when the
+/// outcome is unknown.
+fn rollback(
+    devices: &mut [SourceInput],
+    skip: &[bool],
+    target: MigState,
+    err: SessionError,
+) -> SessionError {
     let mut failures = Vec::new();
     for (i, input) in devices.iter_mut().enumerate() {
         input.precopy_fd = None;
@@ -760,11 +788,11 @@ fn rollback(devices: &mut [SourceInput], skip: &[bool], err: SessionError) -> Se
                 continue;
             }
         };
-        if state == MigState::Running {
+        if state == target {
             continue;
         }
-        match input.device.set_state(MigState::Running) {
-            Ok(_) => log::info!("device {} back to RUNNING from {state}", input.id),
+        match input.device.set_state(target) {
+            Ok(_) => log::info!("device {} to {target} from {state}", input.id),
             Err(e) => failures.push(format!("device {}: {}", input.id, error_chain(&e))),
         }
     }
