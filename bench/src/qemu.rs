@@ -6,8 +6,9 @@
 //! throttle, not a data-plane cost) to 1 TiB/s. Everything else is QEMU's default.
 //!
 //! Its downtime equivalent is QEMU's own `total-time` (the `migrate` command -> `completed` on
-//! the source; the VM is paused throughout, so all of it is transfer). CPU per side is the
-//! QEMU process's utime+stime over that window (`/proc/<pid>/stat`, 10 ms ticks); the whole
+//! the source; the VM is paused throughout, so it is transfer plus QEMU's 1-5 ms `setup-time`,
+//! and the destination may finish a few ms after it). CPU per side is the QEMU process's CPU-time
+//! clock from just before `migrate` to the destination's `completed` as polled; the whole
 //! process's totals and peak RSS come from `__measure`.
 
 use std::ffi::OsString;
@@ -24,8 +25,6 @@ use crate::runs::{QemuStats, RunMetrics, GIB};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 const MIB: u64 = 1 << 20;
-/// USER_HZ: /proc's tick unit, fixed at 100 by the Linux ABI.
-const TICKS_PER_S: f64 = 100.0;
 
 /// `Ok(version line)` when QEMU 10.x is installed, else why not.
 pub fn probe() -> Result<String, String> {
@@ -155,15 +154,13 @@ impl Qmp {
     }
 }
 
-/// utime + stime of a process so far, seconds (whole thread group, exited threads included).
+/// CPU time of a process so far, seconds (whole thread group, exited threads included), from
+/// its CPU-time clock: nanoseconds, where `/proc/<pid>/stat` counts 10 ms ticks (up to 8 % of a
+/// seed-sized run).
 fn proc_cpu_s(pid: nix::unistd::Pid) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: state is field 3; utime and stime are fields 14 and 15.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_S)
+    let clock = nix::time::clock_getcpuclockid(pid).ok()?;
+    let ts = nix::time::clock_gettime(clock).ok()?;
+    Some(ts.tv_sec() as f64 + ts.tv_nsec() as f64 * 1e-9)
 }
 
 /// One QEMU -> QEMU migration of `mib` MiB of RAM from `ram_file` over `channels` channels.
