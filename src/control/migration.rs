@@ -640,10 +640,21 @@ fn run(
                 .with_control(link);
             let _ = commander_tx.send(session.commander());
             let result = session.run().map(|_| ());
+            let unknown = matches!(result, Err(SessionError::OutcomeUnknown { .. }));
             let ends = inputs
                 .iter()
                 .enumerate()
-                .map(|(i, input)| end_of(input.device.as_ref(), vmm_driven[i], Role::Source))
+                .map(|(i, input)| {
+                    if unknown && vmm_driven[i] {
+                        DeviceEnd {
+                            state: None,
+                            status: "left-to-vmm",
+                            recovery: OUTCOME_UNKNOWN,
+                        }
+                    } else {
+                        end_of(input.device.as_ref(), vmm_driven[i], Role::Source)
+                    }
+                })
                 .collect();
             (result, ends)
         }
@@ -713,6 +724,11 @@ fn run(
     );
 }
 
+/// A source device (the helper's, stopped; or the VMM's) when the source sent everything and no
+/// result came: the destination may be running the VM.
+const OUTCOME_UNKNOWN: &str =
+    "vmm: the destination's outcome is unknown; resume the device only if the destination does not run the VM";
+
 /// What became of a device at a failed or cancelled migration's end, read from the device
 /// itself: a rollback or reset that did not get there is said so.
 fn end_of(device: &dyn MigrationDevice, vmm_driven: bool, role: Role) -> DeviceEnd {
@@ -729,10 +745,7 @@ fn end_of(device: &dyn MigrationDevice, vmm_driven: bool, role: Role) -> DeviceE
     let state = device.state().ok();
     let (status, recovery) = match (role, device.owner(), state) {
         (Role::Source, _, Some(MigState::Running)) => ("rolled-back", "helper: back to RUNNING"),
-        (Role::Source, _, Some(MigState::Stop)) => (
-            "stopped",
-            "vmm: the destination's outcome is unknown; resume the device only if the destination does not run the VM",
-        ),
+        (Role::Source, _, Some(MigState::Stop)) => ("stopped", OUTCOME_UNKNOWN),
         (Role::Source, _, _) => (
             "rollback-failed",
             "helper: could not return the device to RUNNING (see the error)",
