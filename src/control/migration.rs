@@ -645,15 +645,7 @@ fn run(
                 .iter()
                 .enumerate()
                 .map(|(i, input)| {
-                    if unknown && vmm_driven[i] {
-                        DeviceEnd {
-                            state: None,
-                            status: "left-to-vmm",
-                            recovery: OUTCOME_UNKNOWN,
-                        }
-                    } else {
-                        end_of(input.device.as_ref(), vmm_driven[i], Role::Source)
-                    }
+                    end_of(input.device.as_ref(), vmm_driven[i], Role::Source, unknown)
                 })
                 .collect();
             (result, ends)
@@ -708,7 +700,14 @@ fn run(
             let ends = inputs
                 .iter()
                 .enumerate()
-                .map(|(i, input)| end_of(input.device.as_ref(), vmm_driven[i], Role::Destination))
+                .map(|(i, input)| {
+                    end_of(
+                        input.device.as_ref(),
+                        vmm_driven[i],
+                        Role::Destination,
+                        false,
+                    )
+                })
                 .collect();
             (result, ends)
         }
@@ -730,22 +729,36 @@ const OUTCOME_UNKNOWN: &str =
     "vmm: the destination's outcome is unknown; resume the device only if the destination does not run the VM";
 
 /// What became of a device at a failed or cancelled migration's end, read from the device
-/// itself: a rollback or reset that did not get there is said so.
-fn end_of(device: &dyn MigrationDevice, vmm_driven: bool, role: Role) -> DeviceEnd {
+/// itself: a rollback or reset that did not get there is said so. `outcome_unknown`: the
+/// source sent everything and no result came, so its devices stop instead of resuming.
+fn end_of(
+    device: &dyn MigrationDevice,
+    vmm_driven: bool,
+    role: Role,
+    outcome_unknown: bool,
+) -> DeviceEnd {
     if vmm_driven {
         return DeviceEnd {
             state: None,
             status: "left-to-vmm",
-            recovery: match role {
-                Role::Source => "vmm: return the device to RUNNING",
-                Role::Destination => "vmm: reset the device",
+            recovery: match (role, outcome_unknown) {
+                (Role::Source, true) => OUTCOME_UNKNOWN,
+                (Role::Source, false) => "vmm: return the device to RUNNING",
+                (Role::Destination, _) => "vmm: reset the device",
             },
         };
     }
     let state = device.state().ok();
+    let target = if outcome_unknown {
+        MigState::Stop
+    } else {
+        MigState::Running
+    };
     let (status, recovery) = match (role, device.owner(), state) {
-        (Role::Source, _, Some(MigState::Running)) => ("rolled-back", "helper: back to RUNNING"),
-        (Role::Source, _, Some(MigState::Stop)) => ("stopped", OUTCOME_UNKNOWN),
+        (Role::Source, _, Some(s)) if s == target && outcome_unknown => {
+            ("stopped", OUTCOME_UNKNOWN)
+        }
+        (Role::Source, _, Some(s)) if s == target => ("rolled-back", "helper: back to RUNNING"),
         (Role::Source, _, _) => (
             "rollback-failed",
             "helper: could not return the device to RUNNING (see the error)",
