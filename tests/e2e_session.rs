@@ -112,6 +112,18 @@ fn spawn_dest(
     })
 }
 
+/// A threads-engine source session that must fail: its error.
+fn failing_source(params: SourceParams, devices: &mut [SourceInput]) -> SessionError {
+    SourceSession::new(
+        params,
+        devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap_err()
+}
+
 fn source_params(listener: &TcpListener, channels: u8, timeout: Duration) -> SourceParams {
     SourceParams {
         connect: listener.local_addr().unwrap(),
@@ -192,14 +204,7 @@ fn destination_rejection_returns_source_devices_to_running() {
         Duration::from_secs(30),
     );
     let mut devices = sources(2, 1 << 20, None);
-    let err = SourceSession::new(
-        params,
-        &mut devices,
-        engine(EngineKind::Threads),
-        Arc::new(Progress::default()),
-    )
-    .run()
-    .unwrap_err();
+    let err = failing_source(params, &mut devices);
     let text = vfio_multifd::error::error_chain(&err);
     assert!(
         matches!(err, SessionError::DestinationFailed { .. }),
@@ -248,14 +253,7 @@ fn borrowed_destination_devices_are_named_not_reset() {
         Duration::from_secs(30),
     );
     let mut devices = sources(1, 1 << 20, None);
-    let err = SourceSession::new(
-        params,
-        &mut devices,
-        engine(EngineKind::Threads),
-        Arc::new(Progress::default()),
-    )
-    .run()
-    .unwrap_err();
+    let err = failing_source(params, &mut devices);
     assert!(
         matches!(err, SessionError::DestinationFailed { .. }),
         "{err:?}"
@@ -334,14 +332,7 @@ fn a_destination_that_never_answers_is_a_stall_not_a_hang() {
     let params = source_params(&listener, 2, Duration::from_millis(500));
     let mut devices = sources(1, 64 << 10, None);
     let started = Instant::now();
-    let err = SourceSession::new(
-        params,
-        &mut devices,
-        engine(EngineKind::Threads),
-        Arc::new(Progress::default()),
-    )
-    .run()
-    .unwrap_err();
+    let err = failing_source(params, &mut devices);
     assert!(matches!(err, SessionError::Stalled { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(devices[0].device.state().unwrap(), MigState::Running);
@@ -378,14 +369,7 @@ fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
         Duration::from_secs(10),
     );
     let mut devices = sources(1, 64 << 10, None);
-    let err = SourceSession::new(
-        params,
-        &mut devices,
-        engine(EngineKind::Threads),
-        Arc::new(Progress::default()),
-    )
-    .run()
-    .unwrap_err();
+    let err = failing_source(params, &mut devices);
     assert!(
         matches!(err, SessionError::OutcomeUnknown { .. }),
         "{}",

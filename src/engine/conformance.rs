@@ -724,6 +724,15 @@ impl RawDest {
         (result, self.sinks.into_iter().map(Sink::contents).collect())
     }
 
+    /// The run's report, once it succeeded with device 0 holding `data` and `config`.
+    fn loaded(self, data: &[u8], config: &[u8]) -> DestReport {
+        let (result, received) = self.finish();
+        let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+        assert!(received[0] == data, "bytes differ");
+        assert_eq!(report.devices[0].config, config);
+        report
+    }
+
     /// The run's error; the feeds stay open until it arrives, so it cannot depend on EOF.
     fn error(self) -> DataPlaneError {
         let (result, _) = self.finish();
@@ -986,11 +995,8 @@ fn dest_backpressure_out_of_order(kind: EngineKind) {
     d.send(1, &packet(&id, 0, false, &data[..1000]));
     d.send(1, &packet(&id, 8, true, b"config"));
     d.close(1);
-    let (result, received) = d.finish();
-    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
-    assert!(received[0] == data, "bytes differ");
+    let report = d.loaded(&data, b"config");
     assert_eq!(report.devices[0].data_packets, 8);
-    assert_eq!(report.devices[0].config, b"config");
 }
 
 /// A data packet without data (next_packet_size 12, which the wire allows) is taken in order
@@ -1007,10 +1013,7 @@ fn dest_empty_data_packet(kind: EngineKind) {
     d.send(1, &packet(&id, 3, true, b"config"));
     d.close(0);
     d.close(1);
-    let (result, received) = d.finish();
-    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
-    assert!(received[0] == data, "bytes differ");
-    assert_eq!(report.devices[0].config, b"config");
+    d.loaded(&data, b"config");
 }
 
 /// A packet slow to arrive is not a stall: with channel 0 held back by the queued-bytes limit,
@@ -1035,10 +1038,7 @@ fn dest_slow_packet_is_not_a_stall(kind: EngineKind) {
     d.send(1, &packet(&id, 3, true, b"config"));
     d.close(0);
     d.close(1);
-    let (result, received) = d.finish();
-    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
-    assert!(received[0] == data, "bytes differ");
-    assert_eq!(report.devices[0].config, b"config");
+    d.loaded(&data, b"config");
 }
 
 /// Every open channel holds a packet its device has no room for and the device's next idx is

@@ -279,10 +279,7 @@ fn check_source_plan(
     config: &EngineConfig,
     plan: &SourcePlan,
 ) -> Result<(), DataPlaneError> {
-    let invalid = |why: String| DataPlaneError::Setup {
-        engine,
-        source: io::Error::new(io::ErrorKind::InvalidInput, why),
-    };
+    let invalid = |why| invalid_plan(engine, why);
     if plan.channels.is_empty() {
         return Err(invalid("no channels".into()));
     }
@@ -308,10 +305,7 @@ fn check_source_plan(
 
 /// What both engines refuse before they start: no channels, a device listed twice.
 fn check_dest_plan(engine: &'static str, plan: &DestPlan) -> Result<(), DataPlaneError> {
-    let invalid = |why: String| DataPlaneError::Setup {
-        engine,
-        source: io::Error::new(io::ErrorKind::InvalidInput, why),
-    };
+    let invalid = |why| invalid_plan(engine, why);
     if plan.channels.is_empty() {
         return Err(invalid("no channels".into()));
     }
@@ -321,6 +315,13 @@ fn check_dest_plan(engine: &'static str, plan: &DestPlan) -> Result<(), DataPlan
         }
     }
     Ok(())
+}
+
+fn invalid_plan(engine: &'static str, why: String) -> DataPlaneError {
+    DataPlaneError::Setup {
+        engine,
+        source: io::Error::new(io::ErrorKind::InvalidInput, why),
+    }
 }
 
 fn idx_text(idx: &Option<u32>) -> String {

@@ -764,11 +764,9 @@ fn to_stop_copy(input: &mut SourceInput, chunk: usize) -> Result<SourceDevice, S
     })
 }
 
-/// Every device back to RUNNING (from STOP_COPY through STOP, from PRE_COPY directly), except
-/// those marked in `skip` (the VMM drives them). A device that cannot get there is named in
-/// the returned error.
-/// Every device the helper drives to `target`: RUNNING after a failure, STOP when the
-/// outcome is unknown.
+/// Every device to `target` (RUNNING after a failure, from STOP_COPY through STOP or from
+/// PRE_COPY directly; STOP when the outcome is unknown), except those marked in `skip` (the
+/// VMM drives them). A device that cannot get there is named in the returned error.
 fn rollback(
     devices: &mut [SourceInput],
     skip: &[bool],

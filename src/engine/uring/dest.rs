@@ -144,6 +144,16 @@ impl DestShared {
         Ok(report)
     }
 
+    /// Counts a receive about to be submitted on `channel`; `begun`: of a packet already begun
+    /// (its payload, or the rest of its header), which `check_stall` treats as progress.
+    fn recv_started(&self, channel: &mut DstChannel, begun: bool) {
+        self.active_ops.fetch_add(1, Ordering::SeqCst);
+        if begun {
+            channel.partial_recv = true;
+            self.partial_recvs.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     fn any_device_can_move(&self) -> bool {
         (0..self.devices.len()).any(|d| self.state(d).reassembly.can_move())
     }
@@ -371,11 +381,7 @@ impl DestWorker<'_> {
             .expect("header buffer is home between packets");
         // Without MSG_WAITALL: one recv when the header is there (the common case), and a bad
         // device-state header is reported even if its VFIO header never follows.
-        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
-        if got > 0 {
-            channel.partial_recv = true;
-            self.shared.partial_recvs.fetch_add(1, Ordering::SeqCst);
-        }
+        self.shared.recv_started(channel, got > 0);
         self.ring
             .recv_some(
                 c as u64,
@@ -617,9 +623,7 @@ impl DestWorker<'_> {
             .payload
             .take()
             .expect("payload buffer set when placed");
-        self.shared.active_ops.fetch_add(1, Ordering::SeqCst);
-        channel.partial_recv = true;
-        self.shared.partial_recvs.fetch_add(1, Ordering::SeqCst);
+        self.shared.recv_started(channel, true);
         self.ring
             .recv(
                 c as u64,
