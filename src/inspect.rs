@@ -18,6 +18,10 @@
 //! may lie above it. Semantic errors are reported and decoding goes on; a framing error stops
 //! that file. The exit code is 0 when nothing was wrong, 1 when any error was found, 2 when a
 //! file could not be read.
+//!
+//! Memory stays bounded whatever a capture holds: the text listing is written as it is decoded,
+//! one item may span at most 64 MiB (or `--max-packet-size`), and errors, duplicate idx,
+//! devices and sections are capped (the caps are far above what a VM has).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -67,26 +71,25 @@ fn parse_uuid_arg(text: &str) -> Result<[u8; 16], String> {
 
 /// Runs `inspect`; returns the process exit code.
 pub fn run(args: &InspectArgs) -> i32 {
-    let report = match inspect_files(args) {
-        Ok(report) => report,
-        Err(err) => {
-            eprintln!("inspect: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
-            return 2;
-        }
-    };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let written = if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)
+    let (report, written) = if args.json {
+        let report = match inspect_files(args) {
+            Ok(report) => report,
+            Err(err) => return fail(&err),
+        };
+        let written = serde_json::to_writer_pretty(&mut out, &report)
             .map_err(io::Error::from)
-            .and_then(|()| writeln!(out))
+            .and_then(|()| writeln!(out));
+        (report, written)
     } else {
-        write_text(&mut out, &report, args.summary)
+        let mut text = TextOut::new(&mut out, !args.summary);
+        let report = match inspect_files_listing(args, Some(&mut text)) {
+            Ok(report) => report,
+            Err(err) => return fail(&err),
+        };
+        let written = text.finish(&report);
+        (report, written)
     };
     if let Err(err) = written.and_then(|()| out.flush()) {
         if err.kind() != io::ErrorKind::BrokenPipe {
@@ -94,16 +97,20 @@ pub fn run(args: &InspectArgs) -> i32 {
             return 2;
         }
     }
-    for e in &report.errors {
-        eprintln!(
-            "error: {}: offset {}: {}: {}",
-            e.file,
-            e.offset,
-            e.field.unwrap_or("stream"),
-            e.message
-        );
-    }
+    // Best effort: stderr is where a caller piping stdout away still sees what was wrong.
+    let _ = write_errors(&mut io::stderr().lock(), &report);
     i32::from(!report.errors.is_empty())
+}
+
+/// Reports why `inspect` could not run; returns its exit code.
+fn fail(err: &InspectError) -> i32 {
+    eprintln!("inspect: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+    2
 }
 
 /// Why `inspect` could not run at all (as opposed to errors found in the streams).
@@ -131,7 +138,10 @@ pub enum InspectError {
 pub struct Report {
     pub channels: Vec<ChannelReport>,
     pub devices: Vec<DeviceReport>,
+    /// The first [`MAX_LISTED_ERRORS`] errors found.
     pub errors: Vec<ErrorReport>,
+    /// Errors found after those.
+    pub errors_not_listed: u64,
 }
 
 /// One file.
@@ -156,8 +166,6 @@ pub struct ChannelReport {
     pub device_state_bytes: u64,
     /// The file ends inside a packet or record.
     pub truncated: bool,
-    #[serde(skip)]
-    listing: Vec<String>,
     /// Main channel only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub main: Option<MainSummary>,
@@ -216,7 +224,9 @@ pub struct DeviceReport {
     /// [`MAX_LISTED_IDX`] listed, `missing_idx_count` counts them all.
     pub missing_idx: Vec<u32>,
     pub missing_idx_count: u64,
+    /// Idx that came more than once; at most [`MAX_LISTED_IDX`] listed.
     pub duplicate_idx: Vec<u32>,
+    pub duplicate_idx_count: u64,
     /// The config packet and every lower idx arrived exactly once.
     pub complete: bool,
     /// Channel ids that carried the device's packets.
@@ -234,8 +244,15 @@ pub struct ErrorReport {
     pub message: String,
 }
 
-/// Missing idx listed per device at most.
+/// Missing idx, and duplicate idx, listed per device at most.
 pub const MAX_LISTED_IDX: usize = 4096;
+/// Errors listed at most; the rest are counted. The limits here bound inspect's memory
+/// whatever a capture holds.
+pub const MAX_LISTED_ERRORS: usize = 1000;
+/// Distinct devices tracked across the files (a VM has tens).
+const MAX_DEVICES: usize = 4096;
+/// Distinct sections tracked on a main channel (a VM has hundreds).
+const MAX_SECTIONS: usize = 65536;
 /// Bytes of one section body searched for its footer before giving up.
 const MAX_OPAQUE_BODY: usize = 64 << 20;
 /// Bytes read from a file at a time.
@@ -250,10 +267,13 @@ struct Input {
     pos: usize,
     base: u64,
     eof: bool,
+    /// The most bytes one item may span: a length field asking for more is an error, not a
+    /// reason to read the rest of the file into memory.
+    max_item: usize,
 }
 
 impl Input {
-    fn open(path: &Path) -> Result<Self, InspectError> {
+    fn open(path: &Path, max_item: usize) -> Result<Self, InspectError> {
         let file = File::open(path).map_err(|source| InspectError::Open {
             path: path.to_owned(),
             source,
@@ -265,6 +285,7 @@ impl Input {
             pos: 0,
             base: 0,
             eof: false,
+            max_item,
         })
     }
 
@@ -357,6 +378,12 @@ fn step<T>(
         match decode(input.avail()) {
             Ok(Some((item, used))) => return Ok(Ok(Step::Item(item, used))),
             Ok(None) => {
+                if input.avail().len() >= input.max_item {
+                    return Ok(Err(WireError::ItemTooLong {
+                        max: input.max_item,
+                        offset: 0,
+                    }));
+                }
                 if !input.more()? {
                     return Ok(Ok(Step::Truncated {
                         have: input.avail().len(),
@@ -375,38 +402,121 @@ struct DeviceState {
     packets: u64,
     data_bytes: u64,
     duplicates: Vec<u32>,
+    duplicate_count: u64,
     channels: Vec<u8>,
 }
 
 /// State shared by all files of one run.
-struct Ctx {
+struct Ctx<'t, 'o> {
     limits: PacketLimits,
     expect: Option<InitExpectation>,
     seen_ids: [bool; 256],
     devices: BTreeMap<(String, u32), DeviceState>,
     errors: Vec<ErrorReport>,
+    errors_not_listed: u64,
     main_channels: usize,
+    text: Option<&'t mut TextOut<'o>>,
 }
 
-impl Ctx {
+impl Ctx<'_, '_> {
     /// Records a decoder error; `base` is the file offset its offsets are relative to.
     fn error(&mut self, file: &str, base: u64, err: WireError) {
         let err = err.shifted(usize::try_from(base).unwrap_or(usize::MAX));
-        self.errors.push(ErrorReport {
+        self.report(ErrorReport {
             file: file.to_owned(),
             offset: err.offset() as u64,
             field: Some(err.field()),
             message: err.to_string(),
         });
     }
+
+    fn report(&mut self, error: ErrorReport) {
+        if self.errors.len() < MAX_LISTED_ERRORS {
+            self.errors.push(error);
+        } else {
+            self.errors_not_listed += 1;
+        }
+    }
+
+    /// One line of the text listing for the channel `ch`.
+    fn list(&mut self, ch: &ChannelReport, line: String) {
+        if let Some(text) = self.text.as_deref_mut().filter(|t| t.records) {
+            text.write(ch, |out| writeln!(out, "  {line}"));
+        }
+    }
+}
+
+/// The text output as the files are decoded: per channel a header line, a line per record
+/// and packet, a summary line. Lines are written as they are found, so a listing of any
+/// length costs no memory.
+pub struct TextOut<'o> {
+    out: &'o mut dyn Write,
+    /// Lines per record and packet (not under `--summary`).
+    records: bool,
+    /// The current channel's header line is out.
+    header_written: bool,
+    /// The first write error; nothing is written after it.
+    failed: Option<io::Error>,
+}
+
+impl<'o> TextOut<'o> {
+    pub fn new(out: &'o mut dyn Write, records: bool) -> Self {
+        Self {
+            out,
+            records,
+            header_written: false,
+            failed: None,
+        }
+    }
+
+    /// Writes the channel's header line first if it is not out yet: the header names the
+    /// channel id and uuid, known only once its init packet has been decoded.
+    fn write(&mut self, ch: &ChannelReport, f: impl FnOnce(&mut dyn Write) -> io::Result<()>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let mut written = Ok(());
+        if !std::mem::replace(&mut self.header_written, true) {
+            written = write_channel_header(self.out, ch);
+        }
+        if let Err(err) = written.and_then(|()| f(self.out)) {
+            self.failed = Some(err);
+        }
+    }
+
+    fn end_channel(&mut self, ch: &ChannelReport) {
+        self.write(ch, |out| write_channel_summary(out, ch));
+        self.header_written = false;
+    }
+
+    /// What comes after the channels, then the first write error, if any.
+    pub fn finish(self, report: &Report) -> io::Result<()> {
+        match self.failed {
+            Some(err) => Err(err),
+            None => write_report_tail(self.out, report),
+        }
+    }
 }
 
 /// Decodes every file; the report holds what was found, errors included.
 pub fn inspect_files(args: &InspectArgs) -> Result<Report, InspectError> {
+    inspect_files_listing(args, None)
+}
+
+/// [`inspect_files`], writing the text listing to `text` as it decodes.
+pub fn inspect_files_listing(
+    args: &InspectArgs,
+    text: Option<&mut TextOut<'_>>,
+) -> Result<Report, InspectError> {
+    // A device-state packet may be as long as --max-packet-size allows; a section body is
+    // searched for its footer up to MAX_OPAQUE_BODY.
+    let max_item = (args.max_packet_size as usize)
+        .saturating_add(DEVICE_STATE_HEADER_LEN)
+        .max(MAX_OPAQUE_BODY);
     // Classify first: the channel count defaults to the number of multifd files.
     let mut kinds = Vec::with_capacity(args.files.len());
     for path in &args.files {
-        let mut input = Input::open(path)?;
+        let mut input = Input::open(path, max_item)?;
         input.want(4)?;
         let main = input
             .avail()
@@ -431,14 +541,17 @@ pub fn inspect_files(args: &InspectArgs) -> Result<Report, InspectError> {
         seen_ids: [false; 256],
         devices: BTreeMap::new(),
         errors: Vec::new(),
+        errors_not_listed: 0,
         main_channels: 0,
+        text,
     };
     let mut report = Report::default();
     for (path, main) in args.files.iter().zip(kinds) {
-        let mut input = Input::open(path)?;
+        let mut input = Input::open(path, max_item)?;
         let mut ch = ChannelReport {
             file: path.display().to_string(),
             kind: if main { "main" } else { "multifd" },
+            bytes: input.len()?,
             ..ChannelReport::default()
         };
         if main {
@@ -446,7 +559,9 @@ pub fn inspect_files(args: &InspectArgs) -> Result<Report, InspectError> {
         } else {
             walk_multifd(&mut input, &mut ch, &mut ctx, channels)?;
         }
-        ch.bytes = input.len()?;
+        if let Some(text) = ctx.text.as_deref_mut() {
+            text.end_channel(&ch);
+        }
         report.channels.push(ch);
     }
     for ((idstr, instance_id), d) in ctx.devices {
@@ -465,12 +580,14 @@ pub fn inspect_files(args: &InspectArgs) -> Result<Report, InspectError> {
             config_idx: d.tracker.config_idx(),
             missing_idx,
             missing_idx_count,
-            complete: d.tracker.complete() && d.duplicates.is_empty(),
+            complete: d.tracker.complete() && d.duplicate_count == 0,
             duplicate_idx: d.duplicates,
+            duplicate_idx_count: d.duplicate_count,
             channels: d.channels,
         });
     }
     report.errors = ctx.errors;
+    report.errors_not_listed = ctx.errors_not_listed;
     Ok(report)
 }
 
@@ -529,10 +646,10 @@ fn walk_multifd(
             let id = init[24];
             ch.channel_id = Some(id);
             ch.uuid = Some(fmt_uuid(&own_uuid));
-            ch.listing.push(format!(
-                "@0 init packet: channel {id}, uuid {}",
-                fmt_uuid(&own_uuid)
-            ));
+            ctx.list(
+                ch,
+                format!("@0 init packet: channel {id}, uuid {}", fmt_uuid(&own_uuid)),
+            );
             match result {
                 Ok(_) => {
                     if std::mem::replace(&mut ctx.seen_ids[usize::from(id)], true) {
@@ -553,16 +670,19 @@ fn walk_multifd(
         })?;
         match outcome {
             Ok(Step::Item(p, used)) => {
-                account_packet(ch, ctx, &file, at, p);
+                if !account_packet(ch, ctx, &file, at, p) {
+                    return Ok(());
+                }
                 input.consume(used);
             }
             Ok(Step::Truncated { have: 0 }) => return Ok(()),
             Ok(Step::Truncated { have }) => {
                 let need = expected_packet_len(input.avail());
                 truncated_error(ctx, ch, at, "final packet", need, have);
-                ch.listing.push(format!(
-                    "@{at} truncated final packet: {have} of {need} bytes"
-                ));
+                ctx.list(
+                    ch,
+                    format!("@{at} truncated final packet: {have} of {need} bytes"),
+                );
                 return Ok(());
             }
             Err(err) => {
@@ -614,7 +734,9 @@ impl From<&MultifdPacket<'_>> for Owned {
     }
 }
 
-fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p: Owned) {
+/// Returns false, after reporting it, when the packet names one device more than inspect
+/// tracks.
+fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p: Owned) -> bool {
     ch.packets += 1;
     match p {
         Owned::Ram {
@@ -627,8 +749,7 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
             ch.sync_packets += 1;
             ch.ram_normal_pages += u64::from(normal);
             ch.ram_zero_pages += u64::from(zero);
-            ch.listing
-                .push(format!("@{at} SYNC packet_num {packet_num}"));
+            ctx.list(ch, format!("@{at} SYNC packet_num {packet_num}"));
         }
         Owned::Ram {
             packet_num,
@@ -641,7 +762,7 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
             ch.ram_packets += 1;
             ch.ram_normal_pages += u64::from(normal);
             ch.ram_zero_pages += u64::from(zero);
-            ch.listing.push(format!(
+            ctx.list(ch, format!(
                 "@{at} RAM packet_num {packet_num} block {block:?}: {normal} normal, {zero} zero pages, {payload} bytes"
             ));
         }
@@ -655,11 +776,24 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
             ch.device_state_packets += 1;
             ch.device_state_bytes += u64::from(payload);
             let data = payload.saturating_sub(VFIO_HEADER_LEN as u32);
-            ch.listing.push(format!(
+            ctx.list(ch, format!(
                 "@{at} device state {idstr:?} instance {instance_id}: idx {idx}{}, {data} data bytes",
                 if config { " (config)" } else { "" }
             ));
-            let dev = ctx.devices.entry((idstr, instance_id)).or_default();
+            let key = (idstr, instance_id);
+            if ctx.devices.len() >= MAX_DEVICES && !ctx.devices.contains_key(&key) {
+                ctx.report(ErrorReport {
+                    file: file.to_owned(),
+                    offset: at + COMMON_HEADER_LEN as u64,
+                    field: Some("idstr"),
+                    message: format!(
+                        "device {:?} instance {instance_id} is one more than the {MAX_DEVICES} devices inspect tracks; the rest of the file is not decoded",
+                        key.0
+                    ),
+                });
+                return false;
+            }
+            let dev = ctx.devices.entry(key).or_default();
             dev.packets += 1;
             dev.data_bytes += u64::from(data);
             if let Some(id) = ch.channel_id {
@@ -672,12 +806,16 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
             let idx_at = DEVICE_STATE_HEADER_LEN + 4;
             if let Err(err) = dev.tracker.record(vfio, idx_at) {
                 if matches!(err, WireError::DuplicateIdx { .. }) {
-                    dev.duplicates.push(idx);
+                    dev.duplicate_count += 1;
+                    if dev.duplicates.len() < MAX_LISTED_IDX {
+                        dev.duplicates.push(idx);
+                    }
                 }
                 ctx.error(file, at, err);
             }
         }
     }
+    true
 }
 
 /// The length the packet at the start of `buf` would have, from whatever header bytes exist.
@@ -713,7 +851,7 @@ fn walk_main(input: &mut Input, ch: &mut ChannelReport, ctx: &mut Ctx) -> Result
     let file = ch.file.clone();
     ctx.main_channels += 1;
     if ctx.main_channels > 1 {
-        ctx.errors.push(ErrorReport {
+        ctx.report(ErrorReport {
             file: file.clone(),
             offset: 0,
             field: Some("magic"),
@@ -746,7 +884,7 @@ fn walk_main_records(
             return Ok(());
         }
     }
-    ch.listing.push("@0 file header QEVM version 3".to_owned());
+    ctx.list(ch, "@0 file header QEVM version 3".to_owned());
     let mut sections: BTreeMap<u32, SectionInfo> = BTreeMap::new();
     let mut page_size = RAM_PAGE_SIZE;
     loop {
@@ -774,7 +912,7 @@ fn walk_main_records(
         ch.packets += 1;
         input.consume(used);
         if main.eof && !matches!(record, OwnedRecord::VmDescription { .. }) {
-            ctx.errors.push(ErrorReport {
+            ctx.report(ErrorReport {
                 file: file.to_owned(),
                 offset: at,
                 field: Some("section type"),
@@ -785,18 +923,17 @@ fn walk_main_records(
         let (section_id, kind) = match record {
             OwnedRecord::Eof => {
                 main.eof = true;
-                ch.listing.push(format!("@{at} EOF"));
+                ctx.list(ch, format!("@{at} EOF"));
                 continue;
             }
             OwnedRecord::VmDescription { len } => {
                 main.vmdescription_bytes = Some(len);
-                ch.listing
-                    .push(format!("@{at} VMDESCRIPTION: {len} bytes of JSON"));
+                ctx.list(ch, format!("@{at} VMDESCRIPTION: {len} bytes of JSON"));
                 // Our standalone main channel sends its setup description early, before any
                 // device data (`session::main_channel`); QEMU sends it after EOF only.
                 let ours = main.machine.as_deref() == Some(crate::session::main_channel::MACHINE);
                 if !main.eof && !ours {
-                    ctx.errors.push(ErrorReport {
+                    ctx.report(ErrorReport {
                         file: file.to_owned(),
                         offset: at,
                         field: Some("section type"),
@@ -810,7 +947,7 @@ fn walk_main_records(
                 if let Some(bits) = page_bits {
                     // QEMU's targets have 1 KiB to 64 KiB pages.
                     if !(10..=16).contains(&bits) {
-                        ctx.errors.push(ErrorReport {
+                        ctx.report(ErrorReport {
                             file: file.to_owned(),
                             offset: at,
                             field: Some("target_page_bits"),
@@ -820,19 +957,17 @@ fn walk_main_records(
                     }
                     page_size = 1 << bits;
                 }
-                ch.listing
-                    .push(format!("@{at} CONFIGURATION machine {machine:?}"));
+                ctx.list(ch, format!("@{at} CONFIGURATION machine {machine:?}"));
                 main.machine = Some(machine);
                 continue;
             }
             OwnedRecord::Command { name, len } => {
-                ch.listing
-                    .push(format!("@{at} COMMAND {name} ({len} bytes)"));
+                ctx.list(ch, format!("@{at} COMMAND {name} ({len} bytes)"));
                 main.commands.push(name.to_owned());
                 continue;
             }
             OwnedRecord::Footer { section_id } => {
-                ctx.errors.push(ErrorReport {
+                ctx.report(ErrorReport {
                     file: file.to_owned(),
                     offset: at,
                     field: Some("section footer"),
@@ -842,12 +977,20 @@ fn walk_main_records(
             }
             OwnedRecord::Start { header, full } => {
                 let idstr = header.idstr.clone();
-                let index = match main
-                    .sections
-                    .iter()
-                    .position(|s| s.section_id == header.section_id)
-                {
-                    Some(i) => i,
+                let index = match sections.get(&header.section_id) {
+                    Some(known) => known.index,
+                    None if sections.len() >= MAX_SECTIONS => {
+                        ctx.report(ErrorReport {
+                            file: file.to_owned(),
+                            offset: at + 1,
+                            field: Some("section_id"),
+                            message: format!(
+                                "section {} is one more than the {MAX_SECTIONS} sections inspect tracks; the rest of the file is not decoded",
+                                header.section_id
+                            ),
+                        });
+                        return Ok(());
+                    }
                     None => {
                         main.sections.push(SectionSummary {
                             section_id: header.section_id,
@@ -860,26 +1003,32 @@ fn walk_main_records(
                     }
                 };
                 sections.insert(header.section_id, SectionInfo { idstr, index });
-                ch.listing.push(format!(
-                    "@{at} SECTION_{} {} {:?} instance {} version {}",
-                    if full { "FULL" } else { "START" },
-                    header.section_id,
-                    String::from_utf8_lossy(&header.idstr),
-                    header.instance_id,
-                    header.version_id
-                ));
+                ctx.list(
+                    ch,
+                    format!(
+                        "@{at} SECTION_{} {} {:?} instance {} version {}",
+                        if full { "FULL" } else { "START" },
+                        header.section_id,
+                        String::from_utf8_lossy(&header.idstr),
+                        header.instance_id,
+                        header.version_id
+                    ),
+                );
                 (header.section_id, if full { 'F' } else { 'S' })
             }
             OwnedRecord::Part { section_id, end } => {
-                ch.listing.push(format!(
-                    "@{at} SECTION_{} {section_id}",
-                    if end { "END" } else { "PART" }
-                ));
+                ctx.list(
+                    ch,
+                    format!(
+                        "@{at} SECTION_{} {section_id}",
+                        if end { "END" } else { "PART" }
+                    ),
+                );
                 (section_id, if end { 'E' } else { 'P' })
             }
         };
         let Some(info) = sections.get(&section_id).cloned() else {
-            ctx.errors.push(ErrorReport {
+            ctx.report(ErrorReport {
                 file: file.to_owned(),
                 offset: at + 1,
                 field: Some("section_id"),
@@ -1090,7 +1239,7 @@ fn walk_ram_body(
             OwnedRam::Eos => {
                 main.ram_eos += 1;
                 items.push("EOS".to_owned());
-                ch.listing.push(format!("    ram: {}", items.join(", ")));
+                ctx.list(ch, format!("    ram: {}", items.join(", ")));
                 return Ok(true);
             }
         }
@@ -1144,7 +1293,7 @@ fn walk_vfio_body(
                 | VfioMarker::DevInitDataSent),
             ) => {
                 items.push(m.name().to_owned());
-                ch.listing.push(format!("    vfio: {}", items.join(", ")));
+                ctx.list(ch, format!("    vfio: {}", items.join(", ")));
                 return Ok(true);
             }
             Ok(VfioMarker::DevConfigState) => {
@@ -1160,7 +1309,7 @@ fn walk_vfio_body(
                 };
                 items.push(format!("config {len} bytes, END_OF_STATE"));
                 input.consume(len + 8);
-                ch.listing.push(format!("    vfio: {}", items.join(", ")));
+                ctx.list(ch, format!("    vfio: {}", items.join(", ")));
                 return Ok(true);
             }
             Ok(m) => items.push(m.name().to_owned()),
@@ -1186,7 +1335,7 @@ fn walk_opaque_body(
     loop {
         let Some(rel) = find_pattern_from(input, &footer, from)? else {
             let have = input.avail().len();
-            ctx.errors.push(ErrorReport {
+            ctx.report(ErrorReport {
                 file: file.to_owned(),
                 offset: at,
                 field: Some("section footer"),
@@ -1203,11 +1352,14 @@ fn walk_opaque_body(
             let tail = input.avail().get(next..).unwrap_or(&[]);
             match plausible_next_record(tail, sections, input.eof) {
                 Some(true) => {
-                    ch.listing.push(format!("    {rel} bytes of device state"));
+                    ctx.list(ch, format!("    {rel} bytes of device state"));
                     input.consume(rel);
                     return Ok(true);
                 }
                 Some(false) => break,
+                // A record whose length field asks for more than one item may hold is no
+                // record.
+                None if tail.len() >= input.max_item => break,
                 // At EOF `plausible_next_record` always decides, so this ends.
                 None => {
                     input.more()?;
@@ -1287,70 +1439,66 @@ fn plausible_next_record(
 // ---------------------------------------------------------------------------------------------
 // Text output
 
-fn write_text(out: &mut impl Write, report: &Report, summary_only: bool) -> io::Result<()> {
-    for ch in &report.channels {
-        match ch.kind {
-            "main" => writeln!(out, "{}: main channel, {} bytes", ch.file, ch.bytes)?,
-            _ => writeln!(
-                out,
-                "{}: multifd channel {}, uuid {}, {} bytes",
-                ch.file,
-                ch.channel_id
-                    .map_or_else(|| "?".to_owned(), |id| id.to_string()),
-                ch.uuid.as_deref().unwrap_or("?"),
-                ch.bytes
-            )?,
-        }
-        if !summary_only {
-            for line in &ch.listing {
-                writeln!(out, "  {line}")?;
-            }
-        }
-        if let Some(m) = &ch.main {
-            writeln!(
-                out,
-                "  summary: {} records, machine {}, {} sections, commands [{}], ram total {}, {} MULTIFD_FLUSH, {} EOS, {} pages on main, EOF {}, VMDESCRIPTION {}",
-                ch.packets,
-                m.machine.as_deref().unwrap_or("-"),
-                m.sections.len(),
-                m.commands.join(", "),
-                m.ram_total.map_or_else(|| "-".to_owned(), |t| t.to_string()),
-                m.ram_multifd_flushes,
-                m.ram_eos,
-                m.ram_main_pages + m.ram_main_zero_pages,
-                if m.eof { "yes" } else { "no" },
-                m.vmdescription_bytes.map_or_else(|| "no".to_owned(), |b| format!("{b} bytes")),
-            )?;
-        } else {
-            writeln!(
-                out,
-                "  summary: {} packets: {} RAM ({} normal pages, {} zero pages), {} SYNC, {} device state ({} bytes){}",
-                ch.packets,
-                ch.ram_packets,
-                ch.ram_normal_pages,
-                ch.ram_zero_pages,
-                ch.sync_packets,
-                ch.device_state_packets,
-                ch.device_state_bytes,
-                if ch.truncated { ", TRUNCATED" } else { "" }
-            )?;
-        }
+fn write_channel_header(out: &mut dyn Write, ch: &ChannelReport) -> io::Result<()> {
+    match ch.kind {
+        "main" => writeln!(out, "{}: main channel, {} bytes", ch.file, ch.bytes),
+        _ => writeln!(
+            out,
+            "{}: multifd channel {}, uuid {}, {} bytes",
+            ch.file,
+            ch.channel_id
+                .map_or_else(|| "?".to_owned(), |id| id.to_string()),
+            ch.uuid.as_deref().unwrap_or("?"),
+            ch.bytes
+        ),
     }
+}
+
+fn write_channel_summary(out: &mut dyn Write, ch: &ChannelReport) -> io::Result<()> {
+    if let Some(m) = &ch.main {
+        writeln!(
+            out,
+            "  summary: {} records, machine {}, {} sections, commands [{}], ram total {}, {} MULTIFD_FLUSH, {} EOS, {} pages on main, EOF {}, VMDESCRIPTION {}",
+            ch.packets,
+            m.machine.as_deref().unwrap_or("-"),
+            m.sections.len(),
+            m.commands.join(", "),
+            m.ram_total.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+            m.ram_multifd_flushes,
+            m.ram_eos,
+            m.ram_main_pages + m.ram_main_zero_pages,
+            if m.eof { "yes" } else { "no" },
+            m.vmdescription_bytes.map_or_else(|| "no".to_owned(), |b| format!("{b} bytes")),
+        )
+    } else {
+        writeln!(
+            out,
+            "  summary: {} packets: {} RAM ({} normal pages, {} zero pages), {} SYNC, {} device state ({} bytes){}",
+            ch.packets,
+            ch.ram_packets,
+            ch.ram_normal_pages,
+            ch.ram_zero_pages,
+            ch.sync_packets,
+            ch.device_state_packets,
+            ch.device_state_bytes,
+            if ch.truncated { ", TRUNCATED" } else { "" }
+        )
+    }
+}
+
+/// The devices, the totals and the errors, after every channel.
+fn write_report_tail(out: &mut dyn Write, report: &Report) -> io::Result<()> {
     for d in &report.devices {
         writeln!(
             out,
-            "device {:?} instance {}: {} packets, {} data bytes, config idx {}, missing idx {}, duplicate idx {:?}, channels {:?}, {}",
+            "device {:?} instance {}: {} packets, {} data bytes, config idx {}, missing idx {}, duplicate idx {}, channels {:?}, {}",
             d.idstr,
             d.instance_id,
             d.packets,
             d.data_bytes,
             d.config_idx.map_or_else(|| "none".to_owned(), |c| c.to_string()),
-            if d.missing_idx_count == 0 {
-                "none".to_owned()
-            } else {
-                format!("{} {:?}", d.missing_idx_count, &d.missing_idx[..d.missing_idx.len().min(16)])
-            },
-            d.duplicate_idx,
+            fmt_idx_list(d.missing_idx_count, &d.missing_idx),
+            fmt_idx_list(d.duplicate_idx_count, &d.duplicate_idx),
             d.channels,
             if d.complete { "complete" } else { "INCOMPLETE" }
         )?;
@@ -1366,8 +1514,12 @@ fn write_text(out: &mut impl Write, report: &Report, summary_only: bool) -> io::
         totals(|c| c.ram_zero_pages),
         totals(|c| c.sync_packets),
         totals(|c| c.device_state_packets),
-        report.errors.len()
+        report.errors.len() as u64 + report.errors_not_listed
     )?;
+    write_errors(out, report)
+}
+
+fn write_errors(out: &mut dyn Write, report: &Report) -> io::Result<()> {
     for e in &report.errors {
         writeln!(
             out,
@@ -1378,5 +1530,21 @@ fn write_text(out: &mut impl Write, report: &Report, summary_only: bool) -> io::
             e.message
         )?;
     }
+    if report.errors_not_listed > 0 {
+        writeln!(
+            out,
+            "error: {} more errors, not listed",
+            report.errors_not_listed
+        )?;
+    }
     Ok(())
+}
+
+/// `none`, or the count and the first 16 idx.
+fn fmt_idx_list(count: u64, listed: &[u32]) -> String {
+    if count == 0 {
+        "none".to_owned()
+    } else {
+        format!("{count} {:?}", &listed[..listed.len().min(16)])
+    }
 }

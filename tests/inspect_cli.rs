@@ -476,3 +476,100 @@ fn our_standalone_main_channel_with_precopy_decodes_without_errors() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("DEV_INIT_DATA_SENT"), "{text}");
 }
+
+/// Runs inspect with its address space capped at `limit_mib`, so that a capture that makes it
+/// buffer more than that fails the test instead of passing on a big machine.
+fn inspect_with_memory_limit(limit_mib: u64, args: &[&str], files: &[PathBuf]) -> Output {
+    let script = format!(
+        "ulimit -v {} && exec \"$0\" inspect \"$@\"",
+        limit_mib * 1024
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_vfio-multifd"))
+        .args(args)
+        .args(files)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_length_field_past_any_item_is_reported_without_reading_the_file_into_memory() {
+    let dir = Dir::new("huge-length");
+    let mut s = Vec::new();
+    encode_file_header(&mut s);
+    Record::Eof.encode(&mut s);
+    let at = s.len();
+    // A VMDESCRIPTION claiming 4 GiB of JSON, in a 3 GiB (sparse) file.
+    s.push(0x06);
+    s.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
+    let path = dir.write("main.bin", &s);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+
+    let out = inspect_with_memory_limit(512, &["--json"], std::slice::from_ref(&path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["offset"], at as u64);
+    assert_eq!(errors[0]["field"], "length");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("item longer than "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn errors_past_the_listed_thousand_are_counted_and_duplicates_are_all_counted() {
+    let dir = Dir::new("many-errors");
+    let repeats = 1500;
+    let mut ch = Channel::new(0, UUID);
+    for _ in 0..repeats {
+        ch = ch.device(DEV, 0, 0, false, 1);
+    }
+    ch = ch.device(DEV, 0, 1, true, 1);
+    let files = vec![dir.write("ch0.bin", &ch.bytes)];
+    let (code, v, stderr) = inspect_json(&files);
+    assert_eq!(code, 1);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1000);
+    assert_eq!(v["errors_not_listed"], repeats - 1 - 1000);
+    let d = &v["devices"][0];
+    assert_eq!(d["duplicate_idx_count"], repeats - 1);
+    assert_eq!(d["duplicate_idx"].as_array().unwrap().len(), repeats - 1);
+    assert_eq!(d["complete"], false);
+    assert!(
+        stderr.ends_with(&format!(
+            "error: {} more errors, not listed\n",
+            repeats - 1 - 1000
+        )),
+        "{}",
+        &stderr[stderr.len().saturating_sub(300)..]
+    );
+
+    let text = inspect(&["--summary"], &files);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "duplicate idx {} [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]",
+            repeats - 1
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!(
+        "{} device state packets, {} errors",
+        repeats + 1,
+        repeats - 1
+    )));
+    assert!(!stdout.contains("@"), "--summary lists no packet");
+}

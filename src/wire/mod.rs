@@ -149,6 +149,8 @@ pub enum WireError {
         have: usize,
         offset: usize,
     },
+    #[error("item longer than {max} bytes, the most one record or packet may hold: a length field is too large (offset {offset})")]
+    ItemTooLong { max: usize, offset: usize },
     #[error("truncated {what}: needs {need} bytes, only {have} left (offset {offset})")]
     Truncated {
         what: &'static str,
@@ -235,6 +237,7 @@ macro_rules! with_offset {
             | WireError::UnknownRpMessage { offset: $off, .. }
             | WireError::RpLength { offset: $off, .. }
             | WireError::BufferTooSmall { offset: $off, .. }
+            | WireError::ItemTooLong { offset: $off, .. }
             | WireError::Truncated { offset: $off, .. }
             | WireError::UnknownFlags { offset: $off, .. }
             | WireError::NotRam { offset: $off, .. }
@@ -304,6 +307,7 @@ impl WireError {
             Self::UnknownRpMessage { .. } => "return path message type",
             Self::RpLength { .. } => "return path message length",
             Self::BufferTooSmall { .. } => "output buffer",
+            Self::ItemTooLong { .. } => "length",
             Self::Truncated { what, .. } => what,
             Self::RamPagesAlloc { .. } => "pages_alloc",
             Self::RamNormalPages { .. } => "normal_pages",
