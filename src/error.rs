@@ -138,8 +138,11 @@ pub enum MainChannelError {
         #[source]
         source: WireError,
     },
+    #[error("main channel: {what} (the record at stream offset {offset})")]
+    Malformed { what: String, offset: u64 },
+    /// A well-formed message in the wrong step of the protocol.
     #[error("main channel: {what}")]
-    Malformed { what: String },
+    Unexpected { what: String },
     #[error("main channel: {what} is {len} bytes, above the {max}-byte limit")]
     TooLong {
         what: &'static str,

@@ -331,7 +331,7 @@ impl<'a> DestSession<'a> {
                 match (eof, report) {
                     (true, Some((report, cpu_s))) => {
                         let switchover_ns = switchover_ns.ok_or_else(|| {
-                            SessionError::Main(MainChannelError::Malformed {
+                            SessionError::Main(MainChannelError::Unexpected {
                                 what: "EOF without SWITCHOVER_START".into(),
                             })
                         })?;
@@ -491,7 +491,7 @@ impl<'a> DestSession<'a> {
         self.driver.spawn_reader("main-channel", move || {
             let mut sink = |section: u32, data: &[u8]| -> Result<(), MainChannelError> {
                 let Some((id, file)) = precopy_fds.get_mut(&section) else {
-                    return Err(MainChannelError::Malformed {
+                    return Err(MainChannelError::Unexpected {
                         what: format!("precopy data for section {section} after SWITCHOVER_START"),
                     });
                 };

@@ -313,6 +313,8 @@ struct Buffered<R> {
     buf: Vec<u8>,
     /// Stream offset of `buf[0]`.
     base: u64,
+    /// Stream offset of the last item handed out, for errors about it.
+    item_at: u64,
 }
 
 impl<R: Read> Buffered<R> {
@@ -321,6 +323,15 @@ impl<R: Read> Buffered<R> {
             inner,
             buf: Vec::new(),
             base: 0,
+            item_at: 0,
+        }
+    }
+
+    /// An error about the item `next` returned last.
+    fn malformed(&self, what: String) -> MainChannelError {
+        MainChannelError::Malformed {
+            what,
+            offset: self.item_at,
         }
     }
 
@@ -334,6 +345,7 @@ impl<R: Read> Buffered<R> {
         loop {
             match decode(&self.buf) {
                 Ok(Some((item, used))) => {
+                    self.item_at = self.base;
                     self.buf.drain(..used);
                     self.base += used as u64;
                     return Ok(item);
@@ -462,13 +474,11 @@ impl<R: Read> MainReader<R> {
             }))
         })?;
         if got != Some(want) {
-            return Err(MainChannelError::Malformed {
-                what: format!(
-                    "{what}: expected {}, found {}",
-                    want.name(),
-                    got.map_or("DEV_DATA_STATE", |m| m.name())
-                ),
-            });
+            return Err(self.stream.malformed(format!(
+                "{what}: expected {}, found {}",
+                want.name(),
+                got.map_or("DEV_DATA_STATE", |m| m.name())
+            )));
         }
         Ok(())
     }
@@ -488,19 +498,17 @@ impl<R: Read> MainReader<R> {
         let uuid = match self.record("the CONFIGURATION section")? {
             Owned::Configuration { machine, uuid } => {
                 if machine != MACHINE.as_bytes() {
-                    return Err(MainChannelError::Malformed {
-                        what: format!(
-                            "machine type {:?}, expected {MACHINE:?}",
-                            String::from_utf8_lossy(&machine)
-                        ),
-                    });
+                    return Err(self.stream.malformed(format!(
+                        "machine type {:?}, expected {MACHINE:?}",
+                        String::from_utf8_lossy(&machine)
+                    )));
                 }
                 uuid.unwrap_or([0; 16])
             }
             _ => {
-                return Err(MainChannelError::Malformed {
-                    what: "the CONFIGURATION section must follow the QEVM header".into(),
-                })
+                return Err(self
+                    .stream
+                    .malformed("the CONFIGURATION section must follow the QEVM header".into()))
             }
         };
         let mut devices = Vec::new();
@@ -508,19 +516,15 @@ impl<R: Read> MainReader<R> {
             match self.record("a device SECTION_START or the setup description")? {
                 Owned::SectionStart(id, sid) => {
                     if devices.len() == max_devices {
-                        return Err(MainChannelError::Malformed {
-                            what: format!(
-                                "device {id} is past the {max_devices} devices this destination has"
-                            ),
-                        });
+                        return Err(self.stream.malformed(format!(
+                            "device {id} is past the {max_devices} devices this destination has"
+                        )));
                     }
                     if sid != section_id(devices.len()) {
-                        return Err(MainChannelError::Malformed {
-                            what: format!(
-                                "section id {sid} for device {id}, expected {}",
-                                devices.len()
-                            ),
-                        });
+                        return Err(self.stream.malformed(format!(
+                            "section id {sid} for device {id}, expected {}",
+                            devices.len()
+                        )));
                     }
                     self.vfio_marker("the device setup section", VfioMarker::DevSetupState)?;
                     self.vfio_marker("the device setup section", VfioMarker::EndOfState)?;
@@ -535,29 +539,25 @@ impl<R: Read> MainReader<R> {
                         })?;
                     let body = description.vfio_multifd;
                     if body.version != STANDALONE_PROTOCOL_VERSION {
-                        return Err(MainChannelError::Malformed {
-                            what: format!(
-                                "setup version {}, this helper speaks {STANDALONE_PROTOCOL_VERSION}",
-                                body.version
-                            ),
-                        });
+                        return Err(self.stream.malformed(format!(
+                            "setup version {}, this helper speaks {STANDALONE_PROTOCOL_VERSION}",
+                            body.version
+                        )));
                     }
                     self.devices = devices.len();
                     self.ended = vec![false; devices.len()];
                     self.precopy = vec![None; devices.len()];
                     for &sid in &body.precopy {
                         let slot = self.precopy.get_mut(sid as usize).ok_or_else(|| {
-                            MainChannelError::Malformed {
-                                what: format!(
-                                    "the setup names precopy section {sid} of {} devices",
-                                    devices.len()
-                                ),
-                            }
+                            self.stream.malformed(format!(
+                                "the setup names precopy section {sid} of {} devices",
+                                devices.len()
+                            ))
                         })?;
                         if slot.replace(false).is_some() {
-                            return Err(MainChannelError::Malformed {
-                                what: format!("the setup names precopy section {sid} twice"),
-                            });
+                            return Err(self.stream.malformed(format!(
+                                "the setup names precopy section {sid} twice"
+                            )));
                         }
                     }
                     return Ok(Setup {
@@ -569,14 +569,14 @@ impl<R: Read> MainReader<R> {
                     });
                 }
                 Owned::Other(what) => {
-                    return Err(MainChannelError::Malformed {
-                        what: format!("unexpected {what} during setup"),
-                    })
+                    return Err(self
+                        .stream
+                        .malformed(format!("unexpected {what} during setup")))
                 }
                 _ => {
-                    return Err(MainChannelError::Malformed {
-                        what: "unexpected record during setup".into(),
-                    })
+                    return Err(self
+                        .stream
+                        .malformed("unexpected record during setup".into()))
                 }
             }
         }
@@ -586,7 +586,7 @@ impl<R: Read> MainReader<R> {
     /// Precopy data is refused (see [`Self::next_event_with`]).
     pub fn next_event(&mut self) -> Result<MainEvent, MainChannelError> {
         self.next_event_with(&mut |sid, _| {
-            Err(MainChannelError::Malformed {
+            Err(MainChannelError::Unexpected {
                 what: format!("precopy data for section {sid}, which this reader does not take"),
             })
         })
@@ -621,9 +621,9 @@ impl<R: Read> MainReader<R> {
                     return Ok(PartEnd::InitDataSent);
                 }
                 Err(other) => {
-                    return Err(MainChannelError::Malformed {
-                        what: format!("{} in precopy section {sid}", other.name()),
-                    })
+                    return Err(self
+                        .stream
+                        .malformed(format!("{} in precopy section {sid}", other.name())))
                 }
             }
         }
@@ -650,18 +650,16 @@ impl<R: Read> MainReader<R> {
                 Owned::SectionPart(sid) if !self.switched_over => {
                     let announced = self.precopy.get(sid as usize).copied().flatten();
                     let Some(init_sent) = announced else {
-                        return Err(MainChannelError::Malformed {
-                            what: format!(
+                        return Err(self.stream.malformed(format!(
                                 "SECTION_PART for section {sid}, which the setup did not announce as a precopy device"
-                            ),
-                        });
+                            )));
                     };
                     match self.precopy_part(sid, on_data)? {
                         PartEnd::EndOfState => {}
                         PartEnd::InitDataSent if init_sent => {
-                            return Err(MainChannelError::Malformed {
-                                what: format!("second DEV_INIT_DATA_SENT for section {sid}"),
-                            })
+                            return Err(self
+                                .stream
+                                .malformed(format!("second DEV_INIT_DATA_SENT for section {sid}")))
                         }
                         PartEnd::InitDataSent => {
                             self.precopy[sid as usize] = Some(true);
@@ -671,35 +669,34 @@ impl<R: Read> MainReader<R> {
                 }
                 Owned::SectionEnd(sid) if self.switched_over => {
                     let seen = self.ended.get_mut(sid as usize).ok_or_else(|| {
-                        MainChannelError::Malformed {
-                            what: format!("SECTION_END for unknown section {sid}"),
-                        }
+                        self.stream
+                            .malformed(format!("SECTION_END for unknown section {sid}"))
                     })?;
                     if std::mem::replace(seen, true) {
-                        return Err(MainChannelError::Malformed {
-                            what: format!("second SECTION_END for section {sid}"),
-                        });
+                        return Err(self
+                            .stream
+                            .malformed(format!("second SECTION_END for section {sid}")));
                     }
                     self.vfio_marker("a device END section", VfioMarker::EndOfState)?;
                     self.footer("a device END section", sid)?;
                 }
                 Owned::Eof if self.switched_over => {
                     if let Some(missing) = self.ended.iter().position(|e| !e) {
-                        return Err(MainChannelError::Malformed {
-                            what: format!("EOF before the END section of device section {missing}"),
-                        });
+                        return Err(self.stream.malformed(format!(
+                            "EOF before the END section of device section {missing}"
+                        )));
                     }
                     return Ok(MainEvent::Eof);
                 }
                 Owned::Other(record) => {
-                    return Err(MainChannelError::Malformed {
-                        what: format!("unexpected {record} where {what} belongs"),
-                    })
+                    return Err(self
+                        .stream
+                        .malformed(format!("unexpected {record} where {what} belongs")))
                 }
                 _ => {
-                    return Err(MainChannelError::Malformed {
-                        what: format!("unexpected record where {what} belongs"),
-                    })
+                    return Err(self
+                        .stream
+                        .malformed(format!("unexpected record where {what} belongs")))
                 }
             }
         }
@@ -755,9 +752,9 @@ impl<R: Read> ReturnReader<R> {
                     what: "result",
                     source,
                 }),
-            OwnedRp::Other(name) => Err(MainChannelError::Malformed {
-                what: format!("return-path message {name} is not used by vfio-multifd"),
-            }),
+            OwnedRp::Other(name) => Err(self.stream.malformed(format!(
+                "return-path message {name} is not used by vfio-multifd"
+            ))),
         }
     }
 }
@@ -906,6 +903,13 @@ mod tests {
             text.contains(&listed.devices[1].to_string()) && text.contains("1 devices"),
             "{text}"
         );
+        // The offending SECTION_START: type, section id, idstr length, then the idstr.
+        let idstr = listed.devices[1].idstr.as_bytes();
+        let at = out.windows(idstr.len()).position(|w| w == idstr).unwrap() - 6;
+        assert!(
+            matches!(err, MainChannelError::Malformed { offset, .. } if offset == at as u64),
+            "{err:?}, expected offset {at}"
+        );
         assert_eq!(
             MainReader::new(&out[..])
                 .read_setup(2)
@@ -926,7 +930,10 @@ mod tests {
         reader.next_event().unwrap();
         let err = reader.next_event().unwrap_err();
         assert!(
-            err.to_string().contains("END section of device section 1"),
+            err.to_string().contains(&format!(
+                "END section of device section 1 (the record at stream offset {})",
+                out.len() - 1
+            )),
             "{err}"
         );
 

@@ -663,7 +663,7 @@ impl<'a> SourceSession<'a> {
                 message: format!("SHUT with status {status} while {step}"),
                 location: Location::default(),
             },
-            Event::Peer(Ok(other)) => SessionError::Main(MainChannelError::Malformed {
+            Event::Peer(Ok(other)) => SessionError::Main(MainChannelError::Unexpected {
                 what: format!("{other:?} while {step}"),
             }),
             Event::Peer(Err(err)) => SessionError::Main(err),
