@@ -134,7 +134,8 @@ pub struct DeviceView {
     pub mode: DeviceMode,
     pub precopy: bool,
     pub hold_config: bool,
-    /// migrating, initial-data-sent, config-held, loaded, rolled-back, left-to-vmm, reset.
+    /// migrating, initial-data-sent, config-held, loaded, rolled-back, left-to-vmm, reset;
+    /// at a failed end also stopped, rollback-failed, reset-failed, unknown.
     pub status: &'static str,
     pub has_data_fd: bool,
     pub has_config: bool,
@@ -523,14 +524,17 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
     let handle = thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            run(
-                plan,
-                &thread_shared,
-                thread_progress,
-                &thread_cancel,
-                commander_tx,
-                hold_rx,
-            )
+            let devices = plan.devices.len();
+            run_caught(&thread_shared, devices, &thread_cancel, || {
+                run(
+                    plan,
+                    &thread_shared,
+                    thread_progress,
+                    &thread_cancel,
+                    commander_tx,
+                    hold_rx,
+                )
+            })
         })?;
     let commander = commander_rx
         .recv_timeout(Duration::from_secs(10))
@@ -560,6 +564,36 @@ struct DeviceEnd {
     /// The device's `status` in the final event.
     status: &'static str,
     recovery: &'static str,
+}
+
+/// Runs the migration `run`; if it panics (a bug), the VMM still gets the final event, with
+/// every device's state unknown, instead of a status that never moves again.
+fn run_caught(shared: &Shared, devices: usize, cancel_requested: &AtomicBool, run: impl FnOnce()) {
+    let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) else {
+        return;
+    };
+    if shared.lock().status.idle() {
+        // The final event went out before the panic.
+        return;
+    }
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    let ends = (0..devices)
+        .map(|_| DeviceEnd {
+            state: None,
+            status: "unknown",
+            recovery: "vmm: the helper failed midway; read the device's state before using it",
+        })
+        .collect();
+    finish(
+        shared,
+        Err(SessionError::MigrationPanicked { message }),
+        ends,
+        cancel_requested.load(Ordering::Relaxed),
+    );
 }
 
 fn run(
@@ -927,4 +961,60 @@ pub fn query(inner: &Inner, timestamps: bool) -> Value {
         "notes": inner.notes,
         "error": inner.error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_migration_still_ends_with_a_final_status_and_unknown_devices() {
+        let shared = Shared::new();
+        {
+            let mut inner = shared.lock();
+            inner.status = Status::StopCopy;
+            inner.devices = vec![DeviceView {
+                handle: "nic0".into(),
+                id: DeviceId::new("0000:00:02.0/vfio", 0).unwrap(),
+                mode: DeviceMode::Device,
+                precopy: false,
+                hold_config: false,
+                status: "migrating",
+                has_data_fd: false,
+                has_config: false,
+                bytes: None,
+                data_packets: None,
+                state: Some("stop-copy".into()),
+                timestamps: Vec::new(),
+                ready: false,
+                held: None,
+            }];
+        }
+        let cancel = AtomicBool::new(false);
+        let shared_in = shared.clone();
+        thread::spawn(move || {
+            run_caught(&shared_in, 1, &cancel, || panic!("an invariant broke"));
+        })
+        .join()
+        .unwrap();
+
+        let inner = shared.lock();
+        assert_eq!(inner.status, Status::Failed);
+        let error = inner.error.as_ref().unwrap()["desc"].as_str().unwrap();
+        assert!(
+            error.contains("the migration thread panicked") && error.contains("an invariant broke"),
+            "{error}"
+        );
+        assert_eq!(inner.devices[0].status, "unknown");
+        assert_eq!(inner.devices[0].state, None);
+    }
+
+    #[test]
+    fn a_migration_that_returns_is_left_alone() {
+        let shared = Shared::new();
+        shared.lock().status = Status::Completed;
+        run_caught(&shared, 0, &AtomicBool::new(false), || {});
+        assert_eq!(shared.lock().status, Status::Completed);
+        assert!(shared.lock().error.is_none());
+    }
 }
