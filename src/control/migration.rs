@@ -425,6 +425,10 @@ pub struct Migration {
     /// session has sent SWITCHOVER_START; in between, a second switchover-start or an
     /// update-device (which nothing would read any more) is refused by this.
     pub switchover_sent: bool,
+    /// How long a cancelled migration may take to let go of everything: a step that does not
+    /// see the cancel (a device ioctl, say) still ends within the session's no-progress
+    /// timeout.
+    pub cancel_grace: Duration,
 }
 
 impl Migration {
@@ -485,6 +489,7 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
     let (hold_tx, hold_rx) = mpsc::channel();
     let (commander_tx, commander_rx) = mpsc::channel();
     let role = plan.role;
+    let cancel_grace = plan.timeout.saturating_add(Duration::from_secs(5));
     {
         let mut inner = shared.lock();
         *inner = Inner {
@@ -548,6 +553,7 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
         hold: hold_tx,
         pending: Vec::new(),
         switchover_sent: false,
+        cancel_grace,
     })
 }
 

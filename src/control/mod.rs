@@ -77,8 +77,6 @@ use schema::{
 const TICK: Duration = Duration::from_millis(100);
 /// How long a reply or event write may block on a VMM that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a cancelled migration may take to let go of everything.
-const CANCEL_GRACE: Duration = Duration::from_secs(30);
 
 /// Where the control socket comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,7 +561,7 @@ impl Server {
             if !self.shared.lock().status.idle() {
                 log::warn!("the VMM left during a migration: cancelling it");
                 migration.cancel();
-                migration.join(CANCEL_GRACE);
+                migration.join(migration.cancel_grace);
             }
         }
         self.registry.clear();
@@ -584,8 +582,11 @@ impl Server {
             if !migration.finished() {
                 migration.cancel();
             }
-            if !migration.join(CANCEL_GRACE) {
-                log::error!("the migration thread did not stop within {CANCEL_GRACE:?}");
+            if !migration.join(migration.cancel_grace) {
+                log::error!(
+                    "the migration thread did not stop within {:?}",
+                    migration.cancel_grace
+                );
             }
         }
         self.migration = None;
