@@ -206,6 +206,8 @@ pub enum SessionError {
     },
     #[error("the {engine} engine thread panicked")]
     EnginePanicked { engine: &'static str },
+    #[error("the precopy thread panicked")]
+    PrecopyPanicked,
     #[error("the migration thread panicked (a bug in vfio-multifd): {message}")]
     MigrationPanicked { message: String },
     #[error("the engine reported {got} devices, {expected} expected")]

@@ -52,7 +52,7 @@ pub struct PrecopySource {
 #[derive(Debug)]
 pub struct Precopy {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Result<(), SessionError>>>,
     /// A duplicate of the main channel, shut down when the thread is dropped without
     /// [`Precopy::stop`] (a failure): a write blocked on a peer that stopped reading ends.
     wake: Conn,
@@ -114,10 +114,13 @@ impl Precopy {
             .name("precopy".into())
             .spawn(move || {
                 let result = run(readers, main, chunk, &bytes, &thread_stop, &events);
-                if let Err(err) = result {
-                    if !thread_stop.load(Ordering::Relaxed) {
+                match result {
+                    // Running: the session hears of it now. Stopping: from `stop`.
+                    Err(err) if !thread_stop.load(Ordering::Relaxed) => {
                         let _ = events.send(Event::Precopy(Err(err)));
+                        Ok(())
                     }
+                    result => result,
                 }
             })
             .map_err(|source| SessionError::Spawn {
@@ -133,13 +136,14 @@ impl Precopy {
 
     /// Stops the thread and waits for it: after this nothing reads the data_fds or writes the
     /// main channel any more. A read or write in progress finishes first (bounded by the main
-    /// channel's write timeout).
-    pub fn stop(&mut self) {
+    /// channel's write timeout); if it failed, its error is returned: precopy bytes read from
+    /// a device did not all reach the main channel, so the stream cannot go on.
+    pub fn stop(&mut self) -> Result<(), SessionError> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            if handle.join().is_err() {
-                log::error!("the precopy thread panicked");
-            }
+        match self.handle.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(err))) => Err(err),
+            Some(Err(_)) => Err(SessionError::PrecopyPanicked),
         }
     }
 }
@@ -149,7 +153,12 @@ impl Drop for Precopy {
         if self.handle.is_some() {
             // Not stopped on the way to switchover: the migration failed.
             let _ = self.wake.shutdown(std::net::Shutdown::Both);
-            self.stop();
+            if let Err(err) = self.stop() {
+                log::debug!(
+                    "precopy after the failure: {}",
+                    crate::error::error_chain(&err)
+                );
+            }
         }
     }
 }
@@ -268,4 +277,61 @@ fn send_init_sent<P, R>(
         device: reader.source.device,
     })));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::{Seek, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+
+    use super::*;
+
+    #[test]
+    fn a_precopy_write_that_fails_while_stopping_is_returned_by_stop() {
+        let mut image = File::from(memfd_create("precopy-src", MFdFlags::MFD_CLOEXEC).unwrap());
+        image.write_all(&vec![0x5a; 16 << 20]).unwrap();
+        image.rewind().unwrap();
+        let (main, peer) = UnixStream::pair().unwrap();
+        let (events, _queue) = mpsc::channel::<Event<(), ()>>();
+        let mut precopy = Precopy::start(
+            vec![PrecopySource {
+                device: 0,
+                section: 0,
+                id: DeviceId::new("0000:00:02.0/vfio", 0).unwrap(),
+                data_fd: OwnedFd::from(image),
+            }],
+            Conn::from(main),
+            PRECOPY_CHUNK,
+            Arc::new(AtomicU64::new(0)),
+            events,
+        )
+        .unwrap();
+        // The peer never reads: the thread ends up blocked in a write of device bytes it has
+        // already read; the peer then goes away while the session stops precopy.
+        // Bytes at the peer: the thread is writing its first 1 MiB record, which does not fit
+        // the socket's buffer.
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut &peer, &mut first).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let closer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            drop(peer);
+        });
+        let result = precopy.stop();
+        closer.join().unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(SessionError::Main(MainChannelError::Write {
+                    what: "precopy data",
+                    ..
+                }))
+            ),
+            "{result:?}"
+        );
+    }
 }

@@ -542,7 +542,7 @@ impl<'a> SourceSession<'a> {
         updates: Vec<DeviceUpdate>,
     ) -> Result<State, SessionError> {
         if let Some(mut precopy) = precopy {
-            precopy.stop();
+            precopy.stop()?;
         }
         for update in updates {
             let Some(input) = self.devices.get_mut(update.device) else {
