@@ -29,6 +29,10 @@ pub(super) struct Handoff {
     outstanding: Vec<AtomicUsize>,
     /// All senders' `outstanding` together, against `room`.
     total_outstanding: AtomicUsize,
+    /// Where the next search for the least loaded sender starts, so that ties (every sender
+    /// idle, as when packets come slower than they are sent) go round robin rather than all to
+    /// sender 0, whose channels would then carry everything.
+    next_sender: AtomicUsize,
     /// Per reader (= per device): slots its senders are done with.
     returns: Vec<Mailbox<LentSlot>>,
     readers_left: AtomicUsize,
@@ -87,6 +91,7 @@ impl Handoff {
             inboxes: (0..senders).map(|_| Mailbox::new()).collect(),
             outstanding: (0..senders).map(|_| AtomicUsize::new(0)).collect(),
             total_outstanding: AtomicUsize::new(0),
+            next_sender: AtomicUsize::new(0),
             returns: (0..device_ids.len()).map(|_| Mailbox::new()).collect(),
             readers_left: AtomicUsize::new(device_ids.len()),
             device_ids,
@@ -107,9 +112,13 @@ impl Handoff {
         let _ = self.inboxes[sender].waker.set(waker);
     }
 
-    /// Hands a packet (its `device` the global index) to the least loaded sender.
+    /// Hands a packet (its `device` the global index) to the least loaded sender; ties round
+    /// robin.
     pub(super) fn hand_over(&self, packet: ReadyPacket) {
-        let sender = (0..self.outstanding.len())
+        let senders = self.outstanding.len();
+        let start = self.next_sender.fetch_add(1, Ordering::Relaxed);
+        let sender = (0..senders)
+            .map(|i| (start + i) % senders)
             .min_by_key(|&s| self.outstanding[s].load(Ordering::Relaxed))
             .expect("a handoff has senders");
         self.outstanding[sender].fetch_add(1, Ordering::Relaxed);
@@ -206,6 +215,20 @@ mod tests {
         handoff.hand_over(packet(0, 6));
         let second: Vec<u32> = handoff.take_inbox(1).iter().map(|p| p.idx).collect();
         assert_eq!(second, [6], "sender 1 had fewer packets outstanding");
+    }
+
+    #[test]
+    fn packets_sent_one_at_a_time_still_reach_every_sender() {
+        let handoff = Handoff::new(ids(1), 3, 5);
+        let mut got = [0; 3];
+        for idx in 0..9 {
+            handoff.hand_over(packet(0, idx));
+            let sender = (0..3).find(|&s| !handoff.take_inbox(s).is_empty()).unwrap();
+            got[sender] += 1;
+            // Sent before the next read: every sender is idle at each handover.
+            handoff.sent(sender, 0, None);
+        }
+        assert_eq!(got, [3, 3, 3]);
     }
 
     /// Reader 1 waits for room that reader 0's packets took; a sent packet of reader 0's (a

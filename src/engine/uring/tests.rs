@@ -374,10 +374,16 @@ fn fewer_devices_than_workers_are_read_by_one_worker_each_and_sent_by_the_others
             "{:?}",
             src.notes
         );
-        // Senders own every channel and take the least loaded: with many more packets
-        // than channels, each channel carries some.
-        for (c, channel) in src.channels.iter().enumerate() {
-            assert!(channel.packets > 0, "channel {c} idle: {:?}", src.channels);
+        // Senders own every channel, each sends round robin on its own, and packets go to
+        // the least loaded sender: with a pool that lets the reader run ahead, every sender
+        // has packets queued and each channel carries some. With two slots, a sender the
+        // scheduler keeps off a core holds its one packet while the other sender rightly takes
+        // the rest, so there the spread follows the machine's load (seen in 3 of 40 runs
+        // beside two busy loops) and is not asserted.
+        if pool_buffers >= channels {
+            for (c, channel) in src.channels.iter().enumerate() {
+                assert!(channel.packets > 0, "channel {c} idle: {:?}", src.channels);
+            }
         }
     }
     check(
