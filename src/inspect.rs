@@ -73,23 +73,16 @@ fn parse_uuid_arg(text: &str) -> Result<[u8; 16], String> {
 pub fn run(args: &InspectArgs) -> i32 {
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let (report, written) = if args.json {
-        let report = match inspect_files(args) {
-            Ok(report) => report,
-            Err(err) => return fail(&err),
-        };
-        let written = serde_json::to_writer_pretty(&mut out, &report)
+    let mut text = (!args.json).then(|| TextOut::new(&mut out, !args.summary));
+    let report = match inspect_files_listing(args, text.as_mut()) {
+        Ok(report) => report,
+        Err(err) => return fail(&err),
+    };
+    let written = match text {
+        Some(text) => text.finish(&report),
+        None => serde_json::to_writer_pretty(&mut out, &report)
             .map_err(io::Error::from)
-            .and_then(|()| writeln!(out));
-        (report, written)
-    } else {
-        let mut text = TextOut::new(&mut out, !args.summary);
-        let report = match inspect_files_listing(args, Some(&mut text)) {
-            Ok(report) => report,
-            Err(err) => return fail(&err),
-        };
-        let written = text.finish(&report);
-        (report, written)
+            .and_then(|()| writeln!(out)),
     };
     if let Err(err) = written.and_then(|()| out.flush()) {
         if err.kind() != io::ErrorKind::BrokenPipe {
@@ -449,7 +442,7 @@ impl Ctx<'_, '_> {
 /// The text output as the files are decoded: per channel a header line, a line per record
 /// and packet, a summary line. Lines are written as they are found, so a listing of any
 /// length costs no memory.
-pub struct TextOut<'o> {
+struct TextOut<'o> {
     out: &'o mut dyn Write,
     /// Lines per record and packet (not under `--summary`).
     records: bool,
@@ -460,7 +453,7 @@ pub struct TextOut<'o> {
 }
 
 impl<'o> TextOut<'o> {
-    pub fn new(out: &'o mut dyn Write, records: bool) -> Self {
+    fn new(out: &'o mut dyn Write, records: bool) -> Self {
         Self {
             out,
             records,
@@ -490,7 +483,7 @@ impl<'o> TextOut<'o> {
     }
 
     /// What comes after the channels, then the first write error, if any.
-    pub fn finish(self, report: &Report) -> io::Result<()> {
+    fn finish(self, report: &Report) -> io::Result<()> {
         match self.failed {
             Some(err) => Err(err),
             None => write_report_tail(self.out, report),
@@ -504,7 +497,7 @@ pub fn inspect_files(args: &InspectArgs) -> Result<Report, InspectError> {
 }
 
 /// [`inspect_files`], writing the text listing to `text` as it decodes.
-pub fn inspect_files_listing(
+fn inspect_files_listing(
     args: &InspectArgs,
     text: Option<&mut TextOut<'_>>,
 ) -> Result<Report, InspectError> {
