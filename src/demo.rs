@@ -338,6 +338,7 @@ fn side_report<T>(
         end_ns: None,
         cpu_s: 0.0,
         verified: false,
+        workers: None,
     }
 }
 
@@ -406,6 +407,7 @@ pub fn run_send(config: &SendConfig) -> Result<SideReport, StandaloneError> {
     };
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
+    report.workers = outcome.report.workers;
     report.bytes = outcome.report.devices.iter().map(|d| d.bytes).sum();
     for (device, engine_report) in report.devices.iter_mut().zip(&outcome.report.devices) {
         device.bytes = engine_report.bytes;
@@ -485,6 +487,7 @@ pub fn run_recv(config: &RecvConfig) -> Result<SideReport, StandaloneError> {
     };
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
+    report.workers = outcome.report.workers;
     report.bytes = outcome.report.devices.iter().map(|d| d.bytes).sum();
     for (device, engine_report) in report.devices.iter_mut().zip(&outcome.report.devices) {
         device.bytes = engine_report.bytes;

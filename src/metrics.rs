@@ -74,6 +74,10 @@ pub struct SideReport {
     pub cpu_s: f64,
     /// Destination: every stream and config blob checked equal to the source's.
     pub verified: bool,
+    /// io_uring workers that ran the data plane (absent for the threads engine): fewer than
+    /// `--workers` asks where channels or devices are fewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 impl SideReport {
@@ -408,6 +412,7 @@ mod tests {
             end_ns: Some(end_ns),
             cpu_s,
             verified: side == Side::Destination,
+            workers: None,
         }
     }
 

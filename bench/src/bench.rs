@@ -12,7 +12,7 @@ use crate::machine::{busy_cpu_s, Machine};
 use crate::report::{dedup_rows, Report};
 use crate::runs::{self, Run, RunMetrics};
 use crate::scenario::{size_arg, Scenario};
-use crate::stats::RowSummary;
+use crate::stats::{scaling_label, RowSummary};
 use crate::{ceiling, qemu};
 
 /// The helper binary's name.
@@ -69,21 +69,55 @@ fn find_helper(args: &BenchArgs, bench_exe: &Path) -> Result<PathBuf, String> {
     ))
 }
 
+/// One row to run: what it is, its name in the outputs, and the workers asked of each helper.
+struct Entry {
+    kind: RowKind,
+    label: String,
+    workers: Option<u32>,
+}
+
+/// `--rows` as asked (each once), or with `--scaling` one `uring` row per worker count and the
+/// loopback transport.
+fn entries(args: &BenchArgs, scenario: &Scenario) -> Vec<Entry> {
+    if scenario.scaling.is_empty() {
+        return dedup_rows(&args.rows)
+            .into_iter()
+            .map(|kind| Entry {
+                kind,
+                label: kind.name().into(),
+                workers: scenario.workers,
+            })
+            .collect();
+    }
+    let uring = scenario.scaling.iter().map(|&n| Entry {
+        kind: RowKind::Uring,
+        label: scaling_label(n),
+        workers: Some(n),
+    });
+    uring
+        .chain(std::iter::once(Entry {
+            kind: RowKind::Loopback,
+            label: RowKind::Loopback.name().into(),
+            workers: None,
+        }))
+        .collect()
+}
+
 pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     let scenario = Scenario::from_args(args)?;
-    let rows = dedup_rows(&args.rows);
+    let rows = entries(args, &scenario);
     let bench_exe =
         std::env::current_exe().map_err(|e| format!("locating this executable: {e}"))?;
     let needs_helper = rows
         .iter()
-        .any(|r| matches!(r, RowKind::Uring | RowKind::Threads | RowKind::Single));
+        .any(|r| matches!(r.kind, RowKind::Uring | RowKind::Threads | RowKind::Single));
     let helper = if needs_helper {
         Some(find_helper(args, &bench_exe)?)
     } else {
         None
     };
     let mut skipped: BTreeMap<RowKind, String> = BTreeMap::new();
-    let qemu_version = if rows.contains(&RowKind::QemuRam) {
+    let qemu_version = if rows.iter().any(|r| r.kind == RowKind::QemuRam) {
         match qemu::probe() {
             Ok(version) => Some(version),
             Err(why) => {
@@ -104,22 +138,25 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
         ram: None,
     };
     let started = SystemTime::now();
-    let mut runs: BTreeMap<RowKind, Vec<Run>> = BTreeMap::new();
+    let mut runs: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     let rounds = scenario.repeats + 1;
     eprintln!(
         "vfio-multifd-bench: scenario {} ({}), rows {}, 1 warm-up + {} counted rounds",
         scenario.name.name(),
         scenario.shape.describe(),
-        rows.iter().map(|r| r.name()).collect::<Vec<_>>().join(","),
+        rows.iter()
+            .map(|r| r.label.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         scenario.repeats
     );
     for round in 0..rounds {
-        let mut order = rows.clone();
+        let mut order: Vec<&Entry> = rows.iter().collect();
         if round % 2 == 1 {
             order.reverse();
         }
         for row in order {
-            if skipped.contains_key(&row) {
+            if skipped.contains_key(&row.kind) {
                 continue;
             }
             let begun = SystemTime::now();
@@ -141,13 +178,13 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                 Ok(m) => eprintln!(
                     "  {} {}: {:.1} ms, {:.2} GiB/s",
                     round_name(round),
-                    row.name(),
+                    row.label,
                     m.downtime_ms,
                     m.throughput_gib_s
                 ),
-                Err(e) => eprintln!("  {} {}: FAILED: {e}", round_name(round), row.name()),
+                Err(e) => eprintln!("  {} {}: FAILED: {e}", round_name(round), row.label),
             }
-            runs.entry(row).or_default().push(Run {
+            runs.entry(row.label.clone()).or_default().push(Run {
                 round,
                 warmup: round == 0,
                 started: begun,
@@ -157,13 +194,11 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     }
     let summaries: Vec<RowSummary> = rows
-        .iter()
+        .into_iter()
         .map(|row| {
-            RowSummary::new(
-                *row,
-                skipped.get(row).cloned(),
-                runs.remove(row).unwrap_or_default(),
-            )
+            let runs = runs.remove(&row.label).unwrap_or_default();
+            let skipped = skipped.get(&row.kind).cloned();
+            RowSummary::new(row.kind, row.label, row.workers, skipped, runs)
         })
         .collect();
     let report = Report::new(scenario, machine, started, summaries);
@@ -219,8 +254,9 @@ impl Ctx {
         argv.into_iter().map(OsString::from).collect()
     }
 
-    fn run_once(&mut self, row: RowKind, round: u32) -> Result<RunMetrics, String> {
-        let dir = self.work.0.join(format!("round{round}-{}", row.name()));
+    fn run_once(&mut self, entry: &Entry, round: u32) -> Result<RunMetrics, String> {
+        let row = entry.kind;
+        let dir = self.work.0.join(format!("round{round}-{}", entry.label));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let shape = self.scenario.shape;
         let expected = shape.total_bytes();
@@ -248,7 +284,7 @@ impl Ctx {
                     .iter()
                     .map(OsString::from),
                 );
-                if let Some(workers) = self.scenario.workers {
+                if let Some(workers) = entry.workers {
                     common.push("--workers".into());
                     common.push(workers.to_string().into());
                 }
@@ -275,9 +311,23 @@ impl Ctx {
                 )?;
                 runs::pair_metrics(pair, expected)
             }
-            RowKind::Ceiling => {
+            RowKind::Ceiling | RowKind::Loopback => {
                 let bench = self.bench_exe.clone().into_os_string();
-                let common = self.shape_args(shape.channels);
+                let mut common = if row == RowKind::Loopback {
+                    // As many connections as the most workers a scaling run asks for.
+                    let connections = self
+                        .scenario
+                        .scaling
+                        .last()
+                        .map_or(shape.channels, |&n| u8::try_from(n).unwrap_or(u8::MAX));
+                    let mut args = self.shape_args(connections);
+                    args.push("--memory".into());
+                    args
+                } else {
+                    self.shape_args(shape.channels)
+                };
+                common.push("--timeout".into());
+                common.push(timeout.as_secs().min(3600).to_string().into());
                 let mut dest_args: Vec<OsString> = vec![
                     ceiling::RECV.into(),
                     "--listen".into(),

@@ -14,6 +14,11 @@
 //! its devices go to STOP_COPY, once every connection is up and the destination's devices are
 //! RESUMING; the destination's `end_ns` is when the last chunk of every device was written.
 //! Setup (a one-byte connection index, a one-byte "ready") is outside the timed window.
+//!
+//! With `--memory` (the `loopback` row) there are no devices: each source thread sends its
+//! connection's share of the bytes from one buffer, each destination thread reads it into one
+//! and drops it. That is the transport alone, the reference the 16-core scaling goal is
+//! measured against (blocking threads over 8 connections).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -50,6 +55,9 @@ pub struct PumpArgs {
     pub chunk: String,
     #[arg(long)]
     pub device_speed: Option<String>,
+    /// No devices: send a buffer, receive and drop it (the `loopback` row).
+    #[arg(long)]
+    pub memory: bool,
     /// Seconds any blocking socket operation may wait.
     #[arg(long, default_value = "60")]
     pub timeout: u64,
@@ -193,6 +201,14 @@ fn emit(event: &str, data: serde_json::Value) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
+fn engine_name(args: &PumpArgs) -> &'static str {
+    if args.memory {
+        "loopback"
+    } else {
+        "ceiling"
+    }
+}
+
 fn device_name(i: usize) -> String {
     format!("ceiling-{i}")
 }
@@ -212,7 +228,7 @@ pub fn main(send: bool, args: &PumpArgs) -> ExitCode {
             side: side.into(),
             ok: false,
             error: Some(error),
-            engine: "ceiling".into(),
+            engine: engine_name(args).into(),
             ..SideReport::default()
         },
     };
@@ -237,6 +253,7 @@ fn source(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> {
         .map_err(|e| format!("--connect: {e}"))?;
     let timeout = Duration::from_secs(args.timeout);
     let mut devices = (0..shape.devices)
+        .filter(|_| !args.memory)
         .map(|i| SimSource::new(&device_name(i), shape.spec(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("simulated source: {e}"))?;
@@ -287,11 +304,15 @@ fn source(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> {
                             let mut sent = 0u64;
                             for (d, k) in lane {
                                 let len = shape.chunk_len(k);
-                                turns[d].at(k, abort, |(file, issued)| {
-                                    issued[k as usize] = now_ns();
-                                    file.read_exact(&mut buf[..len])
-                                        .map_err(|e| format!("reading device {d} chunk {k}: {e}"))
-                                })?;
+                                // No turn: `--memory`, the buffer is the payload.
+                                if let Some(turn) = turns.get(d) {
+                                    turn.at(k, abort, |(file, issued)| {
+                                        issued[k as usize] = now_ns();
+                                        file.read_exact(&mut buf[..len]).map_err(|e| {
+                                            format!("reading device {d} chunk {k}: {e}")
+                                        })
+                                    })?;
+                                }
                                 sock.write_all(&buf[..len])
                                     .map_err(|e| format!("sending on connection {c}: {e}"))?;
                                 sent += len as u64;
@@ -327,7 +348,7 @@ fn source(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> {
     let mut report = SideReport {
         side: "source".into(),
         ok: true,
-        engine: "ceiling".into(),
+        engine: engine_name(args).into(),
         channels: shape.channels as u32,
         chunk: shape.chunk,
         bytes,
@@ -367,6 +388,7 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
     let listen = args.listen.as_deref().ok_or("--listen is required")?;
     let timeout = Duration::from_secs(args.timeout);
     let mut devices = (0..shape.devices)
+        .filter(|_| !args.memory)
         .map(|i| SimSink::new(&device_name(i), shape.spec(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("simulated sink: {e}"))?;
@@ -409,7 +431,8 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
     let turns = Arc::new(turns);
     let lanes = schedule(shape.devices, shape.chunks(), shape.channels);
     let abort = AtomicBool::new(false);
-    let results: Vec<Result<u64, String>> = std::thread::scope(|scope| {
+    // Per connection: bytes received, and when its last chunk was received (and written).
+    let results: Vec<Result<(u64, u64), String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = sockets
             .iter_mut()
             .zip(lanes)
@@ -420,26 +443,30 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
                 let abort = &abort;
                 std::thread::Builder::new()
                     .name(format!("pump-recv-{c}"))
-                    .spawn_scoped(scope, move || -> Result<u64, String> {
-                        let result = (|| -> Result<u64, String> {
-                            let mut got = 0u64;
+                    .spawn_scoped(scope, move || -> Result<(u64, u64), String> {
+                        let result = (|| -> Result<(u64, u64), String> {
+                            let (mut got, mut last_ns) = (0u64, start_ns);
                             for (d, k) in lane {
                                 let len = shape.chunk_len(k);
                                 sock.read_exact(&mut buf[..len]).map_err(|e| {
                                     format!("receiving device {d} chunk {k} on connection {c}: {e}")
                                 })?;
-                                turns[d].at(k, abort, |(file, written)| {
-                                    file.write_all(&buf[..len]).map_err(|e| {
-                                        format!("writing device {d} chunk {k}: {e}")
+                                // No turn: `--memory`, the bytes are dropped.
+                                if let Some(turn) = turns.get(d) {
+                                    turn.at(k, abort, |(file, written)| {
+                                        file.write_all(&buf[..len]).map_err(|e| {
+                                            format!("writing device {d} chunk {k}: {e}")
+                                        })?;
+                                        written[k as usize] = now_ns();
+                                        Ok(())
                                     })?;
-                                    written[k as usize] = now_ns();
-                                    Ok(())
-                                })?;
+                                }
+                                last_ns = now_ns();
                                 got += len as u64;
                             }
                             let mut probe = [0u8; 1];
                             match sock.read(&mut probe) {
-                                Ok(0) => Ok(got),
+                                Ok(0) => Ok((got, last_ns)),
                                 Ok(_) => Err(format!("connection {c}: bytes after the last chunk")),
                                 Err(e) => Err(format!("connection {c}: waiting for EOF: {e}")),
                             }
@@ -462,15 +489,17 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
             .collect()
     });
     let cpu_s = cpu_seconds() - cpu0;
-    let mut bytes = 0;
+    let (mut bytes, mut end_ns) = (0, start_ns);
     for r in results {
-        bytes += r?;
+        let (got, last_ns) = r?;
+        bytes += got;
+        end_ns = end_ns.max(last_ns);
     }
     let turns = Arc::try_unwrap(turns).map_err(|_| "pump threads still hold the devices")?;
     let mut report = SideReport {
         side: "destination".into(),
         ok: true,
-        engine: "ceiling".into(),
+        engine: engine_name(args).into(),
         channels: shape.channels as u32,
         chunk: shape.chunk,
         bytes,
@@ -478,13 +507,16 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
         cpu_s,
         ..SideReport::default()
     };
-    let mut end_ns = start_ns;
     let mut verified = true;
+    if args.memory {
+        report
+            .notes
+            .push("no devices: bytes counted, not checked".into());
+    }
     for (i, (turn, device)) in turns.into_iter().zip(devices.iter_mut()).enumerate() {
         let (_, (file, written)) = turn.state.into_inner().unwrap_or_else(|p| p.into_inner());
         drop(file);
         let loaded = written.last().copied().unwrap_or(start_ns);
-        end_ns = end_ns.max(loaded);
         // RESUMING -> STOP checks every byte against the source's content.
         if let Err(e) = device.set_state(MigState::Stop) {
             verified = false;

@@ -21,6 +21,9 @@ pub enum RowKind {
     /// Real QEMU 10.x migrating as many bytes of random RAM over as many multifd channels.
     #[value(name = "qemu-ram")]
     QemuRam,
+    /// The transport alone: blocking threads send a buffer over N TCP connections, the receiver
+    /// drops it (no devices, no framing).
+    Loopback,
 }
 
 impl RowKind {
@@ -31,6 +34,7 @@ impl RowKind {
             RowKind::Single => "single",
             RowKind::Ceiling => "ceiling",
             RowKind::QemuRam => "qemu-ram",
+            RowKind::Loopback => "loopback",
         }
     }
 
@@ -49,6 +53,9 @@ impl RowKind {
             }
             RowKind::QemuRam => {
                 "real QEMU: paused TCG VM, as many bytes of random RAM (memory-backend-file), same multifd channels, loopback"
+            }
+            RowKind::Loopback => {
+                "the transport alone: blocking threads send a buffer over N TCP connections, the receiver reads and drops it (no devices, no framing)"
             }
         }
     }
@@ -105,6 +112,15 @@ pub struct BenchArgs {
     /// io_uring workers per helper (passed as --workers) [default: the helper's, the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<u32>,
+    /// Worker scaling instead of --rows: `uring` with each of these worker counts per helper,
+    /// and `loopback` over as many connections as the largest count (e.g. 1,2,4,8).
+    #[arg(
+        long,
+        value_name = "N,N,...",
+        value_delimiter = ',',
+        conflicts_with_all = ["rows", "workers"]
+    )]
+    pub scaling: Vec<u32>,
     /// The vfio-multifd binary [default: $VFIO_MULTIFD_BIN, else the one next to this binary].
     #[arg(long, value_name = "PATH")]
     pub helper: Option<PathBuf>,
@@ -145,5 +161,12 @@ mod tests {
             ]
         );
         assert!(BenchArgs::try_parse_from(["vfio-multifd-bench", "--rows", "epoll"]).is_err());
+        let args = BenchArgs::try_parse_from(["vfio-multifd-bench", "--scaling", "1,2,4,8"])
+            .expect("--scaling parses");
+        assert_eq!(args.scaling, vec![1, 2, 4, 8]);
+        for other in [["--rows", "uring"], ["--workers", "2"]] {
+            let argv = ["vfio-multifd-bench", "--scaling", "1,8", other[0], other[1]];
+            assert!(BenchArgs::try_parse_from(argv).is_err(), "{other:?}");
+        }
     }
 }

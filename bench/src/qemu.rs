@@ -327,6 +327,8 @@ pub fn run(
         proc_src: Some(src_usage),
         proc_dst: Some(dst_usage),
         latency: None,
+        workers_src: None,
+        workers_dst: None,
         engines: "qemu".into(),
         notes: Vec::new(),
         qemu: Some(q),

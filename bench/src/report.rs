@@ -54,8 +54,11 @@ struct JsonRun<'a> {
 
 #[derive(Serialize)]
 struct JsonRow<'a> {
-    name: &'static str,
+    name: &'a str,
     what: &'static str,
+    /// The workers asked of each helper; what ran is in the metrics `workers_src`/`workers_dst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     skipped: Option<&'a str>,
     engines: &'a str,
@@ -130,7 +133,14 @@ impl Report {
         started: SystemTime,
         rows: Vec<RowSummary>,
     ) -> Report {
-        let ratios = stats::ratios(&rows);
+        let references: Vec<String> = match scenario.scaling.first() {
+            None => REFERENCES.iter().map(|r| r.name().to_string()).collect(),
+            Some(&fewest) => vec![
+                stats::scaling_label(fewest),
+                RowKind::Loopback.name().into(),
+            ],
+        };
+        let ratios = stats::ratios(&rows, &references);
         let goals = stats::goals(&scenario, &rows);
         Report {
             scenario,
@@ -169,8 +179,9 @@ impl Report {
             .rows
             .iter()
             .map(|r| JsonRow {
-                name: r.row.name(),
+                name: &r.label,
                 what: r.row.what(),
+                workers: r.workers,
                 skipped: r.skipped.as_deref(),
                 engines: &r.engines,
                 counted_runs: r.counted(),
@@ -233,9 +244,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "vfio-multifd bench: scenario {}{} ({}), {} moved per run",
+            "vfio-multifd bench: scenario {}{}{} ({}), {} moved per run",
             s.name.name(),
             if s.quick { " --quick" } else { "" },
+            scaling_flag(s),
             s.shape.describe(),
             human_bytes(s.shape.total_bytes())
         );
@@ -252,6 +264,19 @@ impl Report {
             s.repeats
         );
         let _ = writeln!(out, "  machine: {}", self.machine.describe());
+        if let Some(&most) = s.scaling.last() {
+            let _ = writeln!(
+                out,
+                "  scaling: uring-wN = the uring engine with N workers per helper; loopback = {most} connections"
+            );
+            if most as usize > self.machine.cores {
+                let _ = writeln!(
+                    out,
+                    "  {most} workers per helper on {} cores: the counts above the cores share them (the scaling goals are for 16 cores)",
+                    self.machine.cores
+                );
+            }
+        }
         let _ = writeln!(out, "  date: {}", self.date());
         if let Some(f) = s.shape.physical_floor_ms() {
             let _ = writeln!(
@@ -276,13 +301,13 @@ impl Report {
         );
         for r in &self.rows {
             if let Some(why) = &r.skipped {
-                let _ = writeln!(out, "{:<9} skipped: {why}", r.row.name());
+                let _ = writeln!(out, "{:<9} skipped: {why}", r.label);
                 continue;
             }
             let _ = writeln!(
                 out,
                 "{:<9} {:<8} {:>26} {:>22} {:>9} {:>9} {:>9} {:>5} {:>6}",
-                r.row.name(),
+                r.label,
                 short(&r.engines, 8),
                 cell(r, "downtime_ms", 1),
                 cell(r, "throughput_gib_s", 2),
@@ -310,7 +335,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<9} {:>22} {:>22} {:>7} {:>15} {:>15} {:>19}",
-                r.row.name(),
+                r.label,
                 cell(r, "cpu_src_s_per_gib", 2),
                 cell(r, "cpu_dst_s_per_gib", 2),
                 med(r, "cpu_total_s_per_gib", 2),
@@ -339,27 +364,28 @@ impl Report {
             .filter(|r| r.skipped.is_none())
             .filter(|r| matches!(r.row, RowKind::Uring | RowKind::Threads | RowKind::Single))
         {
-            for reference in REFERENCES {
+            let mut references: Vec<&str> = Vec::new();
+            for x in self.ratios.iter().filter(|x| x.row == r.label) {
+                if !references.contains(&x.reference.as_str()) {
+                    references.push(&x.reference);
+                }
+            }
+            for reference in references {
                 let cells: Vec<String> = RATIO_METRICS
                     .iter()
                     .map(|(metric, _)| {
                         self.ratios
                             .iter()
                             .find(|x| {
-                                x.row == r.row.name()
-                                    && x.reference == reference.name()
-                                    && x.metric == *metric
+                                x.row == r.label && x.reference == reference && x.metric == *metric
                             })
                             .map_or("-".into(), |x| format!("{:.2}x", x.ratio))
                     })
                     .collect();
-                if cells.iter().all(|c| c == "-") {
-                    continue;
-                }
                 let _ = writeln!(
                     out,
                     "  {:<22} {:>9} {:>11} {:>10} {:>8}",
-                    format!("{} / {}", r.row.name(), reference.name()),
+                    format!("{} / {reference}", r.label),
                     cells[0],
                     cells[1],
                     cells[2],
@@ -370,8 +396,9 @@ impl Report {
         out.push('\n');
         let _ = writeln!(
             out,
-            "goals (issue 6, scenario {}{}):",
+            "goals (issue 6, scenario {}{}{}):",
             s.name.name(),
+            scaling_flag(s),
             if s.quick {
                 "; --quick sizes, indicative only"
             } else {
@@ -384,10 +411,10 @@ impl Report {
         let mut notes = Vec::new();
         for r in &self.rows {
             for n in &r.notes {
-                notes.push(format!("{}: {n}", r.row.name()));
+                notes.push(format!("{}: {n}", r.label));
             }
             for e in &r.errors {
-                notes.push(format!("{} FAILED {e}", r.row.name()));
+                notes.push(format!("{} FAILED {e}", r.label));
             }
         }
         if !notes.is_empty() {
@@ -400,7 +427,7 @@ impl Report {
         out.push('\n');
         let _ = writeln!(
             out,
-            "rows: uring/threads = vfio-multifd send+recv helpers with that engine; single = 1 channel, uring engine; ceiling = blocking threads data_fd -> TCP -> data_fd, no framing (downtime = STOP_COPY -> last chunk written); qemu-ram = real QEMU, RAM of the same size (downtime = QEMU's total-time, CPU from /proc over the migration). other = cores busy outside the measured processes during the run (noise)."
+            "rows: uring/threads = vfio-multifd send+recv helpers with that engine; single = 1 channel, uring engine; ceiling = blocking threads data_fd -> TCP -> data_fd, no framing (downtime = STOP_COPY -> last chunk written); qemu-ram = real QEMU, RAM of the same size (downtime = QEMU's total-time, CPU from /proc over the migration); loopback = blocking threads, a buffer over N TCP connections, no devices. other = cores busy outside the measured processes during the run (noise)."
         );
         out
     }
@@ -432,7 +459,7 @@ impl Report {
         let mut series = Vec::new();
         for r in &self.rows {
             let Some(h) = &r.latency else { continue };
-            let name = r.row.name();
+            let name = r.label.as_str();
             put(
                 &format!("{name}.hgrm"),
                 &hist::percentile_distribution(h, hist::US),
@@ -482,7 +509,7 @@ impl Report {
             .filter_map(|r| {
                 let s = r.metrics.get("throughput_gib_s")?;
                 Some(svg::Bar {
-                    name: r.row.name(),
+                    name: &r.label,
                     median: s.median,
                     min: s.min,
                     max: s.max,
@@ -497,6 +524,15 @@ impl Report {
         }
         Ok(written)
     }
+}
+
+/// ` --scaling 1,2,4,8`, or nothing.
+fn scaling_flag(s: &Scenario) -> String {
+    if s.scaling.is_empty() {
+        return String::new();
+    }
+    let counts: Vec<String> = s.scaling.iter().map(u32::to_string).collect();
+    format!(" --scaling {}", counts.join(","))
 }
 
 fn short(text: &str, width: usize) -> String {

@@ -72,6 +72,9 @@ pub struct SideReport {
     pub cpu_s: f64,
     #[serde(default)]
     pub verified: bool,
+    /// io_uring workers that ran (the helpers' uring engine only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
 }
 
 /// What QEMU itself said about a `qemu-ram` run.
@@ -104,6 +107,9 @@ pub struct RunMetrics {
     pub proc_dst: Option<Rusage>,
     /// Per data packet, read issued on the source -> written on the destination, ns.
     pub latency: Option<Histogram<u64>>,
+    /// io_uring workers each helper ran with (uring rows).
+    pub workers_src: Option<u32>,
+    pub workers_dst: Option<u32>,
     pub engines: String,
     pub notes: Vec<String>,
     pub qemu: Option<QemuStats>,
@@ -329,6 +335,8 @@ pub fn pair_metrics(pair: Pair, expected_bytes: u64) -> Result<RunMetrics, Strin
         proc_src: Some(src_usage),
         proc_dst: Some(dst_usage),
         latency: (!latency.is_empty()).then_some(latency),
+        workers_src: src.workers,
+        workers_dst: dst.workers,
         engines,
         notes,
         qemu: None,

@@ -125,6 +125,9 @@ pub struct Scenario {
     pub overridden: Vec<&'static str>,
     pub repeats: u32,
     pub workers: Option<u32>,
+    /// `--scaling`: the worker counts `uring` runs with, ascending, each once (empty: the rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scaling: Vec<u32>,
 }
 
 impl Scenario {
@@ -172,6 +175,12 @@ impl Scenario {
         if args.workers == Some(0) {
             return Err("--workers 0: at least one worker".into());
         }
+        let mut scaling = args.scaling.clone();
+        scaling.sort_unstable();
+        scaling.dedup();
+        if let Some(bad) = scaling.iter().find(|&&n| !(1..=255).contains(&n)) {
+            return Err(format!("--scaling {bad}: worker counts are 1 to 255"));
+        }
         Ok(Scenario {
             name: args.scenario,
             shape,
@@ -179,6 +188,7 @@ impl Scenario {
             overridden,
             repeats,
             workers: args.workers,
+            scaling,
         })
     }
 }

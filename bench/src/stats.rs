@@ -43,7 +43,7 @@ pub fn spread(values: &[f64]) -> Option<Spread> {
 /// Reads one metric from a run.
 pub type Getter = fn(&RunMetrics) -> Option<f64>;
 
-pub const METRICS: [(&str, Getter); 19] = [
+pub const METRICS: [(&str, Getter); 21] = [
     ("downtime_ms", |m| Some(m.downtime_ms)),
     ("throughput_gib_s", |m| Some(m.throughput_gib_s)),
     ("cpu_src_s_per_gib", |m| m.cpu_src_s_per_gib),
@@ -77,6 +77,8 @@ pub const METRICS: [(&str, Getter); 19] = [
         m.latency.as_ref().map(|h| h.max() as f64 / hist::US)
     }),
     ("other_load_cores", |m| m.other_load_cores),
+    ("workers_src", |m| m.workers_src.map(f64::from)),
+    ("workers_dst", |m| m.workers_dst.map(f64::from)),
 ];
 
 fn quantile_us(m: &RunMetrics, q: f64) -> Option<f64> {
@@ -89,6 +91,10 @@ fn quantile_us(m: &RunMetrics, q: f64) -> Option<f64> {
 #[derive(Debug)]
 pub struct RowSummary {
     pub row: RowKind,
+    /// The row's name in every output: the kind's, or `uring-wN` in a scaling run.
+    pub label: String,
+    /// The workers asked of each helper (`--workers` or a `--scaling` count).
+    pub workers: Option<u32>,
     /// Why the row did not run at all (e.g. no QEMU 10.x).
     pub skipped: Option<String>,
     pub runs: Vec<Run>,
@@ -101,7 +107,13 @@ pub struct RowSummary {
 }
 
 impl RowSummary {
-    pub fn new(row: RowKind, skipped: Option<String>, runs: Vec<Run>) -> RowSummary {
+    pub fn new(
+        row: RowKind,
+        label: String,
+        workers: Option<u32>,
+        skipped: Option<String>,
+        runs: Vec<Run>,
+    ) -> RowSummary {
         let counted: Vec<&RunMetrics> = runs
             .iter()
             .filter(|r| !r.warmup)
@@ -149,6 +161,8 @@ impl RowSummary {
             .collect();
         RowSummary {
             row,
+            label,
+            workers,
             skipped,
             runs,
             metrics,
@@ -184,38 +198,40 @@ pub const RATIO_METRICS: [(&str, &str); 4] = [
 ];
 
 /// References every row is compared with.
-pub const REFERENCES: [RowKind; 4] = [
+pub const REFERENCES: [RowKind; 5] = [
     RowKind::Threads,
     RowKind::Single,
     RowKind::Ceiling,
     RowKind::QemuRam,
+    RowKind::Loopback,
 ];
 
 /// `row metric / reference metric`, medians.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
-    pub row: &'static str,
-    pub reference: &'static str,
+    pub row: String,
+    pub reference: String,
     pub metric: &'static str,
     pub ratio: f64,
 }
 
-pub fn ratios(rows: &[RowSummary]) -> Vec<Ratio> {
+/// Every row against each reference row (by label) present in `rows`.
+pub fn ratios(rows: &[RowSummary], references: &[String]) -> Vec<Ratio> {
     let mut out = Vec::new();
     for row in rows {
-        for reference in REFERENCES {
-            if reference == row.row {
+        for reference in references {
+            if *reference == row.label {
                 continue;
             }
-            let Some(r) = rows.iter().find(|r| r.row == reference) else {
+            let Some(r) = rows.iter().find(|r| r.label == *reference) else {
                 continue;
             };
             for (metric, _) in RATIO_METRICS {
                 if let (Some(a), Some(b)) = (row.median(metric), r.median(metric)) {
                     if b > 0.0 {
                         out.push(Ratio {
-                            row: row.row.name(),
-                            reference: reference.name(),
+                            row: row.label.clone(),
+                            reference: reference.clone(),
                             metric,
                             ratio: a / b,
                         });
@@ -228,15 +244,12 @@ pub fn ratios(rows: &[RowSummary]) -> Vec<Ratio> {
 }
 
 /// What a goal is measured against.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Against {
-    Row(#[serde(serialize_with = "row_name")] RowKind),
+    /// The row of this label.
+    Row(String),
     PhysicalFloor,
-}
-
-fn row_name<S: serde::Serializer>(row: &RowKind, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(row.name())
 }
 
 /// One of issue 6's goals and where this run stands.
@@ -245,6 +258,8 @@ pub struct Goal {
     pub scenario: &'static str,
     pub text: String,
     pub metric: &'static str,
+    /// The row measured (its label).
+    pub row: String,
     pub against: Against,
     /// `<=` or `>=`.
     pub comparison: &'static str,
@@ -255,88 +270,159 @@ pub struct Goal {
     pub verdict: String,
 }
 
-/// The goals of `scenario`, evaluated on `rows` (uring's medians against the reference's).
-pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
+/// A goal before it is measured: `row`'s `metric` over `against`'s, `comparison` `target`.
+struct GoalSpec {
+    text: String,
+    metric: &'static str,
+    row: String,
+    against: Against,
+    comparison: &'static str,
+    target: f64,
+}
+
+impl GoalSpec {
+    fn new(
+        text: &str,
+        metric: &'static str,
+        against: Against,
+        comparison: &'static str,
+        target: f64,
+    ) -> GoalSpec {
+        GoalSpec {
+            text: text.to_string(),
+            metric,
+            row: RowKind::Uring.name().into(),
+            against,
+            comparison,
+            target,
+        }
+    }
+}
+
+/// The label of the `uring` row that ran with `workers` workers in a scaling run.
+pub fn scaling_label(workers: u32) -> String {
+    format!("uring-w{workers}")
+}
+
+/// Issue 6's goals for each scenario's rows (the `uring` row against a reference).
+fn row_goals(name: ScenarioName) -> Vec<GoalSpec> {
     use Against::*;
-    let spec: Vec<(&str, &'static str, Against, &'static str, f64)> = match scenario.name {
+    let row = |kind: RowKind| Row(kind.name().into());
+    match name {
         ScenarioName::Seed => vec![
-            (
+            GoalSpec::new(
                 "uring downtime <= 1.10 x the physical floor",
                 "downtime_ms",
                 PhysicalFloor,
                 "<=",
                 1.10,
             ),
-            (
+            GoalSpec::new(
                 "uring downtime <= 0.30 x single",
                 "downtime_ms",
-                Row(RowKind::Single),
+                row(RowKind::Single),
                 "<=",
                 0.30,
             ),
         ],
         ScenarioName::Gpu => vec![
-            (
+            GoalSpec::new(
                 "uring throughput >= 0.90 x ceiling",
                 "throughput_gib_s",
-                Row(RowKind::Ceiling),
+                row(RowKind::Ceiling),
                 ">=",
                 0.90,
             ),
-            (
+            GoalSpec::new(
                 "uring throughput >= 0.90 x qemu-ram",
                 "throughput_gib_s",
-                Row(RowKind::QemuRam),
+                row(RowKind::QemuRam),
                 ">=",
                 0.90,
             ),
-            (
+            GoalSpec::new(
                 "uring CPU s/GiB (source + destination) <= 0.70 x threads",
                 "cpu_total_s_per_gib",
-                Row(RowKind::Threads),
+                row(RowKind::Threads),
                 "<=",
                 0.70,
             ),
         ],
         ScenarioName::Many => vec![
-            (
+            GoalSpec::new(
                 "uring p99 latency <= 0.5 x threads",
                 "latency_p99_us",
-                Row(RowKind::Threads),
+                row(RowKind::Threads),
                 "<=",
                 0.5,
             ),
-            (
+            GoalSpec::new(
                 "uring CPU s/GiB (source + destination) <= 0.70 x threads",
                 "cpu_total_s_per_gib",
-                Row(RowKind::Threads),
+                row(RowKind::Threads),
                 "<=",
                 0.70,
             ),
         ],
-        ScenarioName::Small => vec![(
+        ScenarioName::Small => vec![GoalSpec::new(
             "uring throughput >= 1.5 x threads",
             "throughput_gib_s",
-            Row(RowKind::Threads),
+            row(RowKind::Threads),
             ">=",
             1.5,
         )],
+    }
+}
+
+/// Issue 6's 16-core goals (`gpu` and `many`): 8 workers against 1, and against the loopback
+/// transport over `connections` connections (the issue's reference has 8).
+fn scaling_goals(connections: u32) -> Vec<GoalSpec> {
+    let (eight, one) = (scaling_label(8), scaling_label(1));
+    vec![
+        GoalSpec {
+            text: format!("{eight} throughput >= 5 x {one}"),
+            metric: "throughput_gib_s",
+            row: eight.clone(),
+            against: Against::Row(one),
+            comparison: ">=",
+            target: 5.0,
+        },
+        GoalSpec {
+            text: format!("{eight} throughput >= 0.70 x loopback ({connections} connections)"),
+            metric: "throughput_gib_s",
+            row: eight,
+            against: Against::Row(RowKind::Loopback.name().into()),
+            comparison: ">=",
+            target: 0.70,
+        },
+    ]
+}
+
+/// The goals of `scenario` (its rows', or with `--scaling` the worker-scaling ones),
+/// evaluated on `rows`' medians.
+pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
+    let specs = match scenario.scaling.last() {
+        None => row_goals(scenario.name),
+        Some(&most) => scaling_goals(most),
     };
-    let uring = rows.iter().find(|r| r.row == RowKind::Uring);
-    spec.into_iter()
-        .map(|(text, metric, against, comparison, target)| {
-            let mine = uring.and_then(|r| r.median(metric));
-            let theirs = match against {
-                Row(kind) => rows
-                    .iter()
-                    .find(|r| r.row == kind)
-                    .and_then(|r| r.median(metric)),
-                PhysicalFloor => scenario.shape.physical_floor_ms().map(|f| f.floor_ms),
+    let median = |label: &str, metric: &str| {
+        rows.iter()
+            .find(|r| r.label == label)
+            .and_then(|r| r.median(metric))
+    };
+    specs
+        .into_iter()
+        .map(|spec| {
+            let mine = median(&spec.row, spec.metric);
+            let theirs = match &spec.against {
+                Against::Row(label) => median(label, spec.metric),
+                Against::PhysicalFloor => scenario.shape.physical_floor_ms().map(|f| f.floor_ms),
             };
             let measured = match (mine, theirs) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
             };
+            let (comparison, target) = (spec.comparison, spec.target);
             let met = measured.map(|m| {
                 if comparison == "<=" {
                     m <= target
@@ -357,9 +443,10 @@ pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
             };
             Goal {
                 scenario: scenario.name.name(),
-                text: text.to_string(),
-                metric,
-                against,
+                text: spec.text,
+                metric: spec.metric,
+                row: spec.row,
+                against: spec.against,
                 comparison,
                 target,
                 measured,

@@ -158,6 +158,8 @@ pub struct SourceReport {
     pub channels: Vec<ChannelReport>,
     /// One line per fallback the engine took (no pinning, SEND_ZC copied, ...).
     pub notes: Vec<String>,
+    /// io_uring workers (one ring and thread each) that ran; None for the threads engine.
+    pub workers: Option<usize>,
 }
 
 /// Per device, what the destination did. `written_ns[idx]` is CLOCK_MONOTONIC when data packet
@@ -178,6 +180,8 @@ pub struct DestReport {
     pub devices: Vec<DestDeviceReport>,
     pub channels: Vec<ChannelReport>,
     pub notes: Vec<String>,
+    /// io_uring workers that ran; None for the threads engine.
+    pub workers: Option<usize>,
 }
 
 /// A data-plane failure: always names the channel, the device and the idx it knows.

@@ -370,6 +370,11 @@ impl Engine for UringEngine {
             join_workers(handles, &failure, &progress)
         });
         let handed_off = handoff.is_some();
+        let ran = if handed_off {
+            workers
+        } else {
+            workers.min(n_devices.max(1))
+        };
         // Slots still in mailboxes hold the arena.
         drop(handoff);
         self.keep_arena(arena);
@@ -385,6 +390,7 @@ impl Engine for UringEngine {
             devices: vec![SourceDeviceReport::default(); n_devices],
             channels: vec![ChannelReport::default(); n_channels],
             notes: Vec::new(),
+            workers: Some(ran),
         };
         if handed_off {
             report.notes.push(format!(

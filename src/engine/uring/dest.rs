@@ -122,6 +122,7 @@ impl DestShared {
             devices: Vec::new(),
             channels: vec![ChannelReport::default(); self.n_channels],
             notes,
+            workers: Some(self.parked.len()),
         };
         for (i, c) in self
             .channel_reports

@@ -404,6 +404,28 @@ fn fewer_devices_than_workers_are_read_by_one_worker_each_and_sent_by_the_others
     );
 }
 
+#[test]
+fn reports_name_the_workers_that_ran() {
+    // (workers asked, devices, channels) -> (source workers, destination workers): a source
+    // runs no more workers than devices unless it lends its reads to senders; either side no
+    // more than channels.
+    for (workers, devices, channels, ran) in [
+        (1, 2, 4, (1, 1)),
+        (4, 1, 6, (4, 4)),
+        (4, 2, 3, (3, 3)),
+        (3, 5, 2, (2, 2)),
+        (2, 4, 4, (2, 2)),
+    ] {
+        let sizes = vec![(64 << 10) * 3 + 7; devices];
+        let (src, dst, _) = migrate(config(workers, 64 << 10), &sizes, channels);
+        assert_eq!(
+            (src.workers, dst.workers),
+            (Some(ran.0), Some(ran.1)),
+            "{workers} workers, {devices} devices, {channels} channels"
+        );
+    }
+}
+
 /// `cargo test --release -- --ignored source_only_speed --nocapture`: a rough look, not a
 /// test. One 1 GiB device over 8 channels into sinks that drop what they receive without
 /// copying it (TCP `MSG_TRUNC`), so the source has the cores to itself: 1 worker reads and

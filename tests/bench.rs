@@ -1,12 +1,13 @@
-//! The bench's HdrHistogram outputs, checked by an independent decoder: runs
+//! The bench's outputs. Its HdrHistogram files are checked by an independent decoder: runs
 //! `vfio-multifd-bench --scenario seed --quick --out DIR` (built here with cargo if needed),
 //! decodes every `.hlog` with the `hdrhistogram` package from PyPI (`import hdrh`, installed by
 //! tools/install-test-deps.sh), and checks its count, max, p50, p90 and p99 against the bench's
 //! own percentile-distribution text (`.hgrm`) within the histogram's precision. It also checks
-//! that the JSON output is one object with every row, ratio and goal.
+//! that the JSON output is one object with every row, ratio and goal, and that `--scaling` runs
+//! each worker count (the helpers report the workers that ran) beside the loopback transport.
 //!
-//! Correctness only: no speed is asserted. Skips (and passes) only when python3 or its `hdrh`
-//! module is missing.
+//! Correctness only: no speed is asserted. The hlog test skips (and passes) only when python3
+//! or its `hdrh` module is missing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -335,6 +336,83 @@ fn bench_hlog_decodes_with_python_hdrh_and_matches_the_text() {
     }
     let svg = std::fs::read_to_string(out.join("throughput.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+/// `--scaling`: one `uring` row per worker count (sorted, each once) whose helpers ran with that
+/// many workers, the loopback transport over as many connections as the most workers, ratios
+/// against the fewest workers and the loopback, and the 16-core goals computed from them.
+#[test]
+fn scaling_runs_each_worker_count_beside_the_loopback_transport() {
+    let bench = bench_binary();
+    let mut cmd = Command::new(&bench);
+    cmd.args([
+        "--scenario",
+        "gpu",
+        "--quick",
+        "--size",
+        "32MiB",
+        "--repeats",
+        "1",
+        "--scaling",
+        "8,1,2,1",
+        "--json",
+        "--helper",
+    ])
+    .arg(env!("CARGO_BIN_EXE_vfio-multifd"));
+    let (ok, stdout, stderr) = run(cmd, Duration::from_secs(300), "vfio-multifd-bench scaling");
+    assert!(ok, "the bench failed:\n{stdout}\n{stderr}");
+    let json: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("--json printed more or less than one object ({e}):\n{stdout}"));
+    assert_eq!(json["scenario"]["scaling"], serde_json::json!([1, 2, 8]));
+    let rows = json["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["uring-w1", "uring-w2", "uring-w8", "loopback"]);
+    for row in rows {
+        assert_eq!(row["counted_ok"], 1, "{}: {}", row["name"], row["errors"]);
+        assert!(
+            row["metrics"]["throughput_gib_s"]["median"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+    }
+    // One device over 8 channels: the source reads on one worker and lends to the others; the
+    // destination runs one worker per asked worker (up to the channels).
+    for (row, workers) in rows.iter().zip([1, 2, 8]) {
+        assert_eq!(row["workers"], workers, "{}", row["name"]);
+        assert_eq!(row["engines"], "uring", "{}", row["name"]);
+        for side in ["workers_src", "workers_dst"] {
+            let ran = row["metrics"][side]["median"].as_f64();
+            assert_eq!(ran, Some(f64::from(workers)), "{} {side}", row["name"]);
+        }
+    }
+    let loopback = &rows[3];
+    assert_eq!(loopback["engines"], "loopback");
+    assert!(loopback["latency_us"].is_null(), "no devices, no packets");
+    assert!(loopback["metrics"]["workers_src"].is_null());
+    let ratio = |row: &str, reference: &str| {
+        json["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| {
+                r["row"] == row && r["reference"] == reference && r["metric"] == "throughput_gib_s"
+            })
+            .and_then(|r| r["ratio"].as_f64())
+            .unwrap_or_else(|| panic!("no {row} / {reference} throughput ratio"))
+    };
+    let goals = json["goals"].as_array().unwrap();
+    assert_eq!(goals.len(), 2, "{goals:?}");
+    for (goal, reference) in goals.iter().zip(["uring-w1", "loopback"]) {
+        assert_eq!(goal["row"], "uring-w8");
+        assert_eq!(goal["against"]["row"], reference);
+        let measured = goal["measured"].as_f64().unwrap();
+        assert!(
+            (measured - ratio("uring-w8", reference)).abs() < 1e-9,
+            "{goal}"
+        );
+    }
+    assert!(goals[1]["text"].as_str().unwrap().contains("8 connections"));
 }
 
 /// The bracket check itself must catch a decoder that disagrees.
