@@ -321,6 +321,19 @@ fn check_dest_plan(engine: &'static str, plan: &DestPlan) -> Result<(), DataPlan
     Ok(())
 }
 
+/// Data packet `idx` of `device` may be sent: idx u32::MAX is invalid on the wire, and the
+/// config packet needs the idx after the last data packet.
+fn check_data_idx(device: &DeviceId, idx: u32) -> Result<(), DataPlaneError> {
+    if idx >= u32::MAX - 1 {
+        return Err(DataPlaneError::ReadDevice {
+            device: device.clone(),
+            idx,
+            source: io::Error::other("more data packets than a u32 idx can number"),
+        });
+    }
+    Ok(())
+}
+
 fn invalid_plan(engine: &'static str, why: String) -> DataPlaneError {
     DataPlaneError::Setup {
         engine,
@@ -366,4 +379,24 @@ pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
         ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_data_idx_leaves_one_for_the_config_packet_and_never_uses_u32_max() {
+        let device = DeviceId::new("0000:3b:00.1/vfio", 7).expect("valid id");
+        assert!(check_data_idx(&device, 0).is_ok());
+        assert!(check_data_idx(&device, u32::MAX - 2).is_ok());
+        for idx in [u32::MAX - 1, u32::MAX] {
+            let err = check_data_idx(&device, idx).expect_err("no idx left");
+            let text = err.to_string();
+            assert!(
+                text.contains("0000:3b:00.1/vfio") && text.contains(&idx.to_string()),
+                "{text}"
+            );
+        }
+    }
 }

@@ -564,14 +564,8 @@ impl SourceShared<'_> {
             if n == 0 {
                 break;
             }
-            // idx u32::MAX is invalid on the wire and the config packet needs the idx after
-            // the last data packet.
-            if idx >= u32::MAX - 1 {
-                self.fail(DataPlaneError::ReadDevice {
-                    device: device.id.clone(),
-                    idx,
-                    source: io::Error::other("more data packets than a u32 idx can number"),
-                });
+            if let Err(err) = check_data_idx(&device.id, idx) {
+                self.fail(err);
                 return None;
             }
             let header: &mut [u8; VFIO_HEADER_LEN] = (&mut buf[..VFIO_HEADER_LEN])

@@ -282,15 +282,7 @@ impl SourceWorker<'_> {
 
     fn prepare_slot(&mut self, d: usize) -> Result<(::uring::BufId, usize), DataPlaneError> {
         let device = &self.devices[d];
-        // idx u32::MAX is invalid on the wire and the config packet needs the idx after the
-        // last data packet.
-        if device.next_idx >= u32::MAX - 1 {
-            return Err(DataPlaneError::ReadDevice {
-                device: device.id.clone(),
-                idx: device.next_idx,
-                source: io::Error::other("more data packets than a u32 idx can number"),
-            });
-        }
+        check_data_idx(&device.id, device.next_idx)?;
         let buf = self.ring.pool().take().expect("caller checked a free slot");
         let device = &mut self.devices[d];
         let slot = self.ring.pool().slot_mut(&buf);
