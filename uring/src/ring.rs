@@ -683,3 +683,61 @@ impl Drop for Ring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `io_uring_enter` flag: wait for completions (and run deferred task work).
+    const ENTER_GETEVENTS: u32 = 1;
+
+    #[test]
+    fn a_wake_reaped_while_the_sq_is_full_rearms_on_a_later_wait() {
+        let mut ring = Ring::new(
+            &RingConfig {
+                entries: 4,
+                forbid: FeatureMask::empty(),
+            },
+            BufferPool::new(1, 4096).expect("pool"),
+        )
+        .expect("ring");
+        assert!(ring.wake_armed, "armed at setup");
+        ring.ring.submit().expect("submitting the waker's read");
+        // Fill the SQ with NOPs the ring ignores, and leave them unsubmitted.
+        let nop = opcode::Nop::new().build().user_data(CANCEL_USER_DATA);
+        let mut queued = 0;
+        // SAFETY: a NOP references no memory.
+        while unsafe { ring.ring.submission().push(&nop) }.is_ok() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        ring.waker().wake();
+        // Reap the wake's completion without submitting the NOPs.
+        // SAFETY: no argument pointer is passed.
+        unsafe {
+            ring.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+        }
+        .expect("waiting for the wake");
+        ring.reap();
+        assert!(matches!(
+            ring.next_completion().map(|c| c.kind),
+            Some(OpKind::Wake)
+        ));
+        assert!(!ring.wake_armed, "the SQ was full: the re-arm must wait");
+
+        // A wake posted now is not lost: a later wait arms the read once the SQ has room.
+        ring.waker().wake();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            ring.wait(1, Some(Duration::from_millis(50))).expect("wait");
+            if let Some(c) = ring.next_completion() {
+                assert!(matches!(c.kind, OpKind::Wake));
+                break;
+            }
+            assert!(Instant::now() < deadline, "the second wake was lost");
+        }
+        assert!(ring.wake_armed, "armed again after the wake");
+    }
+}
