@@ -231,13 +231,13 @@ impl MemLoad {
                 mem.try_clone()?
             }
         };
-        let zeros = vec![0u8; 1 << 20];
+        let mut zeros = vec![0u8; 1 << 20];
         let mut at = 0u64;
         while at < spec.size {
             let n = usize::try_from(spec.size - at)
                 .unwrap_or(zeros.len())
                 .min(zeros.len());
-            os::pwrite_all(mem.as_fd(), &zeros[..n], at)?;
+            super::write_active(mem.as_fd(), &mut zeros[..n], at)?;
             at += n as u64;
         }
         let writer = handed.try_clone()?;

@@ -332,7 +332,7 @@ fn write_stream(mem: &OwnedFd, seed: u64, pieces: &[(u64, u64, u64)]) -> io::Res
                     .min(GEN_CHUNK);
                 let chunk = &mut buf[..n];
                 fill(seed, stream_off + done, chunk);
-                os::pwrite_all(mem.as_fd(), chunk, file_off + done)?;
+                super::write_active(mem.as_fd(), chunk, file_off + done)?;
                 done += n as u64;
             }
         }
