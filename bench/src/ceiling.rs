@@ -445,7 +445,7 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
                     .name(format!("pump-recv-{c}"))
                     .spawn_scoped(scope, move || -> Result<(u64, u64), String> {
                         let result = (|| -> Result<(u64, u64), String> {
-                            let (mut got, mut last_ns) = (0u64, start_ns);
+                            let mut got = 0u64;
                             for (d, k) in lane {
                                 let len = shape.chunk_len(k);
                                 sock.read_exact(&mut buf[..len]).map_err(|e| {
@@ -461,9 +461,11 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
                                         Ok(())
                                     })?;
                                 }
-                                last_ns = now_ns();
                                 got += len as u64;
                             }
+                            // The lane's last chunk is in (and written); an empty lane ends at
+                            // the start.
+                            let last_ns = if got == 0 { start_ns } else { now_ns() };
                             let mut probe = [0u8; 1];
                             match sock.read(&mut probe) {
                                 Ok(0) => Ok((got, last_ns)),
