@@ -1,4 +1,9 @@
-//! What machine the numbers come from.
+//! What machine the numbers come from, and how fast its copies ran when the bench started.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -13,6 +18,100 @@ pub struct Machine {
     pub qemu: Option<String>,
     /// 1-minute load average when the bench started.
     pub loadavg_at_start: f64,
+    pub copies_at_start: CopyProbe,
+}
+
+/// The two kinds of copy the rows are made of, timed alone for a fraction of a second on fresh
+/// pages. This shared VM has phases in which the kernel's copy out of pages new to the guest runs
+/// at a quarter of its usual speed while user-space copies of the same pages do not slow down
+/// (2026-12-07 12:3x: `pread` of a memfd 1.5-1.8 GB/s, a memcpy from its mmap 6-12 GB/s, and
+/// 6.5-7.0 GB/s for pages just freed and reused): every row that reads a simulated device slows
+/// down with it, `qemu-ram` (user-mapped RAM) and `loopback` do not. Printed so that a run can be
+/// read against the machine it ran on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CopyProbe {
+    /// `pread` of a 64 MiB tmpfs file (`/dev/shm`) into one 1 MiB buffer, GB/s (10^9 B/s);
+    /// `None` where no tmpfs is mounted there.
+    pub page_cache_read_gb_s: Option<f64>,
+    /// `copy_from_slice` of 64 MiB into another 64 MiB in 1 MiB chunks, GB/s.
+    pub memcpy_gb_s: f64,
+}
+
+const PROBE_BYTES: usize = 64 << 20;
+const PROBE_CHUNK: usize = 1 << 20;
+const PROBE_PASSES: usize = 4;
+
+impl CopyProbe {
+    pub fn measure() -> CopyProbe {
+        CopyProbe {
+            page_cache_read_gb_s: page_cache_read_gb_s().ok(),
+            memcpy_gb_s: memcpy_gb_s(),
+        }
+    }
+
+    /// `page-cache read 6.9 GB/s, memcpy 6.5 GB/s`.
+    pub fn describe(&self) -> String {
+        let read = self.page_cache_read_gb_s.map_or_else(
+            || "not measured (no /dev/shm)".into(),
+            |r| format!("{r:.1} GB/s"),
+        );
+        format!(
+            "page-cache read {read}, memcpy {:.1} GB/s",
+            self.memcpy_gb_s
+        )
+    }
+}
+
+fn gb_s(bytes: usize, since: Instant) -> f64 {
+    bytes as f64 / since.elapsed().as_secs_f64().max(1e-9) / 1e9
+}
+
+fn page_cache_read_gb_s() -> std::io::Result<f64> {
+    let path = format!("/dev/shm/vfio-multifd-bench-probe-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    // Unlinked at once: the open file keeps its pages until it is dropped.
+    std::fs::remove_file(&path)?;
+    let chunk = vec![0x5au8; PROBE_CHUNK];
+    let mut writer = &file;
+    for _ in 0..PROBE_BYTES / PROBE_CHUNK {
+        writer.write_all(&chunk)?;
+    }
+    let mut buf = vec![0u8; PROBE_CHUNK];
+    // One untimed pass: a page's second access moves it to the active LRU.
+    read_passes(&file, &mut buf, 1)?;
+    let start = Instant::now();
+    read_passes(&file, &mut buf, PROBE_PASSES)?;
+    Ok(gb_s(PROBE_BYTES * PROBE_PASSES, start))
+}
+
+fn read_passes(file: &File, buf: &mut [u8], passes: usize) -> std::io::Result<()> {
+    for _ in 0..passes {
+        for i in 0..PROBE_BYTES / PROBE_CHUNK {
+            file.read_exact_at(buf, (i * PROBE_CHUNK) as u64)?;
+        }
+    }
+    Ok(())
+}
+
+fn memcpy_gb_s() -> f64 {
+    let src = vec![0x5au8; PROBE_BYTES];
+    let mut dst = vec![0u8; PROBE_BYTES];
+    dst.copy_from_slice(&src);
+    let start = Instant::now();
+    for _ in 0..PROBE_PASSES {
+        for (d, s) in dst
+            .chunks_exact_mut(PROBE_CHUNK)
+            .zip(src.chunks_exact(PROBE_CHUNK))
+        {
+            d.copy_from_slice(s);
+        }
+        std::hint::black_box(&mut dst);
+    }
+    gb_s(PROBE_BYTES * PROBE_PASSES, start)
 }
 
 /// CPU seconds the whole machine has been busy (every CPU; /proc/stat's first line: all but
@@ -58,6 +157,7 @@ impl Machine {
                 .next()
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(0.0),
+            copies_at_start: CopyProbe::measure(),
         }
     }
 
@@ -79,5 +179,33 @@ impl Machine {
                 .map(|q| format!(", {q}"))
                 .unwrap_or_default()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_probe_times_both_copies_and_leaves_no_file() {
+        let probe = CopyProbe::measure();
+        assert!(
+            probe.memcpy_gb_s.is_finite() && probe.memcpy_gb_s > 0.0,
+            "{probe:?}"
+        );
+        if std::path::Path::new("/dev/shm").is_dir() {
+            let read = probe.page_cache_read_gb_s.expect("/dev/shm is mounted");
+            assert!(read.is_finite() && read > 0.0, "{probe:?}");
+        }
+        let left = std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy()
+                    == format!("vfio-multifd-bench-probe-{}", std::process::id())
+            });
+        assert!(!left, "the probe's tmpfs file was left behind");
+        assert!(probe.describe().starts_with("page-cache read "));
     }
 }

@@ -264,6 +264,11 @@ impl Report {
             s.repeats
         );
         let _ = writeln!(out, "  machine: {}", self.machine.describe());
+        let _ = writeln!(
+            out,
+            "  copies alone at start: {}",
+            self.machine.copies_at_start.describe()
+        );
         if let Some(&most) = s.scaling.last() {
             let _ = writeln!(
                 out,
