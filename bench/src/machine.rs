@@ -12,7 +12,12 @@ pub struct Machine {
     /// Cores this process may run on.
     pub cores: usize,
     pub kernel: String,
+    /// `model name`, which a VM may mask (`AMD EPYC`).
     pub cpu: String,
+    /// `family 25 model 1 stepping 1`: tells CPU generations apart where the name does not.
+    pub cpu_id: String,
+    /// AVX-512F and DQ, which the simulated sink's check uses (about 3x faster).
+    pub avx512: bool,
     pub memory_gib: f64,
     /// `qemu-system-x86_64 --version`'s first line, when installed.
     pub qemu: Option<String>,
@@ -22,12 +27,12 @@ pub struct Machine {
 }
 
 /// The two kinds of copy the rows are made of, timed alone for a fraction of a second on fresh
-/// pages. This shared VM has phases in which the kernel's copy out of pages new to the guest runs
-/// at a quarter of its usual speed while user-space copies of the same pages do not slow down
-/// (2026-12-07 12:3x: `pread` of a memfd 1.5-1.8 GB/s, a memcpy from its mmap 6-12 GB/s, and
-/// 6.5-7.0 GB/s for pages just freed and reused): every row that reads a simulated device slows
-/// down with it, `qemu-ram` (user-mapped RAM) and `loopback` do not. Printed so that a run can be
-/// read against the machine it ran on.
+/// pages. VMs of this machine kind, all named `AMD EPYC`, differ: on one (family 25 model 1, no
+/// AVX-512; 2026-12-07) the kernel's copy out of pages new to the guest ran at a quarter of a
+/// user-space copy of the same pages (`pread` of a memfd 1.2-2.0 GB/s, a memcpy from its mmap
+/// 6-12 GB/s), and every row that reads or writes a simulated device slowed down with it while
+/// `qemu-ram` (user-mapped RAM) and `loopback` did not. Printed so that a run can be read
+/// against the machine it ran on.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CopyProbe {
     /// `pread` of a 64 MiB tmpfs file (`/dev/shm`) into one 1 MiB buffer, GB/s (10^9 B/s);
@@ -59,6 +64,18 @@ impl CopyProbe {
             "page-cache read {read}, memcpy {:.1} GB/s",
             self.memcpy_gb_s
         )
+    }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -131,14 +148,22 @@ pub fn busy_cpu_s() -> Option<f64> {
 impl Machine {
     pub fn probe(qemu: Option<String>) -> Machine {
         let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-        let cpu = read("/proc/cpuinfo")
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("model name")
-                    .and_then(|rest| rest.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
+        let cpuinfo = read("/proc/cpuinfo");
+        let field = |name: &str| {
+            cpuinfo.lines().find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().to_string())
             })
-            .unwrap_or_else(|| "unknown".into());
+        };
+        let cpu = field("model name").unwrap_or_else(|| "unknown".into());
+        let cpu_id = ["cpu family", "model", "stepping"]
+            .iter()
+            .map(|name| {
+                let short = name.trim_start_matches("cpu ");
+                format!("{short} {}", field(name).as_deref().unwrap_or("?"))
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
         let memory_gib = read("/proc/meminfo")
             .lines()
             .find_map(|l| {
@@ -150,6 +175,8 @@ impl Machine {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
             cpu,
+            cpu_id,
+            avx512: avx512(),
             memory_gib,
             qemu,
             loadavg_at_start: read("/proc/loadavg")
@@ -168,9 +195,11 @@ impl Machine {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} cores ({}), {:.0} GiB, kernel {}, load average {:.2} at start{}",
+            "{} cores ({}, {}, {}), {:.0} GiB, kernel {}, load average {:.2} at start{}",
             self.cores,
             self.cpu,
+            self.cpu_id,
+            if self.avx512 { "AVX-512" } else { "no AVX-512" },
             self.memory_gib,
             self.kernel,
             self.loadavg_at_start,
