@@ -28,15 +28,15 @@ pub struct Machine {
 
 /// The two kinds of copy the rows are made of, timed alone for a fraction of a second on fresh
 /// pages. VMs of this machine kind, all named `AMD EPYC`, differ: on one (family 25 model 1, no
-/// AVX-512; 2026-12-07) the kernel's copy out of pages new to the guest ran at a quarter of a
-/// user-space copy of the same pages (`pread` of a memfd 1.2-2.0 GB/s, a memcpy from its mmap
+/// AVX-512; 2026-12-07) the kernel's copy out of fresh tmpfs pages ran at a quarter of a
+/// user-space copy of the same pages (`pread` of a memfd 1.2-2.1 GB/s, a memcpy from its mmap
 /// 6-12 GB/s), and every row that reads or writes a simulated device slowed down with it while
 /// `qemu-ram` (user-mapped RAM) and `loopback` did not. Printed so that a run can be read
 /// against the machine it ran on.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CopyProbe {
     /// `pread` of a 64 MiB tmpfs file (`/dev/shm`) into one 1 MiB buffer, GB/s (10^9 B/s);
-    /// `None` where no tmpfs is mounted there.
+    /// `None` where that file cannot be made (no tmpfs mounted there).
     pub page_cache_read_gb_s: Option<f64>,
     /// `copy_from_slice` of 64 MiB into another 64 MiB in 1 MiB chunks, GB/s.
     pub memcpy_gb_s: f64,
@@ -57,7 +57,7 @@ impl CopyProbe {
     /// `page-cache read 6.9 GB/s, memcpy 6.5 GB/s`.
     pub fn describe(&self) -> String {
         let read = self.page_cache_read_gb_s.map_or_else(
-            || "not measured (no /dev/shm)".into(),
+            || "not measured (no file in /dev/shm)".into(),
             |r| format!("{r:.1} GB/s"),
         );
         format!(
