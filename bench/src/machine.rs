@@ -30,9 +30,9 @@ pub struct Machine {
 /// pages. VMs of this machine kind, all named `AMD EPYC`, differ: on one (family 25 model 1, no
 /// AVX-512; 2026-12-07) the kernel's copy out of fresh tmpfs pages ran at a quarter of a
 /// user-space copy of the same pages (`pread` of a memfd 1.2-2.1 GB/s, a memcpy from its mmap
-/// 6-12 GB/s), and every row that reads or writes a simulated device slowed down with it while
-/// `qemu-ram` (user-mapped RAM) and `loopback` did not. Printed so that a run can be read
-/// against the machine it ran on.
+/// 6-12 GB/s), and every row was slower than on the VM before it, most of all the ceiling,
+/// whose pumps make exactly that copy (gpu 1.94 -> 1.03-1.09 GiB/s). Printed so that a run
+/// can be read against the machine it ran on.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CopyProbe {
     /// `pread` of a 64 MiB tmpfs file (`/dev/shm`) into one 1 MiB buffer, GB/s (10^9 B/s);
