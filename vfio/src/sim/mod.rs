@@ -26,7 +26,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-pub use content::{fill, first_mismatch, word};
+pub use content::{check_uses_avx512, fill, first_mismatch, word};
 pub use sink::SimSink;
 pub use source::SimSource;
 
