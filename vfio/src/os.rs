@@ -190,6 +190,29 @@ pub(crate) fn splice_into_pipe(
     })
 }
 
+/// `splice` of up to `len` bytes from the pipe `pipe` into `dst` at `dst_offset`, without
+/// blocking on the pipe: the kernel copies between its own pages, no user buffer between.
+pub(crate) fn splice_from_pipe(
+    pipe: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    dst_offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut off = libc::loff_t::try_from(dst_offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `off` is a live local the kernel updates; both fds are borrowed for the call.
+    check_size(unsafe {
+        libc::splice(
+            pipe.as_raw_fd(),
+            std::ptr::null_mut(),
+            dst.as_raw_fd(),
+            &mut off,
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
+
 /// `write` from `buf`.
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: the kernel reads at most buf.len() bytes from `buf`, borrowed for the call.

@@ -104,7 +104,20 @@ fn memfd_source_reads_are_whole_and_end_with_zero() {
 
 #[test]
 fn sink_fails_resuming_to_stop_on_missing_extra_or_corrupt_data() {
-    let spec = SimSpec::new(2 * MIB, 9);
+    let paced = SimSpec {
+        speed: Some(DeviceSpeed {
+            save_bytes_per_sec: 0,
+            load_bytes_per_sec: 1024 * MIB,
+            per_read_latency: Duration::ZERO,
+        }),
+        ..SimSpec::new(2 * MIB, 9)
+    };
+    for spec in [SimSpec::new(2 * MIB, 9), paced] {
+        sink_rejects_missing_extra_or_corrupt_data(spec);
+    }
+}
+
+fn sink_rejects_missing_extra_or_corrupt_data(spec: SimSpec) {
     let mut stream = vec![0u8; spec.size as usize];
     fill(spec.seed, 0, &mut stream);
     let cases: Vec<(&str, Vec<u8>, StreamMismatch)> = vec![
@@ -122,6 +135,14 @@ fn sink_fails_resuming_to_stop_on_missing_extra_or_corrupt_data() {
             [stream.as_slice(), &[0u8; 3]].concat(),
             StreamMismatch::Extra {
                 extra: 3,
+                expected: spec.size,
+            },
+        ),
+        (
+            "far too much",
+            [stream.as_slice(), &vec![0u8; 300_000]].concat(),
+            StreamMismatch::Extra {
+                extra: 300_000,
                 expected: spec.size,
             },
         ),
@@ -149,7 +170,7 @@ fn sink_fails_resuming_to_stop_on_missing_extra_or_corrupt_data() {
             } => {
                 assert_eq!(device, "sink-dev");
                 assert_eq!(*now, MigState::Error);
-                assert_eq!(*source, want, "{what}");
+                assert_eq!(*source, want, "{what}, paced: {:?}", spec.speed);
             }
             other => panic!("{what}: unexpected {other:?}"),
         }
@@ -163,6 +184,7 @@ fn sink_fails_resuming_to_stop_on_missing_extra_or_corrupt_data() {
             cause.contains(match what {
                 "corrupt" => "offset 1000003",
                 "missing" => "100 bytes missing",
+                "far too much" => "300000 extra bytes",
                 _ => "3 extra bytes",
             }),
             "{cause}"

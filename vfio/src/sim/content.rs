@@ -44,7 +44,7 @@ pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
 
 /// The offset of the first byte of `data` (the stream at `offset`) that differs from the
 /// seeded content, or `None` when all match. Words are compared with the hash as it is
-/// computed: a paced sink checks while its device loads, on the cores the data plane needs.
+/// computed, with no expected image in memory to fill and read.
 pub fn first_mismatch(seed: u64, offset: u64, data: &[u8]) -> Option<u64> {
     let head = (((8 - (offset % 8)) % 8) as usize).min(data.len());
     let mut index = offset / 8;
@@ -119,8 +119,8 @@ fn blocks_match(seed: u64, index: u64, data: &[u8]) -> bool {
 }
 
 // The hash's 64-bit multiplies vectorize only with AVX-512DQ (vpmullq): the check runs at 6.2
-// GiB/s scalar, 18.5-19.1 GiB/s so on this machine's cores. A paced sink checks on the cores the
-// data plane needs. (Filling this way was slower, 4.7 against 6.9 GiB/s: stores bound it.)
+// GiB/s scalar, 18.5-19.1 GiB/s so on this machine's cores. (Filling this way was slower, 4.7
+// against 6.9 GiB/s: stores bound it.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
 fn blocks_match_avx512(seed: u64, index: u64, data: &[u8]) -> bool {

@@ -6,7 +6,7 @@
 //! | [`SimSource`], no speed | memfd (read-only open), content pre-generated in `new` | one kernel copy; a read returns all it asks for |
 //! | [`SimSource`] with [`DeviceSpeed`] | pipe (1 MiB) fed by a pacing thread, which splices from the image pre-generated in `new` | what is buffered: short reads, a read blocks until data comes |
 //! | [`SimSink`], no speed | memfd (write-only open) | one kernel copy; verified at RESUMING -> STOP |
-//! | [`SimSink`] with load speed | pipe drained by a paced verifying thread | a write blocks while the pipe is full |
+//! | [`SimSink`] with load speed | pipe spliced into a memfd at the device's rate by a pacing thread; verified at RESUMING -> STOP | a write blocks while the pipe is full |
 //! | [`fault`] devices | FUSE file (errno) or pipe (short reads, stall, early end) | see [`fault::Fault`] |
 //!
 //! Content is deterministic from `(seed, byte offset)` ([`fill`]); a source and a sink built

@@ -207,30 +207,22 @@ impl MigrationDevice for SimSink {
     }
 }
 
-/// Unlimited speed: writes land in a memfd, checked at RESUMING -> STOP.
+/// The memory a simulated sink loads into: a memfd of the device's size, checked at
+/// RESUMING -> STOP.
 ///
-/// The memfd's pages are written once when the device starts RESUMING, as a real device's
-/// memory exists before it loads: otherwise every page of the image is allocated and zeroed
-/// inside the downtime, a cost no VFIO device puts on the helper's write (on this VM that
-/// was most of the destination's CPU time with 8 MiB packets).
-struct MemLoad {
+/// Its pages are written once when the device starts RESUMING, as a real device's memory exists
+/// before it loads: otherwise every page of the image is allocated and zeroed inside the
+/// downtime, a cost no VFIO device puts on the helper's write (on this VM that was most of the
+/// destination's CPU time with 8 MiB packets).
+struct Image {
     mem: OwnedFd,
-    /// A dup of the handed-out fd: same open file, so its position is the bytes written.
-    writer: OwnedFd,
     spec: SimSpec,
 }
 
-impl MemLoad {
-    fn open(name: &str, spec: SimSpec) -> io::Result<(OwnedFd, MemLoad)> {
+impl Image {
+    fn new(name: &str, spec: SimSpec) -> io::Result<Image> {
         let cname = CString::new(format!("vfio-sink-{name}")).unwrap_or_default();
         let mem = os::memfd(&cname)?;
-        let handed = match os::reopen(mem.as_fd(), true) {
-            Ok(fd) => fd,
-            Err(e) => {
-                log::debug!("reopening the sink memfd write-only failed ({e}); handing out a dup");
-                mem.try_clone()?
-            }
-        };
         let mut zeros = vec![0u8; 1 << 20];
         let mut at = 0u64;
         while at < spec.size {
@@ -240,14 +232,11 @@ impl MemLoad {
             super::write_active(mem.as_fd(), &mut zeros[..n], at)?;
             at += n as u64;
         }
-        let writer = handed.try_clone()?;
-        Ok((handed, MemLoad { mem, writer, spec }))
+        Ok(Image { mem, spec })
     }
-}
 
-impl LoadSession for MemLoad {
-    fn finish(self: Box<Self>) -> io::Result<Verifier> {
-        let len = os::lseek(self.writer.as_fd(), 0, libc::SEEK_CUR)?;
+    /// Checks the first `len` bytes loaded (at most the device's size) against the stream.
+    fn verify(&self, len: u64) -> io::Result<Verifier> {
         let checked = len.min(self.spec.size);
         // Split the check over up to 8 threads: it runs inside RESUMING -> STOP.
         let threads = std::thread::available_parallelism()
@@ -303,7 +292,7 @@ impl LoadSession for MemLoad {
     }
 }
 
-impl Drop for MemLoad {
+impl Drop for Image {
     fn drop(&mut self) {
         if let Err(e) = os::ftruncate(self.mem.as_fd(), 0) {
             log::debug!("freeing a simulated sink image: {e}");
@@ -311,10 +300,43 @@ impl Drop for MemLoad {
     }
 }
 
-/// A paced load: a pipe drained by a verifying thread (`sim-load-<name>`).
+/// Unlimited speed: the helper writes straight into the image.
+struct MemLoad {
+    image: Image,
+    /// A dup of the handed-out fd: same open file, so its position is the bytes written.
+    writer: OwnedFd,
+}
+
+impl MemLoad {
+    fn open(name: &str, spec: SimSpec) -> io::Result<(OwnedFd, MemLoad)> {
+        let image = Image::new(name, spec)?;
+        let handed = match os::reopen(image.mem.as_fd(), true) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::debug!("reopening the sink memfd write-only failed ({e}); handing out a dup");
+                image.mem.try_clone()?
+            }
+        };
+        let writer = handed.try_clone()?;
+        Ok((handed, MemLoad { image, writer }))
+    }
+}
+
+impl LoadSession for MemLoad {
+    fn finish(self: Box<Self>) -> io::Result<Verifier> {
+        let len = os::lseek(self.writer.as_fd(), 0, libc::SEEK_CUR)?;
+        self.image.verify(len)
+    }
+}
+
+/// A paced load: a pipe that a thread (`sim-load-<name>`) drains into the image at the
+/// device's rate, splicing, so the simulator adds no copy through a user buffer and no check
+/// to the cores the data plane runs on while it loads (a real device loads on its own silicon).
+/// The image is checked at RESUMING -> STOP, as an unpaced one.
 struct PipeLoad {
     signal: Arc<Signal>,
-    thread: Option<JoinHandle<io::Result<Verifier>>>,
+    thread: Option<JoinHandle<io::Result<u64>>>,
+    image: Image,
 }
 
 impl PipeLoad {
@@ -323,6 +345,8 @@ impl PipeLoad {
         spec: SimSpec,
         stall: Option<(u64, Duration)>,
     ) -> io::Result<(OwnedFd, PipeLoad)> {
+        let image = Image::new(name, spec)?;
+        let target = image.mem.try_clone()?;
         let (r, w) = os::pipe()?;
         let pipe_size = size_pipe(w.as_fd());
         let fl = os::get_status_flags(r.as_fd())?;
@@ -333,90 +357,106 @@ impl PipeLoad {
         let thread = std::thread::Builder::new()
             .name(format!("sim-load-{name}"))
             .spawn(move || {
-                drain(
-                    spec,
-                    speed.load_bytes_per_sec,
-                    speed.per_read_latency,
-                    stall,
+                let load = Load {
+                    size: spec.size,
+                    rate: speed.load_bytes_per_sec,
+                    latency: speed.per_read_latency,
                     pipe_size,
-                    &thread_signal,
-                    r,
-                )
+                };
+                load.drain(stall, &thread_signal, r, target)
             })?;
         Ok((
             w,
             PipeLoad {
                 signal,
                 thread: Some(thread),
+                image,
             },
         ))
     }
 }
 
-fn drain(
-    spec: SimSpec,
+/// How a paced sink drains its pipe.
+struct Load {
+    size: u64,
     rate: u64,
     latency: Duration,
-    mut stall: Option<(u64, Duration)>,
     pipe_size: usize,
-    signal: &Signal,
-    r: OwnedFd,
-) -> io::Result<Verifier> {
-    let mut verifier = Verifier::new(&spec);
-    let chunk = pipe_size.clamp(4096, 1 << 20);
-    let mut buf = vec![0u8; chunk];
-    let mut pacer = Pacer::new(rate);
-    let mut in_chunk = 0usize;
-    loop {
-        if let Some((at, duration)) = stall {
-            if verifier.received() >= at {
-                stall = None;
-                if !signal.sleep_until(Instant::now() + duration) {
-                    return Ok(verifier);
-                }
-                pacer = Pacer::new(rate);
-            }
-        }
-        let mut piece = pacer.piece(chunk - in_chunk);
-        if let Some((at, _)) = stall {
-            piece = piece.min(
-                usize::try_from(at - verifier.received())
-                    .unwrap_or(piece)
-                    .max(1),
-            );
-        }
-        if in_chunk == 0 && !latency.is_zero() {
-            pacer.delay(latency);
-        }
-        if !signal.sleep_until(pacer.deadline(piece as u64)) {
-            return Ok(verifier);
-        }
-        match os::read(r.as_fd(), &mut buf[..piece]) {
-            Ok(0) => return Ok(verifier),
-            Ok(n) => {
-                verifier.feed(&buf[..n]);
-                pacer.account(n as u64);
-                in_chunk = (in_chunk + n) % chunk;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if signal.get().finish {
-                    return Ok(verifier);
-                }
-                // Idle: wait for data, then load at the device's rate again (no catch-up burst).
-                loop {
-                    let s = signal.get();
-                    if s.cancel || s.finish {
-                        break;
+}
+
+impl Load {
+    /// Moves the pipe's bytes into `image` at the device's pace until the writer closes or the
+    /// session ends; returns the bytes received. Bytes past the device's size are counted and
+    /// dropped, so a stream that never ends costs no memory.
+    fn drain(
+        &self,
+        mut stall: Option<(u64, Duration)>,
+        signal: &Signal,
+        r: OwnedFd,
+        image: OwnedFd,
+    ) -> io::Result<u64> {
+        let chunk = self.pipe_size.clamp(4096, 1 << 20);
+        let mut extra = vec![0u8; chunk.min(64 << 10)];
+        let mut pacer = Pacer::new(self.rate);
+        let mut received = 0u64;
+        let mut in_chunk = 0usize;
+        loop {
+            if let Some((at, duration)) = stall {
+                if received >= at {
+                    stall = None;
+                    if !signal.sleep_until(Instant::now() + duration) {
+                        return Ok(received);
                     }
-                    if os::poll(&[(r.as_fd(), libc::POLLIN)], 50)?[0] {
-                        break;
-                    }
+                    pacer = Pacer::new(self.rate);
                 }
-                pacer = Pacer::new(rate);
-                in_chunk = 0;
             }
-            Err(e) => return Err(e),
+            let mut piece = pacer.piece(chunk - in_chunk);
+            if let Some((at, _)) = stall {
+                piece = piece.min(usize::try_from(at - received).unwrap_or(piece).max(1));
+            }
+            if in_chunk == 0 && !self.latency.is_zero() {
+                pacer.delay(self.latency);
+            }
+            if !signal.sleep_until(pacer.deadline(piece as u64)) {
+                return Ok(received);
+            }
+            let moved = match usize::try_from(self.size.saturating_sub(received)) {
+                Ok(0) => {
+                    let n = piece.min(extra.len());
+                    os::read(r.as_fd(), &mut extra[..n])
+                }
+                room => {
+                    let n = piece.min(room.unwrap_or(usize::MAX));
+                    os::splice_from_pipe(r.as_fd(), image.as_fd(), received, n)
+                }
+            };
+            match moved {
+                Ok(0) => return Ok(received),
+                Ok(n) => {
+                    received += n as u64;
+                    pacer.account(n as u64);
+                    in_chunk = (in_chunk + n) % chunk;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if signal.get().finish {
+                        return Ok(received);
+                    }
+                    // Idle: wait for data, then load at the device's rate again (no catch-up burst).
+                    loop {
+                        let s = signal.get();
+                        if s.cancel || s.finish {
+                            break;
+                        }
+                        if os::poll(&[(r.as_fd(), libc::POLLIN)], 50)?[0] {
+                            break;
+                        }
+                    }
+                    pacer = Pacer::new(self.rate);
+                    in_chunk = 0;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -424,11 +464,12 @@ fn drain(
 impl LoadSession for PipeLoad {
     fn finish(mut self: Box<Self>) -> io::Result<Verifier> {
         self.signal.update(|s| s.finish = true);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(io::Error::other("the simulated load thread panicked")),
-            None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        }
+        let received = match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result?,
+            Some(Err(_)) => return Err(io::Error::other("the simulated load thread panicked")),
+            None => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        };
+        self.image.verify(received)
     }
 }
 
