@@ -407,7 +407,6 @@ impl Pacer {
     }
 }
 
-/// Sets a pipe to 1 MiB (or the largest size allowed, down to 64 KiB); returns the size.
 /// Writes `buf` at `offset` of a memfd and reads it back into `buf` (same bytes). A page-cache
 /// page is moved to the active LRU, under the LRU lock, on its second access: without the read
 /// back, the migration's own read (source) or write (sink) of every page would pay that move,
@@ -430,6 +429,7 @@ pub(crate) fn write_active(
     Ok(())
 }
 
+/// Sets a pipe to 1 MiB (or the largest size allowed, down to 64 KiB); returns the size.
 pub(crate) fn size_pipe(fd: std::os::fd::BorrowedFd<'_>) -> usize {
     for size in [1 << 20, 512 << 10, 256 << 10, 128 << 10, 64 << 10] {
         if let Ok(got) = crate::os::set_pipe_size(fd, size) {
