@@ -175,19 +175,12 @@ pub(crate) fn splice_into_pipe(
     pipe: BorrowedFd<'_>,
     len: usize,
 ) -> io::Result<usize> {
-    let mut off = libc::loff_t::try_from(src_offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `off` is a live local the kernel updates; both fds are borrowed for the call.
-    check_size(unsafe {
-        libc::splice(
-            src.as_raw_fd(),
-            &mut off,
-            pipe.as_raw_fd(),
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-        )
-    })
+    splice(
+        (src, Some(src_offset)),
+        (pipe, None),
+        len,
+        libc::SPLICE_F_MOVE,
+    )
 }
 
 /// `splice` of up to `len` bytes from the pipe `pipe` into `dst` at `dst_offset`, without
@@ -198,17 +191,39 @@ pub(crate) fn splice_from_pipe(
     dst_offset: u64,
     len: usize,
 ) -> io::Result<usize> {
-    let mut off = libc::loff_t::try_from(dst_offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `off` is a live local the kernel updates; both fds are borrowed for the call.
+    splice((pipe, None), (dst, Some(dst_offset)), len, 0)
+}
+
+/// `splice` from one `(fd, offset)` to another, non-blocking on the pipe end (the one with no
+/// offset: a pipe has none).
+fn splice(
+    (from, from_offset): (BorrowedFd<'_>, Option<u64>),
+    (to, to_offset): (BorrowedFd<'_>, Option<u64>),
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
+    let loff = |offset: Option<u64>| {
+        offset
+            .map(|o| {
+                libc::loff_t::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+            })
+            .transpose()
+    };
+    let (mut from_off, mut to_off) = (loff(from_offset)?, loff(to_offset)?);
+    let ptr = |off: &mut Option<libc::loff_t>| {
+        off.as_mut()
+            .map_or(std::ptr::null_mut(), std::ptr::from_mut)
+    };
+    // SAFETY: each offset pointer is null or points at a live local the kernel updates; both
+    // fds are borrowed for the call.
     check_size(unsafe {
         libc::splice(
-            pipe.as_raw_fd(),
-            std::ptr::null_mut(),
-            dst.as_raw_fd(),
-            &mut off,
+            from.as_raw_fd(),
+            ptr(&mut from_off),
+            to.as_raw_fd(),
+            ptr(&mut to_off),
             len,
-            libc::SPLICE_F_NONBLOCK,
+            flags | libc::SPLICE_F_NONBLOCK,
         )
     })
 }
