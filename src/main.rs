@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         .parse_filters(&cli.log_level)
         .parse_default_env()
         .init();
+    if let Err(err) = uring::raise_open_file_limit() {
+        log::warn!("raising the open-file limit: {err}");
+    }
     let config = match Config::try_from(cli.command) {
         Ok(config) => config,
         Err(err) => {

@@ -407,6 +407,39 @@ fn every_run_of_a_destination_under_strace_finishes() {
     }
 }
 
+/// A destination worker's ring holds a duplicate of every device's data_fd: with 32 devices
+/// and 8 workers that is more fds than a soft limit of 200, which the helper raises to the
+/// hard limit when it runs out.
+#[test]
+fn a_low_soft_open_file_limit_is_raised_when_the_rings_need_more() {
+    let wrapper = ["sh", "-c", "ulimit -S -n 200 && exec \"$0\" \"$@\""];
+    let args = [
+        "demo",
+        "--json",
+        "--no-progress",
+        "--engine",
+        "uring",
+        "--devices",
+        "32",
+        "--size",
+        "256KiB",
+        "--chunk",
+        "64KiB",
+        "--workers",
+        "8",
+        "--channels",
+        "8",
+    ];
+    let done = spawn_under(&wrapper, &args, &[]).finish();
+    let summary = done.json();
+    assert_eq!(
+        summary["verified"], true,
+        "{summary}\nstderr: {}",
+        done.stderr
+    );
+    assert_eq!(summary["engine"], "uring", "{summary}");
+}
+
 #[test]
 fn channels_connecting_in_any_order() {
     let common = [

@@ -1091,7 +1091,7 @@ fn dest_out_of_order_flood_is_bounded(kind: EngineKind) {
     let flood_id = id.clone();
     let flood = thread::spawn(move || {
         // Each channel alone carries more than either engine holds, so both end up waiting.
-        for idx in 1..=(2 * super::threads::QUEUE_CAP_PACKETS as u32 + 200) {
+        for idx in 1..=(2 * QUEUE_CAP_PACKETS as u32 + 200) {
             let payload: &[u8] = if idx % 2 == 0 { b"" } else { b"x" };
             let bytes = packet(&flood_id, idx, false, payload);
             if feeds[(idx % 2) as usize].write_all(&bytes).is_err() {
@@ -1103,6 +1103,100 @@ fn dest_out_of_order_flood_is_bounded(kind: EngineKind) {
     assert!(matches!(err, DataPlaneError::Stalled { .. }), "{err:?}");
     assert_names(&err, &["channel 0", "channel 1", &id.to_string()]);
     flood.join().expect("the flood thread ends");
+}
+
+/// Packets bigger than any buffer slot (the uring engine holds them on the heap), with no
+/// queued-bytes limit (QEMU's default) and never the device's next idx: both engines stop at
+/// the same cap (`QUEUE_CAP_BYTES` per device) and stall with an error naming the channels and
+/// the device, instead of holding ever more.
+fn dest_large_packet_flood_is_bounded(kind: EngineKind) {
+    let config = test_config();
+    assert_eq!(config.max_queued_bytes, u64::MAX);
+    let Some(d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    const PACKET: usize = 1 << 20;
+    // Each channel alone carries more than the cap, so both end up waiting.
+    let per_channel = (QUEUE_CAP_BYTES as usize / PACKET) as u32 + 40;
+    let floods: Vec<_> = d
+        .feeds
+        .iter()
+        .enumerate()
+        .map(|(c, feed)| {
+            let mut feed = feed.try_clone().expect("clone a feed");
+            let id = id.clone();
+            // Once the destination stops reading, these writes block until it fails and shuts
+            // its channels.
+            thread::spawn(move || {
+                let payload = vec![0x5a; PACKET];
+                for k in 0..per_channel {
+                    let idx = 1 + 2 * k + c as u32;
+                    if feed.write_all(&packet(&id, idx, false, &payload)).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    let err = d.error();
+    assert!(matches!(err, DataPlaneError::Stalled { .. }), "{err:?}");
+    assert_names(
+        &err,
+        &[
+            "channel 0",
+            "channel 1",
+            &id.to_string(),
+            &QUEUE_CAP_BYTES.to_string(),
+        ],
+    );
+    for flood in floods {
+        flood.join().expect("a flood thread ends");
+    }
+}
+
+/// A destination that reads part of a packet too big for the socket buffers and then closes:
+/// the send fails after partial progress (MSG_WAITALL then reports the bytes it sent, not the
+/// error), and the source run fails naming the channel, the device and the idx, rather than
+/// counting the packet as sent. The big packet is the last one (the config blob), so no later
+/// send can fail in its place.
+fn source_short_send_is_an_error(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, mut dst) = channel_streams(1);
+    let id = device_id(0);
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: id.clone(),
+            data_fd: memfd_with(&pattern(2, 1000)),
+            read_size: 4096,
+            config: pattern(3, 64 << 20),
+        }],
+        channels: src.into_iter().map(OwnedFd::from).collect(),
+        progress: Arc::new(Progress::default()),
+    };
+    let progress = plan.progress.clone();
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    let mut peer = dst.remove(0);
+    let mut part = vec![0u8; 1 << 20];
+    peer.read_exact(&mut part).unwrap();
+    drop(peer);
+    let err = match await_side(&rx, &[&progress], "run_source") {
+        Ok(_) => panic!("run_source succeeded: a packet the peer never took counted as sent"),
+        Err(err) => err,
+    };
+    match &err {
+        DataPlaneError::Send {
+            channel: 0,
+            device,
+            idx: 1,
+            ..
+        } if *device == id => {}
+        other => panic!("{other:?}"),
+    }
+    assert_names(&err, &["channel 0", &id.to_string(), "idx 1"]);
 }
 
 /// Channels that never end: cancel stops the run and every thread.
@@ -1385,6 +1479,8 @@ per_engine!(
     dest_slow_packet_is_not_a_stall,
     dest_empty_data_packet,
     dest_out_of_order_flood_is_bounded,
+    dest_large_packet_flood_is_bounded,
+    source_short_send_is_an_error,
     dest_cancel,
     source_cancel,
     source_peer_gone,

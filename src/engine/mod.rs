@@ -79,6 +79,29 @@ impl Default for EngineConfig {
     }
 }
 
+/// Out-of-order bytes one destination device may queue at most in either engine, whatever the
+/// queued-bytes limit (QEMU's default is none) and whatever the peer sends: memory stays
+/// bounded, and a well-behaved source (channels a few packets apart) never comes near it.
+pub const QUEUE_CAP_BYTES: u64 = 256 << 20;
+/// Out-of-order packets one destination device may queue at most in either engine: what
+/// bounds packets without data.
+pub const QUEUE_CAP_PACKETS: usize = 4096;
+
+impl EngineConfig {
+    /// The queued-bytes limit a destination engine applies per device: `max_queued_bytes`,
+    /// never more than [`QUEUE_CAP_BYTES`].
+    pub fn queued_bytes_limit(&self) -> u64 {
+        self.max_queued_bytes.min(QUEUE_CAP_BYTES)
+    }
+
+    /// A destination device's reassembly, bounded the same way by every engine: at most
+    /// [`Self::queued_bytes_limit`] bytes in [`QUEUE_CAP_PACKETS`] packets queued.
+    fn dest_reassembly<B>(&self) -> crate::session::reassembly::Reassembly<B> {
+        crate::session::reassembly::Reassembly::new(self.queued_bytes_limit())
+            .with_packet_limit(QUEUE_CAP_PACKETS)
+    }
+}
+
 /// A source device as the engine sees it: a stream to read to its end and a name.
 #[derive(Debug)]
 pub struct SourceDevice {
@@ -268,6 +291,15 @@ pub enum DataPlaneError {
     Stalled { detail: String },
     #[error("cancelled")]
     Cancelled,
+    /// A worker's ring failed to submit or wait (not one op: every op of the worker stops).
+    #[error("io_uring worker {worker} ({serves}): submitting and waiting for completions")]
+    Ring {
+        worker: usize,
+        /// What the worker served: its channels and devices.
+        serves: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("setting up the {engine} engine")]
     Setup {
         engine: &'static str,

@@ -51,10 +51,8 @@ use crate::wire::{
     VFIO_HEADER_LEN,
 };
 
-/// Out-of-order bytes one device may queue at most, whatever the queued-bytes limit.
-pub const QUEUE_CAP_BYTES: u64 = 256 << 20;
-/// Out-of-order packets one device may queue at most: what bounds packets without data.
-pub const QUEUE_CAP_PACKETS: usize = 4096;
+/// The caps both engines apply (see [`EngineConfig::queued_bytes_limit`]).
+pub use super::{QUEUE_CAP_BYTES, QUEUE_CAP_PACKETS};
 
 /// How often a waiting run looks at [`Progress::cancel`].
 const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -158,19 +156,16 @@ impl Engine for ThreadsEngine {
             channels,
             progress,
         } = plan;
-        // Whatever the queued-bytes limit (QEMU's default is none) and whatever the peer sends,
-        // a device queues at most this much: memory stays bounded, and a well-behaved source
-        // (channels a few packets apart) never comes near it.
-        let max_queued_bytes = self.config.max_queued_bytes.min(QUEUE_CAP_BYTES);
+        // Whatever the queued-bytes limit and whatever the peer sends, a device queues at most
+        // QUEUE_CAP_BYTES in QUEUE_CAP_PACKETS packets, as in the uring engine.
+        let max_queued_bytes = self.config.queued_bytes_limit();
         let shared = DestShared {
             channels: &channels,
             devices: devices
                 .iter()
                 .map(|d| DevSlot {
                     id: &d.id,
-                    state: Mutex::new(
-                        Reassembly::new(max_queued_bytes).with_packet_limit(QUEUE_CAP_PACKETS),
-                    ),
+                    state: Mutex::new(self.config.dest_reassembly()),
                     cv: Condvar::new(),
                 })
                 .collect(),

@@ -357,7 +357,8 @@ impl Engine for UringEngine {
                     let spawned = std::thread::Builder::new()
                         .name(format!("uring-{w}"))
                         .spawn_scoped(scope, move || {
-                            let result = self.source_worker(role, share, pool, progress, failure);
+                            let result =
+                                self.source_worker(w, role, share, pool, progress, failure);
                             record_failure(result, failure, progress)
                         });
                     // Readers and senders wait on each other: the others stop now, not at join.
@@ -419,7 +420,7 @@ impl Engine for UringEngine {
         } = plan;
         let n_channels = channels.len();
         let workers = self.config.workers.clamp(1, n_channels);
-        let shared = DestShared::new(devices, self.config.max_queued_bytes, workers, n_channels);
+        let shared = DestShared::new(devices, &self.config, workers, n_channels);
         let worker_channels: Vec<OwnedFd> = channels
             .iter()
             .map(|fd| {

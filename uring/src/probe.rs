@@ -279,6 +279,20 @@ unsafe fn run_entries(
 
 const OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// [`check_linked_short_read`] on a small ring of its own, once per process (the kernel's
+/// behaviour does not change while it runs): [`crate::Ring::new`] links read->send chains only
+/// when this passes, as [`data_path`] predicts from the probe's result.
+pub(crate) fn linked_chains_work() -> Result<(), String> {
+    static RESULT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            let mut ring = io_uring::IoUring::new(4)
+                .map_err(|e| format!("cannot test linked chains: io_uring_setup fails ({e})"))?;
+            check_linked_short_read(&mut ring)
+        })
+        .clone()
+}
+
 /// Whether a short read breaks an IOSQE_IO_LINK chain (the linked op fails with ECANCELED):
 /// the engine's read->send chains rely on it.
 fn check_linked_short_read(ring: &mut io_uring::IoUring) -> Result<(), String> {
@@ -685,12 +699,11 @@ pub fn data_path(probe: &Probe, forbid: FeatureMask, sqpoll_opt_in: bool) -> Dat
     // The engine registers buffers when READ_FIXED exists and pinning works; `fixed` already
     // combines both.
     let fixed_buffers = usable(Feature::FixedBuffers, &mut notes);
-    // The engine links unless forbidden; it does not re-check the kernel.
-    let linked_chains = !forbid.contains(Feature::LinkedChains);
+    // The engine links only where a short read breaks the chain (the same check, run once
+    // by `Ring::new`): otherwise a linked send would send stale bytes.
+    let linked_chains = usable(Feature::LinkedChains, &mut notes);
     if !linked_chains {
-        notes.push("linked-chains: forbidden by the mask; read, then send".into());
-    } else if let Err(why) = probe.feature(Feature::LinkedChains) {
-        notes.push(format!("linked-chains: used, but {why}"));
+        notes.push("linked-chains: read, then send".into());
     }
     let send_zc = usable(Feature::SendZc, &mut notes);
     if send_zc {
@@ -779,6 +792,35 @@ mod tests {
             assert_eq!(path.linked_chains, ring.linked_chains(), "{mask:?}");
             assert_eq!(path.send_zc, ring.send_zc(), "{mask:?}");
         }
+    }
+
+    /// A kernel whose short read does not break a chain would make a linked send send stale
+    /// bytes: the path (like `Ring::new`) does not link there, and says why.
+    #[test]
+    fn a_kernel_that_does_not_break_chains_gets_no_linked_chains() {
+        let mut probe = probe_pool(1, 4096);
+        if probe.unusable.is_some() {
+            return;
+        }
+        let broken = "a short read does not break an IOSQE_IO_LINK chain on this kernel";
+        for (f, available) in &mut probe.features {
+            if *f == Feature::LinkedChains {
+                *available = Err(broken.into());
+            }
+        }
+        let path = data_path(&probe, FeatureMask::empty(), false);
+        assert_eq!(path.engine, "uring");
+        assert!(!path.linked_chains, "stale bytes would be sent");
+        assert!(
+            path.notes.iter().any(|n| n.contains(broken)),
+            "{:?}",
+            path.notes
+        );
+        // A ring decides by the same check as the probe.
+        assert_eq!(
+            linked_chains_work(),
+            probe_pool(1, 4096).feature(Feature::LinkedChains)
+        );
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -14,8 +15,8 @@ use crate::ops::{
     split_user_data, user_data, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA, PART_CHAIN_SEND,
     PART_MAIN, WAKE_USER_DATA,
 };
-use crate::pool::{Arena, BufId, Buffer, BufferPool};
-use crate::probe::{Feature, FeatureMask};
+use crate::pool::{BufId, Buffer, BufferPool, LentSlot};
+use crate::probe::{linked_chains_work, Feature, FeatureMask};
 use crate::waker::Waker;
 
 /// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says whether the kernel copied.
@@ -48,16 +49,58 @@ pub enum RingError {
     Waker(#[source] io::Error),
 }
 
-/// A ring, its buffer pool and its in-flight operations.
+/// A file held by one ring ([`Ring::adopt_fd`], [`Ring::dup_fd`]), named by its operations
+/// instead of a raw fd: the ring keeps the fd open until it has closed itself, so the number an
+/// SQE carries names that file whenever the kernel resolves it (at the next submit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    index: u32,
+    ring: u64,
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit and returns the new limit, as
+/// Go's runtime does at start: the soft limit's usual 1024 exists for `select()`, which nothing
+/// here uses, and a destination holds a duplicate of every device's data_fd per worker
+/// (256 devices x 16 workers is 4096).
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into `limit`, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one `rlimit` from `limit`, which outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Which ring a [`FileId`] belongs to: unique for the life of the process.
+fn fresh_ring_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A ring, its buffer pool, its files and its in-flight operations.
+///
+/// Teardown (`Drop`): in-flight ops are cancelled and drained first; then the io_uring is
+/// closed, and only then are the pool (whose slots it registered) and the files freed. If the
+/// drain times out, the op table, pool and files are leaked instead.
 pub struct Ring {
-    // Field order is drop order: the ring goes first (after `Drop::drop` drained it), then the
-    // op table and pool whose memory in-flight ops used.
-    ring: IoUring,
+    ring: ManuallyDrop<IoUring>,
+    id: u64,
     ops: OpTable,
-    pool: std::mem::ManuallyDrop<BufferPool>,
-    /// The ring's own hold on the memory it registered and its ops use: `pool()` hands out
-    /// `&mut BufferPool`, which a caller could swap out and drop while ops are in flight.
-    arena: std::mem::ManuallyDrop<Arc<Arena>>,
+    /// Owned, and reachable only through the forwarding methods below (never `&mut`), so it
+    /// cannot be swapped for another pool while ops use its slots.
+    pool: ManuallyDrop<BufferPool>,
+    /// The fds ops name by [`FileId`]; closed only after the io_uring (see `Drop`).
+    files: ManuallyDrop<Vec<OwnedFd>>,
     ready: VecDeque<Completion>,
     waker: Waker,
     /// Leaked on purpose: a cancelled eventfd read may still land after the ring closes.
@@ -144,8 +187,9 @@ impl Ring {
         let mut fixed_buffers = false;
         if !config.forbid.contains(Feature::FixedBuffers) && supported(opcode::ReadFixed::CODE) {
             let iovecs = pool.iovecs();
-            // SAFETY: every iovec points into the pool's arena, which `Ring::arena` keeps mapped
-            // until the ring is closed (field order, and `Drop` drains first or leaks it).
+            // SAFETY: every iovec points into `pool`, which the ring owns from here on and never
+            // hands out by `&mut` or by value; `Drop` frees it only after the io_uring is closed
+            // (its ops drained first), or leaks it. The kernel pins the pages besides.
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
                 Ok(()) => fixed_buffers = true,
                 Err(err) => notes.push(format!(
@@ -158,17 +202,27 @@ impl Ring {
         }
         pool.set_registered(fixed_buffers);
         let waker = Waker::new().map_err(RingError::Waker)?;
+        let mut linked_chains = !config.forbid.contains(Feature::LinkedChains);
+        if linked_chains {
+            if let Err(why) = linked_chains_work() {
+                linked_chains = false;
+                notes.push(format!(
+                    "linked chains unavailable ({why}): read, then send"
+                ));
+            }
+        }
         let mut ring = Self {
-            ring,
+            ring: ManuallyDrop::new(ring),
+            id: fresh_ring_id(),
             ops: OpTable::default(),
-            arena: std::mem::ManuallyDrop::new(Arc::clone(pool.arena())),
-            pool: std::mem::ManuallyDrop::new(pool),
+            pool: ManuallyDrop::new(pool),
+            files: ManuallyDrop::new(Vec::new()),
             ready: VecDeque::new(),
             waker,
             wake_buf: Box::leak(Box::new([0; 8])),
             wake_armed: false,
             fixed_buffers,
-            linked_chains: !config.forbid.contains(Feature::LinkedChains),
+            linked_chains,
             send_zc: !config.forbid.contains(Feature::SendZc) && supported(opcode::SendZc::CODE),
             setup,
             notes,
@@ -215,9 +269,77 @@ impl Ring {
         &self.pool
     }
 
-    /// The buffer pool.
-    pub fn pool(&mut self) -> &mut BufferPool {
-        &mut self.pool
+    /// Takes a free slot of the ring's pool.
+    pub fn take(&mut self) -> Option<BufId> {
+        self.pool.take()
+    }
+
+    /// Gives a slot back to the ring's pool.
+    ///
+    /// # Panics
+    /// If the token is another pool's.
+    pub fn put(&mut self, id: BufId) {
+        self.pool.put(id)
+    }
+
+    /// Free slots of the ring's pool.
+    pub fn free_slots(&self) -> usize {
+        self.pool.free_slots()
+    }
+
+    /// The bytes of a slot of the ring's pool the caller holds.
+    ///
+    /// # Panics
+    /// If the token is another pool's.
+    pub fn slot_mut(&mut self, id: &BufId) -> &mut [u8] {
+        self.pool.slot_mut(id)
+    }
+
+    /// Lends a slot of the ring's pool to another ring ([`BufferPool::lend`]).
+    ///
+    /// # Panics
+    /// If the token is another pool's.
+    pub fn lend(&mut self, id: BufId) -> LentSlot {
+        self.pool.lend(id)
+    }
+
+    /// A slot this ring's pool lent comes back ([`BufferPool::take_back`]).
+    ///
+    /// # Panics
+    /// If another pool lent it.
+    pub fn take_back(&mut self, slot: LentSlot) {
+        self.pool.take_back(slot)
+    }
+
+    /// Hands `fd` to the ring, which keeps it open until the ring has closed (after its last
+    /// op); operations name it by the returned id. No syscall.
+    pub fn adopt_fd(&mut self, fd: OwnedFd) -> FileId {
+        // A process has far fewer than 2^32 fds.
+        let index = self.files.len() as u32;
+        self.files.push(fd);
+        FileId {
+            index,
+            ring: self.id,
+        }
+    }
+
+    /// [`Self::adopt_fd`] of a duplicate of `fd` (one `fcntl(F_DUPFD_CLOEXEC)`): for an fd
+    /// the caller keeps, and may close, while the ring uses it. (A destination ring holds one
+    /// of every device's data_fd: see [`raise_open_file_limit`].)
+    pub fn dup_fd(&mut self, fd: BorrowedFd<'_>) -> io::Result<FileId> {
+        Ok(self.adopt_fd(fd.try_clone_to_owned()?))
+    }
+
+    /// The fd a file id names: held by this ring until it has closed.
+    ///
+    /// # Panics
+    /// If the id is another ring's: a bug in the caller (it would name some other file here).
+    fn fd(&self, file: FileId) -> types::Fd {
+        assert!(
+            file.ring == self.id,
+            "file id of another ring used on this one"
+        );
+        types::Fd(self.files[file.index as usize].as_raw_fd())
     }
 
     /// Operations submitted and not yet completed.
@@ -242,9 +364,12 @@ impl Ring {
     fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         loop {
             // SAFETY: every entry's buffer is owned by the op table entry inserted before this
-            // push (pool slot, heap box or lent slot, which keeps its arena mapped), and its fd is borrowed by the caller for the call;
-            // the kernel takes its own file reference at submission, which happens below or in
-            // the next `wait`, before the caller can drop the fd.
+            // push (a slot of the ring's own pool, which cannot be swapped out or freed before
+            // the io_uring closes; a heap box; or a lent slot, which keeps its arena mapped) and
+            // comes back only with the op's last completion. Its fd is one of `files` (or the
+            // waker's eventfd, or none), which the ring keeps open until after the io_uring has
+            // closed, so whenever the kernel resolves the number (at this or a later submit) it
+            // names the file the op was built for.
             let pushed = unsafe { self.ring.submission().push_multiple(entries) };
             match pushed {
                 Ok(()) => return Ok(()),
@@ -289,16 +414,16 @@ impl Ring {
         Ok(())
     }
 
-    /// Reads `range` of `buf` from `fd` at its current position (offset -1: a data_fd is a
+    /// Reads `range` of `buf` from `file` at its current position (offset -1: a data_fd is a
     /// stream).
     pub fn read(
         &mut self,
         tag: u64,
-        fd: BorrowedFd<'_>,
+        file: FileId,
         buf: Buffer,
         range: Range<usize>,
     ) -> io::Result<()> {
-        let fd = types::Fd(fd.as_raw_fd());
+        let fd = self.fd(file);
         let len = range.len() as u32;
         self.submit_single(
             OpKind::Read,
@@ -309,15 +434,15 @@ impl Ring {
         )
     }
 
-    /// Writes `range` of `buf` to `fd` at its current position.
+    /// Writes `range` of `buf` to `file` at its current position.
     pub fn write(
         &mut self,
         tag: u64,
-        fd: BorrowedFd<'_>,
+        file: FileId,
         buf: Buffer,
         range: Range<usize>,
     ) -> io::Result<()> {
-        let fd = types::Fd(fd.as_raw_fd());
+        let fd = self.fd(file);
         let len = range.len() as u32;
         self.submit_single(
             OpKind::Write,
@@ -333,10 +458,11 @@ impl Ring {
         )
     }
 
-    /// Writes `range` of `buf` to `fd` now, in this thread, and queues the completion as if the
+    /// Writes `range` of `buf` to `file` now, in this thread, and queues the completion as if the
     /// ring had made the write: for files whose buffered writes io_uring can only hand to an
     /// io-wq worker (shmem has no FMODE_BUF_WASYNC), where the handoff costs more than the copy.
-    pub fn write_now(&mut self, tag: u64, fd: BorrowedFd<'_>, buf: Buffer, range: Range<usize>) {
+    pub fn write_now(&mut self, tag: u64, file: FileId, buf: Buffer, range: Range<usize>) {
+        let fd = self.fd(file).0;
         let bytes = match &buf {
             Buffer::Pool(id) => &self.pool.slot_mut(id)[range],
             Buffer::Heap(heap) => &heap[range],
@@ -344,8 +470,8 @@ impl Ring {
         };
         let result = loop {
             // SAFETY: `bytes` is a live slice of a buffer this ring owns for the call; the
-            // kernel only reads `bytes.len()` bytes from it.
-            let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+            // kernel only reads `bytes.len()` bytes from it. `fd` is one of `files`, open.
+            let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
             if n >= 0 {
                 break Ok(n as usize);
             }
@@ -367,7 +493,7 @@ impl Ring {
     pub fn recv(
         &mut self,
         tag: u64,
-        sock: BorrowedFd<'_>,
+        sock: FileId,
         buf: Buffer,
         range: Range<usize>,
     ) -> io::Result<()> {
@@ -378,7 +504,7 @@ impl Ring {
     pub fn recv_some(
         &mut self,
         tag: u64,
-        sock: BorrowedFd<'_>,
+        sock: FileId,
         buf: Buffer,
         range: Range<usize>,
     ) -> io::Result<()> {
@@ -388,12 +514,12 @@ impl Ring {
     fn recv_with(
         &mut self,
         tag: u64,
-        sock: BorrowedFd<'_>,
+        sock: FileId,
         buf: Buffer,
         range: Range<usize>,
         flags: i32,
     ) -> io::Result<()> {
-        let fd = types::Fd(sock.as_raw_fd());
+        let fd = self.fd(sock);
         let len = range.len() as u32;
         self.submit_single(
             OpKind::Recv,
@@ -409,14 +535,14 @@ impl Ring {
     pub fn send(
         &mut self,
         tag: u64,
-        sock: BorrowedFd<'_>,
+        sock: FileId,
         buf: Buffer,
         range: Range<usize>,
         zc: bool,
     ) -> io::Result<()> {
         let zc = zc && self.send_zc;
         let ptr = self.buf_range(&buf, &range);
-        let entry = self.send_entry(sock.as_raw_fd(), ptr, range.len() as u32, &buf, zc);
+        let entry = self.send_entry(self.fd(sock), ptr, range.len() as u32, &buf, zc);
         let (index, generation) = self.insert(OpKind::Send, tag, Some(buf), 1);
         let entry = entry.user_data(user_data(index, generation, PART_CHAIN_SEND));
         if let Err(err) = self.push(&[entry]) {
@@ -428,13 +554,12 @@ impl Ring {
 
     fn send_entry(
         &self,
-        sock: RawFd,
+        fd: types::Fd,
         ptr: *mut u8,
         len: u32,
         buf: &Buffer,
         zc: bool,
     ) -> squeue::Entry {
-        let fd = types::Fd(sock);
         let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
         if zc {
             let fixed = match buf {
@@ -459,8 +584,8 @@ impl Ring {
     pub fn read_then_send(
         &mut self,
         tag: u64,
-        src: BorrowedFd<'_>,
-        sock: BorrowedFd<'_>,
+        src: FileId,
+        sock: FileId,
         buf: BufId,
         read: Range<usize>,
         send: Range<usize>,
@@ -475,7 +600,8 @@ impl Ring {
         let read_ptr = self.buf_range(&buf, &read);
         let send_ptr = self.buf_range(&buf, &send);
         let (index, generation) = self.insert(OpKind::ChainRead, tag, None, 2);
-        let fd = types::Fd(src.as_raw_fd());
+        let fd = self.fd(src);
+        let sock = self.fd(sock);
         let read_len = read.len() as u32;
         let fixed = match &buf {
             Buffer::Pool(id) if self.fixed_buffers => Some(id.index()),
@@ -485,7 +611,7 @@ impl Ring {
             .flags(squeue::Flags::IO_LINK)
             .user_data(user_data(index, generation, PART_MAIN));
         let send_entry = self
-            .send_entry(sock.as_raw_fd(), send_ptr, send.len() as u32, &buf, zc)
+            .send_entry(sock, send_ptr, send.len() as u32, &buf, zc)
             .user_data(user_data(index, generation, PART_CHAIN_SEND));
         if let Some(op) = self.ops.get_mut(index, generation) {
             op.buf = Some(buf);
@@ -666,12 +792,15 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         let drained = self.ops.live() == 0 || self.cancel_all(DRAIN_TIMEOUT);
+        // SAFETY: `ring` is not used again (this is drop). Closed first, so the pool it
+        // registered and the files its SQEs named outlive it.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
         if drained {
-            // SAFETY: no op is in flight, so the kernel no longer uses the pool or the arena;
-            // neither is used again (this is drop).
+            // SAFETY: no op was in flight and the io_uring is closed, so the kernel no longer
+            // uses the pool's memory or resolves the files' numbers; neither is used again.
             unsafe {
-                std::mem::ManuallyDrop::drop(&mut self.pool);
-                std::mem::ManuallyDrop::drop(&mut self.arena);
+                ManuallyDrop::drop(&mut self.pool);
+                ManuallyDrop::drop(&mut self.files);
             }
         } else {
             log::error!(
@@ -679,6 +808,7 @@ impl Drop for Ring {
                  freeing memory the kernel may still write",
                 self.ops.live()
             );
+            // The pool and files stay in their `ManuallyDrop`s: leaked with the op table.
             std::mem::forget(std::mem::take(&mut self.ops));
         }
     }

@@ -26,8 +26,10 @@ impl Waker {
     /// Makes the ring's next (or current) wait return with a `Wake` completion.
     pub fn wake(&self) {
         let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd owned by `self`. An eventfd
-        // write fails only when the counter would overflow, and then a wake is pending anyway.
+        // SAFETY: writes 8 bytes from a live local to an eventfd owned by `self`. The eventfd
+        // is blocking: a write would block (not fail) only if the counter would pass
+        // 2^64 - 2, i.e. after that many wakes with none read, and the ring keeps a read armed
+        // that resets it. The result is ignored: no other failure is expected for an eventfd.
         unsafe { libc::write(self.raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }

@@ -63,24 +63,26 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
     let file = stream_file(&data);
     let (tx, mut rx) = tcp_pair();
+    let file = ring.dup_fd(file.as_fd()).unwrap();
+    let tx = ring.dup_fd(tx.as_fd()).unwrap();
+    // SEND_ZC on loopback: the kernel copies and says so in the notification.
+    let zc_notified = zc && ring.send_zc();
 
     // A full read: the linked send carries header + chunk.
-    let buf = ring.pool().take().unwrap();
-    ring.pool().slot_mut(&buf)[..4].copy_from_slice(b"HEAD");
-    ring.read_then_send(
-        1,
-        file.as_fd(),
-        tx.as_fd(),
-        buf,
-        4..4 + 60_000,
-        0..4 + 60_000,
-        zc,
-    )
-    .unwrap();
+    let buf = ring.take().unwrap();
+    ring.slot_mut(&buf)[..4].copy_from_slice(b"HEAD");
+    ring.read_then_send(1, file, tx, buf, 4..4 + 60_000, 0..4 + 60_000, zc)
+        .unwrap();
     let read = wait_for(&mut ring, OpKind::ChainRead);
     assert_eq!(read.result.unwrap(), 60_000);
     let sent = wait_for(&mut ring, OpKind::ChainSend);
     assert_eq!(sent.result.unwrap(), 60_004);
+    // The buffer came back with the notification, not with the send's first completion
+    // (F_MORE): only the notification says the kernel copied.
+    assert_eq!(
+        sent.zc_copied, zc_notified,
+        "a zero-copy send's buffer comes back only after its notification"
+    );
     let Some(Buffer::Pool(buf)) = sent.buf else {
         panic!("buffer comes back")
     };
@@ -90,16 +92,8 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
     assert_eq!(&got[4..], &data[..60_000]);
 
     // A short read (40_000 left of 60_000 asked) cancels the send; nothing reaches the socket.
-    ring.read_then_send(
-        2,
-        file.as_fd(),
-        tx.as_fd(),
-        buf,
-        4..4 + 60_000,
-        0..4 + 60_000,
-        zc,
-    )
-    .unwrap();
+    ring.read_then_send(2, file, tx, buf, 4..4 + 60_000, 0..4 + 60_000, zc)
+        .unwrap();
     assert_eq!(
         wait_for(&mut ring, OpKind::ChainRead).result.unwrap(),
         40_000
@@ -113,10 +107,11 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
         panic!("buffer comes back")
     };
     // The caller sends what was read.
-    ring.send(3, tx.as_fd(), Buffer::Pool(buf), 4..4 + 40_000, zc)
+    ring.send(3, tx, Buffer::Pool(buf), 4..4 + 40_000, zc)
         .unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
     assert_eq!(sent.result.unwrap(), 40_000);
+    assert_eq!(sent.zc_copied, zc_notified, "the plain-slot SEND_ZC too");
     let mut got = vec![0u8; 40_000];
     rx.read_exact(&mut got).unwrap();
     assert_eq!(&got[..], &data[60_000..]);
@@ -125,7 +120,7 @@ fn chain_cases(forbid: FeatureMask, zc: bool) {
     let Some(Buffer::Pool(buf)) = sent.buf else {
         panic!()
     };
-    ring.read_then_send(4, file.as_fd(), tx.as_fd(), buf, 4..1004, 0..1004, zc)
+    ring.read_then_send(4, file, tx, buf, 4..1004, 0..1004, zc)
         .unwrap();
     assert_eq!(wait_for(&mut ring, OpKind::ChainRead).result.unwrap(), 0);
     assert!(wait_for(&mut ring, OpKind::ChainSend).result.is_err());
@@ -156,9 +151,9 @@ fn linked_read_send_without_fixed_buffers() {
 fn loopback_zero_copy_reports_copied() {
     let mut ring = ring(FeatureMask::empty());
     let (tx, mut rx) = tcp_pair();
-    let buf = ring.pool().take().unwrap();
-    ring.send(9, tx.as_fd(), Buffer::Pool(buf), 0..65536, true)
-        .unwrap();
+    let tx = ring.dup_fd(tx.as_fd()).unwrap();
+    let buf = ring.take().unwrap();
+    ring.send(9, tx, Buffer::Pool(buf), 0..65536, true).unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
     assert_eq!(sent.result.unwrap(), 65536);
     assert!(
@@ -185,17 +180,21 @@ fn recv_waitall_then_write_and_eof() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let buf = ring.pool().take().unwrap();
-    ring.recv(1, rx.as_fd(), Buffer::Pool(buf), 0..10).unwrap();
+    let (rx, out) = (
+        ring.dup_fd(rx.as_fd()).unwrap(),
+        ring.dup_fd(out.as_fd()).unwrap(),
+    );
+    let buf = ring.take().unwrap();
+    ring.recv(1, rx, Buffer::Pool(buf), 0..10).unwrap();
     let got = wait_for(&mut ring, OpKind::Recv);
     assert_eq!(got.result.unwrap(), 10, "MSG_WAITALL gathers split writes");
     let buf = got.buf.unwrap();
-    ring.write(2, out.as_fd(), buf, 0..10).unwrap();
+    ring.write(2, out, buf, 0..10).unwrap();
     let written = wait_for(&mut ring, OpKind::Write);
     assert_eq!(written.result.unwrap(), 10);
     writer.join().unwrap();
     let heap = Buffer::Heap(vec![0u8; 8].into_boxed_slice());
-    ring.recv(3, rx.as_fd(), heap, 0..8).unwrap();
+    ring.recv(3, rx, heap, 0..8).unwrap();
     assert_eq!(
         wait_for(&mut ring, OpKind::Recv).result.unwrap(),
         0,
@@ -207,9 +206,9 @@ fn recv_waitall_then_write_and_eof() {
 fn zero_copy_on_a_unix_socket_is_refused_not_lost() {
     let mut ring = ring(FeatureMask::empty());
     let (tx, _rx) = UnixStream::pair().unwrap();
-    let buf = ring.pool().take().unwrap();
-    ring.send(1, tx.as_fd(), Buffer::Pool(buf), 0..100, true)
-        .unwrap();
+    let tx = ring.dup_fd(tx.as_fd()).unwrap();
+    let buf = ring.take().unwrap();
+    ring.send(1, tx, Buffer::Pool(buf), 0..100, true).unwrap();
     let sent = wait_for(&mut ring, OpKind::Send);
     assert_eq!(
         sent.result.unwrap_err().raw_os_error(),
@@ -251,13 +250,51 @@ fn forbidding_io_uring_refuses_the_ring() {
 fn dropping_a_ring_with_a_blocked_recv_drains_it() {
     let mut ring = ring(FeatureMask::empty());
     let (_tx, rx) = UnixStream::pair().unwrap();
-    let buf = ring.pool().take().unwrap();
-    ring.recv(1, rx.as_fd(), Buffer::Pool(buf), 0..100).unwrap();
+    let rx = ring.adopt_fd(rx.into());
+    let buf = ring.take().unwrap();
+    ring.recv(1, rx, Buffer::Pool(buf), 0..100).unwrap();
     ring.wait(0, Some(Duration::from_millis(10))).unwrap();
     assert_eq!(ring.in_flight(), 1);
     assert!(
         ring.cancel_all(Duration::from_secs(2)),
         "a blocked recv is cancellable"
     );
-    assert_eq!(ring.pool().free_slots(), 4);
+    assert_eq!(ring.free_slots(), 4);
+}
+
+/// An op queued but not yet submitted names its file by id: once the caller's fd number names
+/// another file (closed and reused) before the submit, the op still reads its own file.
+#[test]
+fn a_queued_op_reads_its_own_file_after_the_callers_fd_number_is_reused() {
+    use std::os::fd::AsRawFd;
+    let mut ring = ring(FeatureMask::empty());
+    let original = stream_file(b"the right file");
+    let file = ring.dup_fd(original.as_fd()).unwrap();
+    let buf = ring.take().unwrap();
+    ring.read(1, file, Buffer::Pool(buf), 0..14).unwrap();
+    // Queued, not submitted: the next `wait` submits. Meanwhile the number the caller lent
+    // is closed and names another file (dup2 does both at once, so no other thread can take
+    // the number in between).
+    let impostor = stream_file(b"a wrong file!!");
+    // SAFETY: both fds are open and owned by this test; dup2 makes `original`'s number name
+    // the impostor's file, which `original` then owns (and closes on drop).
+    let duped = unsafe { libc::dup2(impostor.as_raw_fd(), original.as_raw_fd()) };
+    assert_eq!(duped, original.as_raw_fd());
+    let done = wait_for(&mut ring, OpKind::Read);
+    assert_eq!(done.result.unwrap(), 14);
+    let Some(Buffer::Pool(buf)) = done.buf else {
+        panic!("buffer comes back")
+    };
+    assert_eq!(&ring.slot_mut(&buf)[..14], b"the right file");
+}
+
+#[test]
+#[should_panic(expected = "another ring")]
+fn a_file_id_of_another_ring_is_refused() {
+    let mut mine = ring(FeatureMask::empty());
+    let mut theirs = ring(FeatureMask::empty());
+    let (a, _b) = UnixStream::pair().unwrap();
+    let file = theirs.adopt_fd(a.into());
+    let buf = mine.take().unwrap();
+    let _ = mine.recv(1, file, Buffer::Pool(buf), 0..1);
 }

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ::uring::{Buffer, BufferPool, Completion, OpKind, Ring, Waker};
+use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring, Waker};
 
+use super::source::serves;
 use super::*;
 use crate::session::reassembly::{Admission, Reassembly};
 use crate::wire::{
@@ -66,7 +67,7 @@ pub(super) struct DestShared {
 impl DestShared {
     pub(super) fn new(
         devices: Vec<DestDevice>,
-        max_queued: u64,
+        config: &EngineConfig,
         workers: usize,
         n_channels: usize,
     ) -> Self {
@@ -79,7 +80,7 @@ impl DestShared {
             .iter()
             .map(|_| {
                 Mutex::new(DevState {
-                    reassembly: Reassembly::new(max_queued),
+                    reassembly: config.dest_reassembly(),
                     report: DestDeviceReport::default(),
                 })
             })
@@ -196,7 +197,8 @@ struct PacketInfo {
 
 struct DstChannel {
     index: usize,
-    fd: OwnedFd,
+    /// The socket, held by the ring.
+    file: FileId,
     state: ChanState,
     /// Its receive in flight is counted in `DestShared::partial_recvs`.
     partial_recv: bool,
@@ -226,7 +228,11 @@ enum WriteProgress {
 
 struct DestWorker<'a> {
     w: usize,
+    /// What this worker serves, for errors that are the ring's rather than one op's.
+    serves: String,
     ring: Ring,
+    /// Every device's `data_fd` (a duplicate held by this worker's ring), by device index.
+    device_files: Vec<FileId>,
     channels: Vec<DstChannel>,
     writes: HashMap<u64, WriteOp>,
     next_write_tag: u64,
@@ -246,31 +252,45 @@ impl UringEngine {
         shared: &DestShared,
         progress: &Progress,
     ) -> Result<Vec<String>, DataPlaneError> {
-        let ring = Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
-            engine: "uring",
-            source: io::Error::other(error_chain(&err)),
-        })?;
+        let mut ring =
+            Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
+                engine: "uring",
+                source: io::Error::other(error_chain(&err)),
+            })?;
+        let device_files = shared
+            .devices
+            .iter()
+            .map(|d| ring.dup_fd(d.data_fd.as_fd()))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| DataPlaneError::Setup {
+                engine: "uring",
+                source,
+            })?;
+        let serves = serves(channels.iter().map(|(index, _)| *index), std::iter::empty());
         // Registered before this worker's first receive: only a worker that owns a slot or a
         // parked channel is ever woken, and it owns neither before it has received, so no wake
         // is lost and workers need not wait for each other to start.
         shared.wakers.lock().unwrap_or_else(|p| p.into_inner())[w] = Some(ring.waker());
         let notes = ring.notes().to_vec();
+        let channels = channels
+            .into_iter()
+            .map(|(index, fd)| DstChannel {
+                index,
+                file: ring.adopt_fd(fd),
+                state: ChanState::Header { got: 0 },
+                partial_recv: false,
+                hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
+                payload: None,
+                offset: crate::wire::INIT_PACKET_LEN as u64,
+                report: ChannelReport::default(),
+            })
+            .collect();
         let mut worker = DestWorker {
             w,
+            serves,
             ring,
-            channels: channels
-                .into_iter()
-                .map(|(index, fd)| DstChannel {
-                    index,
-                    fd,
-                    state: ChanState::Header { got: 0 },
-                    partial_recv: false,
-                    hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
-                    payload: None,
-                    offset: crate::wire::INIT_PACKET_LEN as u64,
-                    report: ChannelReport::default(),
-                })
-                .collect(),
+            device_files,
+            channels,
             writes: HashMap::new(),
             next_write_tag: 0,
             heap_held: 0,
@@ -312,8 +332,9 @@ impl DestWorker<'_> {
             }
             self.ring
                 .wait(1, Some(POLL))
-                .map_err(|source| DataPlaneError::Setup {
-                    engine: "uring",
+                .map_err(|source| DataPlaneError::Ring {
+                    worker: self.w,
+                    serves: self.serves.clone(),
                     source,
                 })?;
             let mut woken = false;
@@ -346,7 +367,7 @@ impl DestWorker<'_> {
         if !idle {
             return Ok(false);
         }
-        if self.heap_held == 0 && self.ring.buffers().free_slots() == self.ring.buffers().slots() {
+        if self.heap_held == 0 && self.ring.free_slots() == self.ring.buffers().slots() {
             return Ok(true);
         }
         // Buffers of this worker wait in a reassembly. Once every channel everywhere has ended
@@ -386,7 +407,7 @@ impl DestWorker<'_> {
         self.ring
             .recv_some(
                 c as u64,
-                channel.fd.as_fd(),
+                channel.file,
                 Buffer::Heap(hdr),
                 got..PACKET_HEADER_ROOM,
             )
@@ -559,7 +580,7 @@ impl DestWorker<'_> {
         let fits_slot = info.len as usize <= self.ring.buffers().slot_size();
         // The last free slot is kept for the packet that is next in order, so out-of-order
         // packets cannot take every slot and leave nothing for the one that unblocks them.
-        let free = self.ring.buffers().free_slots();
+        let free = self.ring.free_slots();
         let buffer_ok = !fits_slot || free > 1 || (free == 1 && is_next);
         if admission == Admission::Wait || !buffer_ok {
             let why = if admission == Admission::Wait {
@@ -602,7 +623,7 @@ impl DestWorker<'_> {
                 .remove(&index);
         }
         let buf = if fits_slot {
-            Buffer::Pool(self.ring.pool().take().expect("checked a free slot"))
+            Buffer::Pool(self.ring.take().expect("checked a free slot"))
         } else {
             self.heap_held += 1;
             Buffer::Heap(vec![0u8; info.len as usize].into_boxed_slice())
@@ -626,12 +647,7 @@ impl DestWorker<'_> {
             .expect("payload buffer set when placed");
         self.shared.recv_started(channel, true);
         self.ring
-            .recv(
-                c as u64,
-                channel.fd.as_fd(),
-                buf,
-                info.got..info.len as usize,
-            )
+            .recv(c as u64, channel.file, buf, info.got..info.len as usize)
             .map_err(|source| DataPlaneError::Recv {
                 channel: channel.index,
                 offset: channel.offset + (PACKET_HEADER_ROOM + info.got) as u64,
@@ -719,13 +735,13 @@ impl DestWorker<'_> {
     fn submit_write(&mut self, tag: u64, buf: Buffer, from: usize) -> Result<(), DataPlaneError> {
         let op = &self.writes[&tag];
         let device = &self.shared.devices[op.device];
+        let file = self.device_files[op.device];
         if self.shared.write_now[op.device] {
-            self.ring
-                .write_now(tag, device.data_fd.as_fd(), buf, from..op.len);
+            self.ring.write_now(tag, file, buf, from..op.len);
             return Ok(());
         }
         self.ring
-            .write(tag, device.data_fd.as_fd(), buf, from..op.len)
+            .write(tag, file, buf, from..op.len)
             .map_err(|source| DataPlaneError::WriteDevice {
                 device: device.id.clone(),
                 idx: op.idx,
@@ -799,7 +815,7 @@ impl DestWorker<'_> {
 
     fn buffer_bytes(&mut self, buf: &Buffer, len: usize) -> Vec<u8> {
         match buf {
-            Buffer::Pool(id) => self.ring.pool().slot_mut(id)[..len].to_vec(),
+            Buffer::Pool(id) => self.ring.slot_mut(id)[..len].to_vec(),
             Buffer::Heap(heap) => heap[..len].to_vec(),
             Buffer::Lent(slot) => slot.bytes()[..len].to_vec(),
         }
@@ -807,7 +823,7 @@ impl DestWorker<'_> {
 
     fn release(&mut self, buf: Buffer) {
         match buf {
-            Buffer::Pool(id) => self.ring.pool().put(id),
+            Buffer::Pool(id) => self.ring.put(id),
             Buffer::Heap(_) => self.heap_held -= 1,
             // Destination workers lend nothing; a lent slot here would just be dropped.
             Buffer::Lent(_) => {}
@@ -862,7 +878,7 @@ impl DestWorker<'_> {
             detail: format!(
                 "{}; {} of {} buffers free: raise the queued-bytes limit or the buffer pool",
                 parked.join("; "),
-                self.ring.buffers().free_slots(),
+                self.ring.free_slots(),
                 self.ring.buffers().slots()
             ),
         })

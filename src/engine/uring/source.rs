@@ -9,10 +9,9 @@
 //! and send copies on one core.
 
 use std::collections::VecDeque;
-use std::os::fd::AsFd;
 use std::time::Duration;
 
-use ::uring::{Buffer, BufferPool, Completion, OpKind, Ring};
+use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring};
 
 use super::*;
 use crate::wire::{
@@ -23,7 +22,8 @@ use crate::wire::{
 struct SrcDevice {
     index: usize,
     id: DeviceId,
-    fd: OwnedFd,
+    /// The `data_fd`, held by the ring.
+    file: FileId,
     idstr_field: [u8; crate::wire::IDSTR_LEN],
     read_size: usize,
     config: Option<Vec<u8>>,
@@ -57,7 +57,8 @@ struct InFlightSend {
 
 struct SrcChannel {
     index: usize,
-    fd: OwnedFd,
+    /// The socket, held by the ring.
+    file: FileId,
     zc: bool,
     sending: Option<InFlightSend>,
     report: ChannelReport,
@@ -87,6 +88,9 @@ pub(super) enum Role<'a> {
 }
 
 struct SourceWorker<'a> {
+    w: usize,
+    /// What this worker serves, for errors that are the ring's rather than one op's.
+    serves: String,
     role: Role<'a>,
     ring: Ring,
     devices: Vec<SrcDevice>,
@@ -103,52 +107,62 @@ struct SourceWorker<'a> {
 impl UringEngine {
     pub(super) fn source_worker(
         &self,
+        w: usize,
         role: Role<'_>,
         (devices, channels): SourceShare,
         pool: BufferPool,
         progress: &Progress,
         failure: &Failure,
     ) -> Result<SourceWorkerReport, DataPlaneError> {
-        let ring = Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
-            engine: "uring",
-            source: io::Error::other(error_chain(&err)),
-        })?;
+        let mut ring =
+            Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
+                engine: "uring",
+                source: io::Error::other(error_chain(&err)),
+            })?;
+        let serves = serves(
+            channels.iter().map(|(index, _)| *index),
+            devices.iter().map(|(_, d)| &d.id),
+        );
         match role {
             Role::Alone => {}
             Role::Reader { handoff, device } => handoff.register_reader(device, ring.waker()),
             Role::Sender { handoff, me } => handoff.register_sender(me, ring.waker()),
         }
         let zc = ring.send_zc();
+        let devices = devices
+            .into_iter()
+            .map(|(index, d)| SrcDevice {
+                index,
+                idstr_field: d.id.idstr_field(),
+                read_size: d.read_size,
+                id: d.id,
+                file: ring.adopt_fd(d.data_fd),
+                config: Some(d.config),
+                next_idx: 0,
+                reading: false,
+                resend_pending: false,
+                at_end: false,
+                report: SourceDeviceReport::default(),
+            })
+            .collect();
+        let channels = channels
+            .into_iter()
+            .map(|(index, fd)| SrcChannel {
+                index,
+                file: ring.adopt_fd(fd),
+                zc,
+                sending: None,
+                report: ChannelReport::default(),
+            })
+            .collect();
         let mut worker = SourceWorker {
+            w,
+            serves,
             role,
             notes: ring.notes().to_vec(),
             ring,
-            devices: devices
-                .into_iter()
-                .map(|(index, d)| SrcDevice {
-                    index,
-                    idstr_field: d.id.idstr_field(),
-                    read_size: d.read_size,
-                    id: d.id,
-                    fd: d.data_fd,
-                    config: Some(d.config),
-                    next_idx: 0,
-                    reading: false,
-                    resend_pending: false,
-                    at_end: false,
-                    report: SourceDeviceReport::default(),
-                })
-                .collect(),
-            channels: channels
-                .into_iter()
-                .map(|(index, fd)| SrcChannel {
-                    index,
-                    fd,
-                    zc,
-                    sending: None,
-                    report: ChannelReport::default(),
-                })
-                .collect(),
+            devices,
+            channels,
             ready: VecDeque::new(),
             next_channel: 0,
             next_device: 0,
@@ -195,8 +209,9 @@ impl SourceWorker<'_> {
             }
             self.ring
                 .wait(1, Some(POLL))
-                .map_err(|source| DataPlaneError::Setup {
-                    engine: "uring",
+                .map_err(|source| DataPlaneError::Ring {
+                    worker: self.w,
+                    serves: self.serves.clone(),
                     source,
                 })?;
             while let Some(done) = self.ring.next_completion() {
@@ -231,7 +246,7 @@ impl SourceWorker<'_> {
             Role::Alone => {}
             Role::Reader { handoff, device } => {
                 for slot in handoff.take_returns(device) {
-                    self.ring.pool().take_back(slot);
+                    self.ring.take_back(slot);
                 }
                 while let Some(packet) = self.ready.pop_front() {
                     let packet = self.lend(packet);
@@ -261,7 +276,7 @@ impl SourceWorker<'_> {
             {
                 continue;
             }
-            if self.ring.pool().free_slots() == 0 {
+            if self.ring.free_slots() == 0 {
                 break;
             }
             if let Role::Reader { handoff, .. } = self.role {
@@ -283,9 +298,9 @@ impl SourceWorker<'_> {
     fn prepare_slot(&mut self, d: usize) -> Result<(::uring::BufId, usize), DataPlaneError> {
         let device = &self.devices[d];
         check_data_idx(&device.id, device.next_idx)?;
-        let buf = self.ring.pool().take().expect("caller checked a free slot");
+        let buf = self.ring.take().expect("caller checked a free slot");
         let device = &mut self.devices[d];
-        let slot = self.ring.pool().slot_mut(&buf);
+        let slot = self.ring.slot_mut(&buf);
         let room: &mut [u8; PACKET_HEADER_ROOM] = (&mut slot[..PACKET_HEADER_ROOM])
             .try_into()
             .expect("slot holds the header room");
@@ -311,8 +326,8 @@ impl SourceWorker<'_> {
         self.ring
             .read_then_send(
                 c as u64,
-                device.fd.as_fd(),
-                channel.fd.as_fd(),
+                device.file,
+                channel.file,
                 buf,
                 PACKET_HEADER_ROOM..len,
                 0..len,
@@ -340,7 +355,7 @@ impl SourceWorker<'_> {
         self.ring
             .read(
                 TAG_DEVICE | d as u64,
-                device.fd.as_fd(),
+                device.file,
                 Buffer::Pool(buf),
                 PACKET_HEADER_ROOM..PACKET_HEADER_ROOM + read_size,
             )
@@ -354,7 +369,7 @@ impl SourceWorker<'_> {
     /// A packet of this reader for a sender: its device by global index, a pool slot lent.
     fn lend(&mut self, packet: ReadyPacket) -> ReadyPacket {
         let buf = match packet.buf {
-            Buffer::Pool(id) => Buffer::Lent(self.ring.pool().lend(id)),
+            Buffer::Pool(id) => Buffer::Lent(self.ring.lend(id)),
             other => other,
         };
         ReadyPacket {
@@ -377,7 +392,7 @@ impl SourceWorker<'_> {
         self.ring
             .send(
                 c as u64,
-                channel.fd.as_fd(),
+                channel.file,
                 packet.buf,
                 0..packet.len,
                 channel.zc,
@@ -452,7 +467,7 @@ impl SourceWorker<'_> {
     /// The packet for a short read of `n` bytes: `next_packet_size` rewritten.
     fn short_packet(&mut self, d: usize, idx: u32, buf: Buffer, n: usize) -> Option<ReadyPacket> {
         let Buffer::Pool(id) = buf else { return None };
-        let slot = self.ring.pool().slot_mut(&id);
+        let slot = self.ring.slot_mut(&id);
         let header: &mut [u8; DEVICE_STATE_HEADER_LEN] = (&mut slot[..DEVICE_STATE_HEADER_LEN])
             .try_into()
             .expect("slot holds the header");
@@ -467,7 +482,7 @@ impl SourceWorker<'_> {
 
     fn recycle(&mut self, buf: Option<Buffer>) {
         if let Some(Buffer::Pool(id)) = buf {
-            self.ring.pool().put(id);
+            self.ring.put(id);
         }
     }
 
@@ -540,6 +555,20 @@ impl SourceWorker<'_> {
         }
         match done.result {
             Ok(sent) => {
+                // A linked send goes only after a full read; a short one must have cancelled it.
+                self.check_chain_read(c, &sending)?;
+                // MSG_WAITALL: a stream socket sends everything or fails; a send that fails
+                // after partial progress reports the bytes it got out instead of the error.
+                if sent != sending.len {
+                    return Err(self.send_error(
+                        c,
+                        &sending,
+                        io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            format!("short send, {sent} of {} bytes (peer closed?)", sending.len),
+                        ),
+                    ));
+                }
                 let report = &mut self.channels[c].report;
                 report.bytes += sent as u64;
                 report.packets += 1;
@@ -571,10 +600,14 @@ impl SourceWorker<'_> {
                     "channel {}: SEND_ZC refused ({err}); plain send",
                     self.channels[c].index
                 ));
-                let buf = done.buf.expect("a send returns its buffer");
                 // A linked send runs only after a full read (a short one cancels it), so the
                 // slot holds the packet exactly as prepared: resend it plain on the same, now
                 // idle, channel.
+                self.check_chain_read(c, &sending)?;
+                let Some(buf) = done.buf else {
+                    let lost = io::Error::other("the refused send came back without its buffer");
+                    return Err(self.send_error(c, &sending, lost));
+                };
                 self.send_ready(
                     c,
                     ReadyPacket {
@@ -586,12 +619,40 @@ impl SourceWorker<'_> {
                 )?;
                 Ok(())
             }
-            Err(source) => Err(DataPlaneError::Send {
-                channel: self.channels[c].index,
-                device: self.device_id(sending.device),
-                idx: sending.idx,
-                source,
-            }),
+            Err(source) => Err(self.send_error(c, &sending, source)),
+        }
+    }
+
+    fn send_error(&self, c: usize, sending: &InFlightSend, source: io::Error) -> DataPlaneError {
+        DataPlaneError::Send {
+            channel: self.channels[c].index,
+            device: self.device_id(sending.device),
+            idx: sending.idx,
+            source,
+        }
+    }
+
+    /// A linked send that was not cancelled: its read must have filled the chunk, or the send
+    /// carried stale bytes (a kernel that does not break IOSQE_IO_LINK chains on a short read;
+    /// `Ring::new` checks that, so this is a last line of defence).
+    fn check_chain_read(&self, c: usize, sending: &InFlightSend) -> Result<(), DataPlaneError> {
+        if !sending.chained {
+            return Ok(());
+        }
+        let want = sending.len - PACKET_HEADER_ROOM;
+        match sending.read {
+            Some(n) if n == want => Ok(()),
+            read => {
+                let read = read.map_or_else(|| "no".to_string(), |n| format!("{n} of {want}"));
+                Err(self.send_error(
+                    c,
+                    sending,
+                    io::Error::other(format!(
+                        "the linked send completed after a short read ({read} bytes read): \
+                         the kernel did not cancel the chain, so stale bytes went out"
+                    )),
+                ))
+            }
         }
     }
 
@@ -599,4 +660,19 @@ impl SourceWorker<'_> {
         log::info!("{note}");
         self.notes.push(note);
     }
+}
+
+/// "channels 0, 2; devices a, b" (or "no channels"...): what a worker serves, for its errors.
+pub(super) fn serves<'a>(
+    channels: impl Iterator<Item = usize>,
+    devices: impl Iterator<Item = &'a DeviceId>,
+) -> String {
+    let list = |items: Vec<String>, what: &str| match items.len() {
+        0 => format!("no {what}s"),
+        1 => format!("{what} {}", items[0]),
+        _ => format!("{what}s {}", items.join(", ")),
+    };
+    let channels = list(channels.map(|c| c.to_string()).collect(), "channel");
+    let devices = list(devices.map(|d| d.to_string()).collect(), "device");
+    format!("{channels}; {devices}")
 }
