@@ -12,7 +12,9 @@
 //!
 //! Timing matches the helpers': the source's clock starts (its `switchover_ns`) just before
 //! its devices go to STOP_COPY, once every connection is up and the destination's devices are
-//! RESUMING; the destination's `end_ns` is when the last chunk of every device was written.
+//! RESUMING; the destination's `end_ns` is when every device has its last byte: its last chunk
+//! written, or, for a paced sink, later, when the sink's drain consumed the last byte from its
+//! pipe ([`SimSink::loaded_ns`], read after RESUMING -> STOP).
 //! Setup (a one-byte connection index, a one-byte "ready") is outside the timed window.
 //!
 //! With `--memory` (the `loopback` row) there are no devices: each source thread sends its
@@ -518,11 +520,20 @@ fn destination(args: &PumpArgs, shape: PumpShape) -> Result<SideReport, String> 
     for (i, (turn, device)) in turns.into_iter().zip(devices.iter_mut()).enumerate() {
         let (_, (file, written)) = turn.state.into_inner().unwrap_or_else(|p| p.into_inner());
         drop(file);
-        let loaded = written.last().copied().unwrap_or(start_ns);
+        let mut loaded = written.last().copied().unwrap_or(start_ns);
         // RESUMING -> STOP checks every byte against the source's content.
-        if let Err(e) = device.set_state(MigState::Stop) {
-            verified = false;
-            report.error = Some(format!("{}: {e}", device.name()));
+        match device.set_state(MigState::Stop) {
+            Ok(_) => {
+                // A paced sink's last write returned with up to its pipe still to load.
+                if let Some(consumed) = device.load_done_ns() {
+                    loaded = loaded.max(consumed);
+                    end_ns = end_ns.max(consumed);
+                }
+            }
+            Err(e) => {
+                verified = false;
+                report.error = Some(format!("{}: {e}", device.name()));
+            }
         }
         report.devices.push(DeviceTimes {
             idstr: device_name(i),

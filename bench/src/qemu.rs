@@ -327,6 +327,7 @@ pub fn run(
         proc_src: Some(src_usage),
         proc_dst: Some(dst_usage),
         latency: None,
+        switchover_at: None,
         workers_src: None,
         workers_dst: None,
         engines: "qemu".into(),

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::cli::RowKind;
 use crate::hist;
 use crate::machine::Machine;
-use crate::runs::QemuStats;
+use crate::runs::{QemuStats, Run};
 use crate::scenario::{human_bytes, FloorParts, Scenario};
 use crate::stats::{self, Goal, Ratio, RowSummary, Spread, RATIO_METRICS, REFERENCES};
 use crate::svg;
@@ -66,7 +66,8 @@ struct JsonRow<'a> {
     counted_ok: usize,
     /// Median, min, max and n of each metric over the counted runs.
     metrics: &'a BTreeMap<&'static str, Spread>,
-    /// Every counted run's packets together, microseconds.
+    /// Every counted run's packets merged into one histogram, microseconds (not the median of
+    /// each run's percentile, which `metrics.latency_p99_us` is).
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_us: Option<JsonLatency>,
     runs: Vec<JsonRun<'a>>,
@@ -93,15 +94,15 @@ struct JsonReport<'a> {
     goals: &'a [Goal],
 }
 
-const DEFINITIONS: [(&str, &str); 9] = [
+const DEFINITIONS: [(&str, &str); 10] = [
     (
         "downtime_ms",
-        "helpers: SWITCHOVER_START sent by the source -> every device loaded on the destination; ceiling: the source's devices go to STOP_COPY -> the last chunk of every device written on the destination; qemu-ram: QEMU's query-migrate total-time (migrate command -> completed on the paused source)",
+        "helpers: SWITCHOVER_START sent by the source -> every device loaded on the destination; ceiling: the source's devices go to STOP_COPY -> every device has its last byte on the destination (its last chunk written, or a paced sink's drain consumed it from its pipe, whichever is later); qemu-ram: QEMU's query-migrate total-time (migrate command -> completed on the paused source)",
     ),
     ("throughput_gib_s", "device (or RAM) bytes / downtime"),
     (
         "cpu_src_s_per_gib",
-        "user+system CPU seconds of the source process from the switchover to its engine's end (getrusage(RUSAGE_SELF) deltas, every thread incl. io-wq and the simulated device's pacing thread; qemu-ram: /proc/<pid>/stat over the migration), per GiB moved",
+        "user+system CPU seconds of the source process from the switchover to its engine's end (getrusage(RUSAGE_SELF) deltas, every thread incl. io-wq and the simulated device's pacing thread; qemu-ram: each QEMU process's CPU-time clock (clock_getcpuclockid, whole thread group) from just before migrate to the destination's completed), per GiB moved",
     ),
     ("cpu_dst_s_per_gib", "the same for the destination process"),
     (
@@ -114,7 +115,11 @@ const DEFINITIONS: [(&str, &str); 9] = [
     ),
     (
         "latency_p99_us",
-        "per data packet: the source issued the data_fd read -> the destination finished writing it to its data_fd (CLOCK_MONOTONIC, both processes on one host)",
+        "per data packet: the source issued the data_fd read -> the destination finished writing it to its data_fd (CLOCK_MONOTONIC, both processes on one host). latency_p50_us ... latency_max_us are per run (that run's packets); a row's metrics give their median/min/max over the counted runs, and the human table and the p99 goal use that median (median of per-run p99s)",
+    ),
+    (
+        "latency_us",
+        "a row's latency_us (and <row>.hgrm, <row>.hlog, the latency plots): every counted run's packets merged into one histogram; its p99 is of all packets together, not the median of the runs' p99s (metrics.latency_p99_us), and can differ from it",
     ),
     (
         "csw_src_voluntary",
@@ -432,7 +437,7 @@ impl Report {
         out.push('\n');
         let _ = writeln!(
             out,
-            "rows: uring/threads = vfio-multifd send+recv helpers with that engine; single = 1 channel, uring engine; ceiling = blocking threads data_fd -> TCP -> data_fd, no framing (downtime = STOP_COPY -> last chunk written); qemu-ram = real QEMU, RAM of the same size (downtime = QEMU's total-time, CPU from /proc over the migration); loopback = blocking threads, a buffer over N TCP connections, no devices. other = cores busy outside the measured processes during the run (noise)."
+            "rows: uring/threads = vfio-multifd send+recv helpers with that engine; single = 1 channel, uring engine; ceiling = blocking threads data_fd -> TCP -> data_fd, no framing (downtime = STOP_COPY -> last chunk written); qemu-ram = real QEMU, RAM of the same size (downtime = QEMU's total-time, CPU from each QEMU process's CPU-time clock over the migration); loopback = blocking threads, a buffer over N TCP connections, no devices. p50/p99/max = the median over counted runs of each run's own percentile (the p99 goal uses the same); .hgrm/.hlog/plots and the JSON's latency_us merge every counted packet into one histogram, whose p99 can differ. other = cores busy outside the measured processes during the run (noise)."
         );
         out
     }
@@ -469,22 +474,10 @@ impl Report {
                 &format!("{name}.hgrm"),
                 &hist::percentile_distribution(h, hist::US),
             )?;
-            let intervals: Vec<hist::Interval<'_>> = r
-                .runs
-                .iter()
-                .filter(|run| !run.warmup)
-                .filter_map(|run| {
-                    let m = run.result.as_ref().ok()?;
-                    Some(hist::Interval {
-                        start: run.started,
-                        length: std::time::Duration::from_secs_f64(m.downtime_ms.max(0.0) / 1e3),
-                        histogram: m.latency.as_ref()?,
-                    })
-                })
-                .collect();
+            let intervals = hlog_intervals(&r.runs);
             let log = hist::interval_log(
                 &format!(
-                    "[vfio-multifd-bench {}: scenario {}, row {name}; per-packet latency in ns, read issued -> written; one interval per counted repeat]",
+                    "[vfio-multifd-bench {}: scenario {}, row {name}; per-packet latency in ns, read issued -> written; one interval per counted repeat, from the source's switchover, as long as its downtime]",
                     env!("CARGO_PKG_VERSION"),
                     self.scenario.name.name()
                 ),
@@ -532,6 +525,23 @@ impl Report {
 }
 
 /// ` --scaling 1,2,4,8`, or nothing.
+/// One `.hlog` interval per counted run with packets: from the source's switchover (where its
+/// packets are timed from, not the run's start, before its processes were spawned), as long as
+/// its downtime.
+fn hlog_intervals(runs: &[Run]) -> Vec<hist::Interval<'_>> {
+    runs.iter()
+        .filter(|run| !run.warmup)
+        .filter_map(|run| {
+            let m = run.result.as_ref().ok()?;
+            Some(hist::Interval {
+                start: m.switchover_at.unwrap_or(run.started),
+                length: std::time::Duration::from_secs_f64(m.downtime_ms.max(0.0) / 1e3),
+                histogram: m.latency.as_ref()?,
+            })
+        })
+        .collect()
+}
+
 fn scaling_flag(s: &Scenario) -> String {
     if s.scaling.is_empty() {
         return String::new();
@@ -557,4 +567,40 @@ pub fn dedup_rows(rows: &[RowKind]) -> Vec<RowKind> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::runs::RunMetrics;
+
+    #[test]
+    fn hlog_intervals_start_at_the_switchover_and_last_the_downtime() {
+        let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut latency = hist::new_histogram();
+        latency.saturating_record(5_000);
+        let run = |warmup: bool, switchover: Option<Duration>| Run {
+            round: u32::from(!warmup),
+            warmup,
+            started,
+            wall: Duration::from_secs(3),
+            result: Ok(RunMetrics {
+                downtime_ms: 250.0,
+                latency: Some(latency.clone()),
+                switchover_at: switchover.map(|d| started + d),
+                ..RunMetrics::default()
+            }),
+        };
+        let runs = [
+            run(true, Some(Duration::from_millis(700))),
+            run(false, Some(Duration::from_millis(1_900))),
+        ];
+        let intervals = hlog_intervals(&runs);
+        assert_eq!(intervals.len(), 1, "the warm-up is not counted");
+        assert_eq!(intervals[0].start, started + Duration::from_millis(1_900));
+        assert_eq!(intervals[0].length, Duration::from_millis(250));
+        assert_eq!(intervals[0].histogram.len(), 1);
+    }
 }

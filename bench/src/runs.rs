@@ -22,55 +22,52 @@ const SOURCE: usize = 0;
 const DEST: usize = 1;
 
 /// One device in a side's report (the helpers' `DeviceTimes`, the fields the bench reads).
+///
+/// A copy, not the helper's type (`vfio-multifd`'s `metrics::DeviceTimes`): the ceiling's pumps
+/// print the same shape without linking the helper. Every field a number is computed from is
+/// required, so a renamed field fails the run ("a REPORT that does not parse") instead of
+/// reading as 0; only what the helper itself may leave out has a default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceTimes {
-    #[serde(default)]
     pub idstr: String,
-    #[serde(default)]
     pub instance_id: u32,
-    #[serde(default)]
     pub bytes: u64,
-    #[serde(default)]
     pub data_packets: u32,
+    /// Destination: when the device was loaded (CLOCK_MONOTONIC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_ns: Option<u64>,
     /// Per data packet idx: read issued (source) or written (destination), CLOCK_MONOTONIC.
+    /// The helper leaves it out when empty; [`pair_metrics`] refuses a device with data packets
+    /// and none.
     #[serde(default)]
     pub timestamps_ns: Vec<u64>,
 }
 
 /// What one side reports at its end (the helpers' `SideReport`, the fields the bench reads;
-/// unknown fields are ignored, missing ones default).
+/// unknown fields are ignored; see [`DeviceTimes`] for which may be missing).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SideReport {
-    #[serde(default)]
     pub side: String,
-    #[serde(default)]
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default)]
     pub engine: String,
     #[serde(default)]
     pub notes: Vec<String>,
-    #[serde(default)]
     pub channels: u32,
-    #[serde(default)]
     pub chunk: u64,
-    #[serde(default)]
     pub bytes: u64,
-    #[serde(default)]
     pub devices: Vec<DeviceTimes>,
-    /// Source: switchover start (downtime starts); destination: its own view of it.
+    /// Source: switchover start (downtime starts); destination: its own view of it. Absent
+    /// only in a failed side's report; [`pair_metrics`] requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_ns: Option<u64>,
-    /// Destination: the last device loaded.
+    /// Destination: the last device loaded. Absent only in a failed side's report;
+    /// [`pair_metrics`] requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_ns: Option<u64>,
     /// CPU seconds of the whole process over its session (getrusage(RUSAGE_SELF) deltas).
-    #[serde(default)]
     pub cpu_s: f64,
-    #[serde(default)]
     pub verified: bool,
     /// io_uring workers that ran (the helpers' uring engine only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +104,9 @@ pub struct RunMetrics {
     pub proc_dst: Option<Rusage>,
     /// Per data packet, read issued on the source -> written on the destination, ns.
     pub latency: Option<Histogram<u64>>,
+    /// The source's switchover (its `switchover_ns`) on the wall clock: where the run's
+    /// packets, and its `.hlog` interval, start.
+    pub switchover_at: Option<SystemTime>,
     /// io_uring workers each helper ran with (uring rows).
     pub workers_src: Option<u32>,
     pub workers_dst: Option<u32>,
@@ -305,6 +305,25 @@ pub fn pair_metrics(pair: Pair, expected_bytes: u64) -> Result<RunMetrics, Strin
     let (Some(start), Some(end)) = (src.switchover_ns, dst.end_ns) else {
         return Err("a report lacks its switchover or end timestamp".into());
     };
+    for (side, report) in [("source", &src), ("destination", &dst)] {
+        if let Some(d) = report
+            .devices
+            .iter()
+            .find(|d| d.data_packets > 0 && d.timestamps_ns.is_empty())
+        {
+            return Err(format!(
+                "the {side}'s report has no per-packet timestamps for {} ({} data packets)",
+                d.idstr, d.data_packets
+            ));
+        }
+    }
+    // Loaded means the device consumed its last byte: where a device reports that later than
+    // the side's end (a paced sink draining its pipe), it ends the downtime.
+    let end = dst
+        .devices
+        .iter()
+        .filter_map(|d| d.loaded_ns)
+        .fold(end, u64::max);
     let downtime_ms = end.saturating_sub(start) as f64 / 1e6;
     let per_gib = |cpu: f64, bytes: u64| (bytes > 0).then(|| cpu / (bytes as f64 / GIB));
     let latency = pair_latencies(&src.devices, &dst.devices);
@@ -335,6 +354,7 @@ pub fn pair_metrics(pair: Pair, expected_bytes: u64) -> Result<RunMetrics, Strin
         proc_src: Some(src_usage),
         proc_dst: Some(dst_usage),
         latency: (!latency.is_empty()).then_some(latency),
+        switchover_at: Some(monotonic_to_wall(start)),
         workers_src: src.workers,
         workers_dst: dst.workers,
         engines,
@@ -342,6 +362,21 @@ pub fn pair_metrics(pair: Pair, expected_bytes: u64) -> Result<RunMetrics, Strin
         qemu: None,
         other_load_cores: None,
     })
+}
+
+/// CLOCK_MONOTONIC (system-wide, so any process's) nanoseconds as a wall-clock time: now on
+/// the wall clock minus how long ago `ns` was on the monotonic one.
+pub fn monotonic_to_wall(ns: u64) -> SystemTime {
+    let wall = SystemTime::now();
+    let now = match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        Err(_) => return wall,
+    };
+    if ns <= now {
+        wall - Duration::from_nanos(now - ns)
+    } else {
+        wall + Duration::from_nanos(ns - now)
+    }
 }
 
 /// Folds notes that differ only in a `channel N: ` prefix into one `channels ...: ` note.
@@ -403,6 +438,89 @@ mod tests {
         let r: SideReport = serde_json::from_str(text).expect("parses");
         assert_eq!(r.devices[0].timestamps_ns, vec![7]);
         assert_eq!(r.end_ns, Some(9));
+    }
+
+    const DST: &str = r#"{"bytes":4,"channels":2,"chunk":1048576,"cpu_s":0.03,"devices":[{"bytes":4,"data_packets":1,"idstr":"a","instance_id":0,"loaded_ns":9,"timestamps_ns":[7]}],"end_ns":9,"engine":"uring","notes":[],"ok":true,"side":"destination","switchover_ns":1,"verified":true}"#;
+
+    #[test]
+    fn a_report_with_a_renamed_measured_field_does_not_parse() {
+        serde_json::from_str::<SideReport>(DST).expect("the full report parses");
+        for field in [
+            "\"cpu_s\"",
+            "\"bytes\":4,\"channels\"",
+            "\"verified\"",
+            "\"data_packets\"",
+            "\"idstr\"",
+        ] {
+            let renamed = DST.replacen(field, &field.replacen('"', "\"x_", 1), 1);
+            assert_ne!(renamed, DST, "{field}");
+            let parsed = serde_json::from_str::<SideReport>(&renamed);
+            assert!(parsed.is_err(), "{field} renamed still parses: {parsed:?}");
+        }
+    }
+
+    fn pair(src: SideReport, dst: SideReport) -> Pair {
+        Pair {
+            src,
+            dst,
+            src_usage: Rusage::default(),
+            dst_usage: Rusage::default(),
+        }
+    }
+
+    fn src_report() -> SideReport {
+        SideReport {
+            side: "source".into(),
+            ok: true,
+            bytes: 4,
+            cpu_s: 0.5,
+            switchover_ns: Some(1_000_000),
+            devices: vec![DeviceTimes {
+                idstr: "a".into(),
+                bytes: 4,
+                data_packets: 1,
+                timestamps_ns: vec![1_000_000],
+                ..DeviceTimes::default()
+            }],
+            ..SideReport::default()
+        }
+    }
+
+    #[test]
+    fn downtime_ends_when_the_last_device_consumed_its_last_byte() {
+        let mut dst: SideReport = serde_json::from_str(DST).expect("parses");
+        dst.end_ns = Some(11_000_000);
+        dst.devices[0].timestamps_ns = vec![10_000_000];
+        dst.devices[0].loaded_ns = Some(11_000_000);
+        let m = pair_metrics(pair(src_report(), dst.clone()), 4).expect("metrics");
+        assert!((m.downtime_ms - 10.0).abs() < 1e-9, "{}", m.downtime_ms);
+        // A paced sink still draining at the end: its consumed time ends the downtime.
+        dst.devices[0].loaded_ns = Some(13_000_000);
+        let m = pair_metrics(pair(src_report(), dst), 4).expect("metrics");
+        assert!((m.downtime_ms - 12.0).abs() < 1e-9, "{}", m.downtime_ms);
+    }
+
+    #[test]
+    fn a_device_with_packets_and_no_timestamps_is_refused() {
+        let mut dst: SideReport = serde_json::from_str(DST).expect("parses");
+        dst.devices[0].timestamps_ns.clear();
+        let err = pair_metrics(pair(src_report(), dst), 4).expect_err("refused");
+        assert!(err.contains("no per-packet timestamps"), "{err}");
+    }
+
+    #[test]
+    fn monotonic_times_convert_to_the_wall_clock() {
+        let now = match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+            Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+            Err(e) => panic!("CLOCK_MONOTONIC: {e}"),
+        };
+        let wall = SystemTime::now();
+        let then = monotonic_to_wall(now - 2_000_000_000);
+        let ago = wall.duration_since(then).expect("in the past");
+        assert!(
+            ago > Duration::from_millis(1_990) && ago < Duration::from_millis(2_100),
+            "{ago:?}"
+        );
     }
 
     #[test]

@@ -255,6 +255,13 @@ pub trait MigrationDevice: Send {
     fn stop_copy_size(&self) -> Result<u64, VfioError>;
     /// Recover from ERROR: RESET only when owner() == Helper, else an error saying the VMM must.
     fn reset(&mut self) -> Result<(), VfioError>;
+    /// After a successful RESUMING -> STOP: CLOCK_MONOTONIC ns when the device consumed the last
+    /// byte of its state, where the device knows and that came after the write that handed it
+    /// over (a paced simulated sink loads from a buffer at its own rate). None: the load ended
+    /// with the last write (real devices, unpaced simulated sinks).
+    fn load_done_ns(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<T: MigrationDevice + ?Sized> MigrationDevice for Box<T> {
@@ -281,5 +288,8 @@ impl<T: MigrationDevice + ?Sized> MigrationDevice for Box<T> {
     }
     fn reset(&mut self) -> Result<(), VfioError> {
         (**self).reset()
+    }
+    fn load_done_ns(&self) -> Option<u64> {
+        (**self).load_done_ns()
     }
 }

@@ -5,8 +5,8 @@
 //! |---|---|---|
 //! | [`SimSource`], no speed | memfd (read-only open), content pre-generated in `new` | one kernel copy; a read returns all it asks for |
 //! | [`SimSource`] with [`DeviceSpeed`] | pipe (1 MiB) fed by a pacing thread, which splices from the image pre-generated in `new` | what is buffered: short reads, a read blocks until data comes |
-//! | [`SimSink`], no speed | memfd (write-only open) | one kernel copy; verified at RESUMING -> STOP |
-//! | [`SimSink`] with load speed | pipe spliced into a memfd at the device's rate by a pacing thread; verified at RESUMING -> STOP | a write blocks while the pipe is full |
+//! | [`SimSink`], no speed | memfd (write-only open), sized to the state + 4 KiB and sealed against growing | one kernel copy; a write past that bound fails (EPERM); verified at RESUMING -> STOP |
+//! | [`SimSink`] with load speed | pipe spliced into a memfd at the device's rate by a pacing thread; verified at RESUMING -> STOP | a write blocks while the pipe is full; the last write returns before the drain consumed the last byte ([`SimSink::loaded_ns`] says when) |
 //! | [`fault`] devices | FUSE file (errno) or pipe (short reads, stall, early end) | see [`fault::Fault`] |
 //!
 //! Content is deterministic from `(seed, byte offset)` ([`fill`]); a source and a sink built
@@ -244,6 +244,9 @@ pub(crate) enum ArcError {
     Kernel(io::Error),
     /// The loaded stream is bad; the device goes to ERROR.
     Rejected(StreamMismatch),
+    /// The arc failed part-way (an I/O or kernel error inside it, with the session it ends
+    /// already gone); the device goes to ERROR, as a real driver's does, so RESET recovers it.
+    Broken(io::Error),
 }
 
 /// Per-arc behaviour of a simulated device.
@@ -284,6 +287,18 @@ pub(crate) fn drive(
                     now: Some(*state),
                     source,
                 })
+            }
+            Err(ArcError::Broken(source)) => {
+                let (from, to) = (*state, next);
+                *state = MigState::Error;
+                return Err(VfioError::SetState {
+                    device: dev.name().to_owned(),
+                    from,
+                    to,
+                    target,
+                    now: Some(MigState::Error),
+                    source,
+                });
             }
             Err(ArcError::Rejected(source)) => {
                 *state = MigState::Error;

@@ -20,9 +20,22 @@ use crate::{MigState, MigrationDevice, MigrationFlags, Owner, PrecopyInfo, VfioE
 
 const VERIFY_CHUNK: usize = 1 << 20;
 
+/// Bytes an unpaced sink accepts past the device's size before its writes fail.
+pub(crate) const EXTRA_SLACK: u64 = 4096;
+
+/// What a finished load session gives back.
+struct Loaded {
+    /// Everything written, checked.
+    verifier: Verifier,
+    /// CLOCK_MONOTONIC when the device consumed the last byte of its state, where that is later
+    /// than the write that handed it over (a paced sink's pipe); None when each write is the
+    /// load itself (memfd, FUSE) or the device never got all its bytes.
+    consumed_ns: Option<u64>,
+}
+
 trait LoadSession: Send {
     /// RESUMING -> STOP: everything written so far, checked.
-    fn finish(self: Box<Self>) -> io::Result<Verifier>;
+    fn finish(self: Box<Self>) -> io::Result<Loaded>;
 }
 
 /// A simulated sink device (resuming side).
@@ -34,6 +47,7 @@ pub struct SimSink {
     fault: Option<Fault>,
     session: Option<Box<dyn LoadSession>>,
     loaded: Option<u64>,
+    consumed_ns: Option<u64>,
 }
 
 impl std::fmt::Debug for SimSink {
@@ -44,6 +58,7 @@ impl std::fmt::Debug for SimSink {
             .field("state", &self.state)
             .field("fault", &self.fault)
             .field("loaded", &self.loaded)
+            .field("consumed_ns", &self.consumed_ns)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +85,7 @@ impl SimSink {
             fault,
             session: None,
             loaded: None,
+            consumed_ns: None,
         })
     }
 
@@ -131,15 +147,23 @@ impl SimArcs for SimSink {
         match (from, to) {
             (Stop, Resuming) => {
                 self.loaded = None;
+                self.consumed_ns = None;
                 self.open_session().map(Some).map_err(ArcError::Kernel)
             }
             (Resuming, Stop) => {
                 let Some(session) = self.session.take() else {
                     return Err(ArcError::Kernel(io::Error::from_raw_os_error(libc::EINVAL)));
                 };
-                let verifier = session.finish().map_err(ArcError::Kernel)?;
+                // The session is gone either way: a failure here cannot leave the device in
+                // RESUMING (with no session every later RESUMING -> STOP would be EINVAL), so
+                // it goes to ERROR, which RESET (or the VMM's reset) recovers.
+                let Loaded {
+                    verifier,
+                    consumed_ns,
+                } = session.finish().map_err(ArcError::Broken)?;
                 verifier.verdict().map_err(ArcError::Rejected)?;
                 self.loaded = Some(verifier.received());
+                self.consumed_ns = consumed_ns;
                 Ok(None)
             }
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) | (Stop, StopCopy) => {
@@ -204,6 +228,13 @@ impl MigrationDevice for SimSink {
         self.session = None;
         self.state = MigState::Running;
         Ok(())
+    }
+
+    /// Of the last stream that loaded successfully: a paced sink drains its pipe (up to 1 MiB)
+    /// at the device's rate after the helper's last write returned; an unpaced sink's writes
+    /// are the load itself (None).
+    fn load_done_ns(&self) -> Option<u64> {
+        self.consumed_ns
     }
 }
 
@@ -301,6 +332,11 @@ impl Drop for Image {
 }
 
 /// Unlimited speed: the helper writes straight into the image.
+///
+/// The image is bounded: it is sized to the device's state plus one page and sealed against
+/// growing, so a source that never stops sending gets a write error past that (EPERM; a real
+/// driver's is ENOMEM past its `state_size`), not an ever larger tmpfs file. The page of slack
+/// lets RESUMING -> STOP still report a few extra bytes as [`crate::StreamMismatch::Extra`].
 struct MemLoad {
     image: Image,
     /// A dup of the handed-out fd: same open file, so its position is the bytes written.
@@ -310,6 +346,8 @@ struct MemLoad {
 impl MemLoad {
     fn open(name: &str, spec: SimSpec) -> io::Result<(OwnedFd, MemLoad)> {
         let image = Image::new(name, spec)?;
+        os::ftruncate(image.mem.as_fd(), spec.size.saturating_add(EXTRA_SLACK))?;
+        os::add_seals(image.mem.as_fd(), libc::F_SEAL_GROW)?;
         let handed = match os::reopen(image.mem.as_fd(), true) {
             Ok(fd) => fd,
             Err(e) => {
@@ -323,9 +361,12 @@ impl MemLoad {
 }
 
 impl LoadSession for MemLoad {
-    fn finish(self: Box<Self>) -> io::Result<Verifier> {
+    fn finish(self: Box<Self>) -> io::Result<Loaded> {
         let len = os::lseek(self.writer.as_fd(), 0, libc::SEEK_CUR)?;
-        self.image.verify(len)
+        Ok(Loaded {
+            verifier: self.image.verify(len)?,
+            consumed_ns: None,
+        })
     }
 }
 
@@ -335,7 +376,7 @@ impl LoadSession for MemLoad {
 /// The image is checked at RESUMING -> STOP, as an unpaced one.
 struct PipeLoad {
     signal: Arc<Signal>,
-    thread: Option<JoinHandle<io::Result<u64>>>,
+    thread: Option<JoinHandle<io::Result<Drained>>>,
     image: Image,
 }
 
@@ -376,6 +417,13 @@ impl PipeLoad {
     }
 }
 
+/// What a paced sink's drain did: bytes received, and when the device's last byte was consumed
+/// (None if the stream never reached the device's size).
+struct Drained {
+    received: u64,
+    last_byte_ns: Option<u64>,
+}
+
 /// How a paced sink drains its pipe.
 struct Load {
     size: u64,
@@ -386,14 +434,31 @@ struct Load {
 
 impl Load {
     /// Moves the pipe's bytes into `image` at the device's pace until the writer closes or the
-    /// session ends; returns the bytes received. Bytes past the device's size are counted and
-    /// dropped, so a stream that never ends costs no memory.
+    /// session ends; returns the bytes received and when the device's last byte went in. Bytes
+    /// past the device's size are counted and dropped, so a stream that never ends costs no
+    /// memory.
     fn drain(
+        &self,
+        stall: Option<(u64, Duration)>,
+        signal: &Signal,
+        r: OwnedFd,
+        image: OwnedFd,
+    ) -> io::Result<Drained> {
+        let mut last_byte_ns = None;
+        let received = self.drain_into(stall, signal, r, image, &mut last_byte_ns)?;
+        Ok(Drained {
+            received,
+            last_byte_ns,
+        })
+    }
+
+    fn drain_into(
         &self,
         mut stall: Option<(u64, Duration)>,
         signal: &Signal,
         r: OwnedFd,
         image: OwnedFd,
+        last_byte_ns: &mut Option<u64>,
     ) -> io::Result<u64> {
         let chunk = self.pipe_size.clamp(4096, 1 << 20);
         let mut extra = vec![0u8; chunk.min(64 << 10)];
@@ -433,7 +498,11 @@ impl Load {
             match moved {
                 Ok(0) => return Ok(received),
                 Ok(n) => {
+                    let before = received;
                     received += n as u64;
+                    if before < self.size && received >= self.size {
+                        *last_byte_ns = Some(os::monotonic_ns());
+                    }
                     pacer.account(n as u64);
                     in_chunk = (in_chunk + n) % chunk;
                 }
@@ -462,14 +531,17 @@ impl Load {
 }
 
 impl LoadSession for PipeLoad {
-    fn finish(mut self: Box<Self>) -> io::Result<Verifier> {
+    fn finish(mut self: Box<Self>) -> io::Result<Loaded> {
         self.signal.update(|s| s.finish = true);
-        let received = match self.thread.take().map(|t| t.join()) {
+        let drained = match self.thread.take().map(|t| t.join()) {
             Some(Ok(result)) => result?,
             Some(Err(_)) => return Err(io::Error::other("the simulated load thread panicked")),
             None => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        self.image.verify(received)
+        Ok(Loaded {
+            verifier: self.image.verify(drained.received)?,
+            consumed_ns: drained.last_byte_ns,
+        })
     }
 }
 
@@ -539,12 +611,72 @@ impl FuseLoad {
 }
 
 impl LoadSession for FuseLoad {
-    fn finish(self: Box<Self>) -> io::Result<Verifier> {
-        Ok(self
+    fn finish(self: Box<Self>) -> io::Result<Loaded> {
+        let verifier = self
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .verifier
-            .clone())
+            .clone();
+        Ok(Loaded {
+            verifier,
+            consumed_ns: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load whose RESUMING -> STOP fails with an I/O error (not a verdict on the data).
+    struct BrokenLoad;
+
+    impl LoadSession for BrokenLoad {
+        fn finish(self: Box<Self>) -> io::Result<Loaded> {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+
+    fn resuming_with_broken_load(owner: Owner) -> Result<SimSink, VfioError> {
+        let mut sink = SimSink::new("broken", SimSpec::new(4096, 3))?.with_owner(owner);
+        sink.set_state(MigState::Stop)?;
+        drop(sink.set_state(MigState::Resuming)?);
+        sink.session = Some(Box::new(BrokenLoad));
+        Ok(sink)
+    }
+
+    #[test]
+    fn an_io_error_at_resuming_to_stop_leaves_the_device_in_error() -> Result<(), VfioError> {
+        let mut sink = resuming_with_broken_load(Owner::Helper)?;
+        let err = sink
+            .set_state(MigState::Stop)
+            .err()
+            .ok_or_else(|| VfioError::io("broken", "test", io::Error::other("STOP passed")))?;
+        assert_eq!(err.errno(), Some(libc::EIO), "{err}");
+        assert_eq!(err.state_after(), Some(MigState::Error), "{err}");
+        assert_eq!(sink.state()?, MigState::Error);
+        assert_eq!(sink.loaded_bytes(), None);
+        // RESET recovers it, and the next load works.
+        sink.reset()?;
+        assert_eq!(sink.state()?, MigState::Running);
+        sink.set_state(MigState::Stop)?;
+        let fd = sink
+            .set_state(MigState::Resuming)?
+            .ok_or_else(|| VfioError::io("broken", "test", io::Error::other("no data_fd")))?;
+        let mut data = vec![0u8; 4096];
+        super::super::fill(3, 0, &mut data);
+        let mut file = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut file, &data)
+            .map_err(|e| VfioError::io("broken", "test write", e))?;
+        drop(file);
+        sink.set_state(MigState::Stop)?;
+        assert_eq!(sink.loaded_bytes(), Some(4096));
+
+        // A VMM-owned sink is in ERROR too: the VMM's reset, not a second STOP, is what's left.
+        let mut sink = resuming_with_broken_load(Owner::Vmm)?;
+        assert!(sink.set_state(MigState::Stop).is_err());
+        assert_eq!(sink.state()?, MigState::Error);
+        Ok(())
     }
 }
