@@ -212,6 +212,12 @@ pub enum SessionError {
     MigrationPanicked { message: String },
     #[error("the engine reported {got} devices, {expected} expected")]
     ReportShape { got: usize, expected: usize },
+    #[error("config blob of device {device} is {len} bytes, more than one packet may carry (the chunk, {chunk} bytes)")]
+    ConfigTooLarge {
+        device: DeviceId,
+        len: usize,
+        chunk: usize,
+    },
     #[error("config blob of device {device} differs from the source's ({got} bytes, {expected} expected)")]
     ConfigMismatch {
         device: DeviceId,

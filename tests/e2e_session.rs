@@ -5,18 +5,20 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vfio::sim::fault::Fault;
 use vfio::sim::{config_blob, DeviceSpeed, SimSink, SimSource, SimSpec};
-use vfio::{MigState, MigrationDevice, Owner};
+use vfio::{MigState, MigrationDevice, MigrationFlags, Owner, PrecopyInfo, VfioError};
 use vfio_multifd::config::ChannelOrder;
 use vfio_multifd::engine::{self, Engine, EngineConfig, EngineKind, Progress};
 use vfio_multifd::error::SessionError;
 use vfio_multifd::session::dest::{DestInput, DestOutcome, DestParams, DestSession};
+use vfio_multifd::session::link::{ControlLink, Notice, Phase, VmmCommand};
 use vfio_multifd::session::source::{SourceInput, SourceParams, SourceSession};
 use vfio_multifd::wire::DeviceId;
 
@@ -189,6 +191,157 @@ fn success_leaves_source_devices_stopped_and_destination_devices_running() {
             assert_eq!(report.read_issued_ns.len(), packets);
         }
     }
+}
+
+/// A device that logs every state a session asks of it, in one log shared by all devices.
+struct Recorded<D> {
+    inner: D,
+    index: usize,
+    log: Arc<Mutex<Vec<(usize, MigState)>>>,
+}
+
+impl<D: MigrationDevice> MigrationDevice for Recorded<D> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn owner(&self) -> Owner {
+        self.inner.owner()
+    }
+    fn migration_flags(&self) -> Result<MigrationFlags, VfioError> {
+        self.inner.migration_flags()
+    }
+    fn state(&self) -> Result<MigState, VfioError> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, target: MigState) -> Result<Option<OwnedFd>, VfioError> {
+        self.log.lock().unwrap().push((self.index, target));
+        self.inner.set_state(target)
+    }
+    fn precopy_info(&self) -> Result<PrecopyInfo, VfioError> {
+        self.inner.precopy_info()
+    }
+    fn stop_copy_size(&self) -> Result<u64, VfioError> {
+        self.inner.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), VfioError> {
+        self.inner.reset()
+    }
+}
+
+/// The states asked of all devices, in order, with the device's index.
+type StateLog = Arc<Mutex<Vec<(usize, MigState)>>>;
+
+fn recorded_sources(n: u32, size: u64, log: &StateLog) -> Vec<SourceInput> {
+    let mut inputs = sources(n, size, None);
+    for (index, input) in inputs.iter_mut().enumerate() {
+        let inner = std::mem::replace(
+            &mut input.device,
+            Box::new(SimSource::new("placeholder", spec(99, 16, None)).unwrap()),
+        );
+        input.device = Box::new(Recorded {
+            inner,
+            index,
+            log: log.clone(),
+        });
+    }
+    inputs
+}
+
+/// Whether, in `log`, all `n` devices were asked for `p2p` before any was asked for `then`
+/// (and each was asked for both).
+fn all_p2p_before_any(log: &[(usize, MigState)], n: usize, p2p: MigState, then: MigState) -> bool {
+    let first_then = log.iter().position(|&(_, s)| s == then);
+    let p2p_at: Vec<usize> = (0..n)
+        .filter_map(|d| log.iter().position(|&e| e == (d, p2p)))
+        .collect();
+    match first_then {
+        Some(first) => p2p_at.len() == n && p2p_at.iter().all(|&at| at < first),
+        None => false,
+    }
+}
+
+/// The uAPI's P2P rule: every device is in a P2P state before any is stopped (switchover,
+/// and back on rollback) or started (the destination without a VMM).
+#[test]
+fn every_device_reaches_p2p_before_any_stops_or_runs() {
+    let log: StateLog = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let mut dest_devices = sinks(3, 300_000, 0);
+    for (index, input) in dest_devices.iter_mut().enumerate() {
+        let inner = std::mem::replace(
+            &mut input.device,
+            Box::new(SimSink::new("placeholder", spec(99, 16, None)).unwrap()),
+        );
+        input.device = Box::new(Recorded {
+            inner,
+            index: 10 + index,
+            log: log.clone(),
+        });
+    }
+    let dest = spawn_dest(
+        listener,
+        dest_devices,
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let mut devices = recorded_sources(3, 300_000, &log);
+    SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .run()
+    .unwrap();
+    let (dest_result, _) = dest.join().unwrap();
+    dest_result.unwrap();
+    let all = log.lock().unwrap().clone();
+    let source: Vec<_> = all.iter().copied().filter(|&(d, _)| d < 10).collect();
+    let dest: Vec<_> = all
+        .iter()
+        .filter(|&&(d, _)| d >= 10)
+        .map(|&(d, s)| (d - 10, s))
+        .collect();
+    assert!(
+        all_p2p_before_any(&source, 3, MigState::RunningP2p, MigState::StopCopy),
+        "{source:?}"
+    );
+    assert!(
+        all_p2p_before_any(&dest, 3, MigState::RunningP2p, MigState::Running),
+        "{dest:?}"
+    );
+
+    // Rollback: the destination rejects every device; the source returns them to RUNNING.
+    let log: StateLog = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let dest = spawn_dest(
+        listener,
+        sinks(3, 300_000, 1000),
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let mut devices = recorded_sources(3, 300_000, &log);
+    failing_source(params, &mut devices);
+    let _ = dest.join().unwrap();
+    let source = log.lock().unwrap().clone();
+    let after_stop: Vec<_> = source
+        .iter()
+        .copied()
+        .skip_while(|&(_, s)| s != MigState::StopCopy)
+        .filter(|&(_, s)| s != MigState::StopCopy)
+        .collect();
+    assert!(
+        all_p2p_before_any(&after_stop, 3, MigState::RunningP2p, MigState::Running),
+        "{source:?}"
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 3]
+    );
 }
 
 #[test]
@@ -370,6 +523,83 @@ fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
     );
     let mut devices = sources(1, 64 << 10, None);
     let err = failing_source(params, &mut devices);
+    assert!(
+        matches!(err, SessionError::OutcomeUnknown { .. }),
+        "{}",
+        vfio_multifd::error::error_chain(&err)
+    );
+    assert_eq!(devices[0].device.state().unwrap(), MigState::Stop);
+    let _ = dest.join().unwrap();
+}
+
+/// A VMM's cancel after everything was sent (the control thread sets the flag and wakes the
+/// session): the outcome is as unknown as after a stall, so the source stops its devices and
+/// does not resume them beside a destination that may run the VM.
+#[test]
+fn a_cancel_while_waiting_for_the_result_leaves_the_source_stopped() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(10));
+    let sink_spec = spec(0, 64 << 10, None);
+    let sink = SimSink::with_fault(
+        "slow-sink",
+        sink_spec,
+        Fault::Stall {
+            at: 60 << 10,
+            duration: Duration::from_secs(3),
+        },
+    )
+    .unwrap();
+    let dest = spawn_dest(
+        listener,
+        vec![DestInput {
+            id: id(0),
+            device: Box::new(sink),
+            expected_config: Some(config_blob(&sink_spec)),
+        }],
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(10),
+    );
+    let (notices, notice_rx) = mpsc::channel();
+    let link = ControlLink {
+        vmm_driven: vec![false],
+        data_fds: vec![None],
+        precopy: vec![false],
+        passed: None,
+        precopy_bytes: Arc::new(AtomicU64::new(0)),
+        notify: Box::new(move |n: Notice| {
+            let _ = notices.send(n);
+        }),
+    };
+    let mut devices = sources(1, 64 << 10, None);
+    let progress = Arc::new(Progress::default());
+    let session = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        progress.clone(),
+    )
+    .with_control(link);
+    let commander = session.commander();
+    let vmm = thread::spawn(move || {
+        while let Ok(notice) = notice_rx.recv() {
+            match notice {
+                Notice::SwitchoverAck => {
+                    assert!(commander.send(VmmCommand::SwitchoverStart { updates: vec![] }))
+                }
+                Notice::Phase(Phase::StopCopy) => {
+                    // The 64 KiB are sent within milliseconds; the sink stalls for 3 s.
+                    thread::sleep(Duration::from_secs(1));
+                    progress.cancel.store(true, Ordering::Relaxed);
+                    commander.send(VmmCommand::Wake);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    });
+    let err = session.run().unwrap_err();
+    vmm.join().unwrap();
     assert!(
         matches!(err, SessionError::OutcomeUnknown { .. }),
         "{}",

@@ -231,6 +231,10 @@ pub struct Inner {
     pub precopy_bytes: Arc<AtomicU64>,
     /// Devices the VMM handed over but the helper did not move (multifd-transfer off/auto).
     pub not_moved: Vec<String>,
+    /// Source: device updates the VMM sent, delivered with `switchover-start`. Here, not on the
+    /// control thread, so that the final status drops them (closing their fds) before its
+    /// event goes out.
+    pub pending_updates: Vec<DeviceUpdate>,
 }
 
 impl Default for Inner {
@@ -251,6 +255,7 @@ impl Default for Inner {
             progress: None,
             precopy_bytes: Arc::new(AtomicU64::new(0)),
             not_moved: Vec::new(),
+            pending_updates: Vec::new(),
         }
     }
 }
@@ -268,19 +273,23 @@ impl Shared {
     }
 
     fn set_status(&self, status: Status, extra: Value) {
-        let role = {
+        let (role, dropped) = {
             let mut inner = self.lock();
             inner.status = status;
             if status == Status::StopCopy {
                 inner.switchover = Some(Instant::now());
             }
+            let mut dropped = Vec::new();
             if !status.idle() {
                 inner.ended = None;
             } else {
                 inner.ended.get_or_insert_with(Instant::now);
+                dropped = std::mem::take(&mut inner.pending_updates);
             }
-            inner.role
+            (inner.role, dropped)
         };
+        // Every fd of the migration is closed before its final event.
+        drop(dropped);
         let mut data = json!({ "status": status.name(), "role": role });
         if let (Value::Object(map), Value::Object(more)) = (&mut data, extra) {
             map.extend(more);
@@ -419,8 +428,6 @@ pub struct Migration {
     /// Set by cancel, quit or the VMM leaving: the end is "cancelled", not "failed".
     pub cancel_requested: Arc<AtomicBool>,
     pub hold: Sender<Hold>,
-    /// Source: device updates the VMM sent, delivered with `switchover-start`.
-    pub pending: Vec<DeviceUpdate>,
     /// Source: `switchover-start` was accepted. The status says `stop-copy` only once the
     /// session has sent SWITCHOVER_START; in between, a second switchover-start or an
     /// update-device (which nothing would read any more) is refused by this.
@@ -551,7 +558,6 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
         progress,
         cancel_requested,
         hold: hold_tx,
-        pending: Vec::new(),
         switchover_sent: false,
         cancel_grace,
     })

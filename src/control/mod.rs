@@ -736,12 +736,7 @@ impl Server {
                 id.idstr, id.instance_id
             )));
         }
-        let config = match &a.config {
-            Some(text) => Some(base64_decode(text).ok_or_else(|| {
-                Refusal::new("add-device: config is not base64 (RFC 4648, standard alphabet)")
-            })?),
-            None => None,
-        };
+        let config = self.decode_config("add-device", &handle, a.config.as_deref())?;
         let (device, data_fd) = match a.mode {
             DeviceMode::Device => {
                 let fd = fds.remove("device").ok_or_else(|| {
@@ -793,14 +788,7 @@ impl Server {
                 }
                 let fd = fds.remove("data-fd");
                 if let Some(fd) = &fd {
-                    let save = vfio::fd::check_data_fd(fd.as_fd(), DataDirection::Save);
-                    let resume = vfio::fd::check_data_fd(fd.as_fd(), DataDirection::Resume);
-                    if let (Err(e), Err(_)) = (save, resume) {
-                        return Err(Refusal::new(format!(
-                            "add-device {handle}: {}",
-                            error_chain(&e)
-                        )));
-                    }
+                    check_either_direction(&format!("add-device {handle}"), fd)?;
                 }
                 (None, fd)
             }
@@ -825,14 +813,32 @@ impl Server {
         Ok(json!({ "device": handle }))
     }
 
+    /// A command's `config`: base64, and no larger than the one packet that carries it.
+    fn decode_config(
+        &self,
+        command: &str,
+        device: &str,
+        text: Option<&str>,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let Some(text) = text else { return Ok(None) };
+        let config = base64_decode(text).ok_or_else(|| {
+            Refusal::new(format!(
+                "{command}: config is not base64 (RFC 4648, standard alphabet)"
+            ))
+        })?;
+        let chunk = self.base.chunk();
+        if config.len() > chunk {
+            return Err(Refusal::new(format!(
+                "{command} {device}: config of {} bytes is more than one packet may carry (the chunk, {chunk} bytes)",
+                config.len()
+            )));
+        }
+        Ok(Some(config))
+    }
+
     fn update_device(&mut self, a: UpdateDevice, fds: Vec<OwnedFd>) -> Outcome {
         let mut fds = named_fds(&a.fds, fds, &["data-fd"])?;
-        let config = match &a.config {
-            Some(text) => Some(base64_decode(text).ok_or_else(|| {
-                Refusal::new("update-device: config is not base64 (RFC 4648, standard alphabet)")
-            })?),
-            None => None,
-        };
+        let config = self.decode_config("update-device", &a.device, a.config.as_deref())?;
         let data_fd = fds.remove("data-fd");
         if config.is_none() && data_fd.is_none() {
             return Err(Refusal::new(
@@ -898,9 +904,16 @@ impl Server {
             }
             index
         };
-        if let Some(migration) = self.migration.as_mut() {
+        if self.migration.is_some() {
+            let mut inner = self.shared.lock();
+            if inner.status.idle() {
+                return Err(Refusal::new(format!(
+                    "update-device {}: the migration has ended",
+                    a.device
+                )));
+            }
             // A later update for the same device replaces what it replaces.
-            if let Some(old) = migration.pending.iter_mut().find(|u| u.device == index) {
+            if let Some(old) = inner.pending_updates.iter_mut().find(|u| u.device == index) {
                 if config.is_some() {
                     old.config = config;
                 }
@@ -908,7 +921,7 @@ impl Server {
                     old.data_fd = data_fd;
                 }
             } else {
-                migration.pending.push(DeviceUpdate {
+                inner.pending_updates.push(DeviceUpdate {
                     device: index,
                     config,
                     data_fd,
@@ -1211,7 +1224,7 @@ impl Server {
                 "switchover-start: already accepted; the migration is switching over",
             ));
         }
-        let inner = self.shared.lock();
+        let mut inner = self.shared.lock();
         if inner.role != Some(Role::Source) {
             return Err(Refusal::new(
                 "switchover-start: only the source switches over (the destination follows SWITCHOVER_START)",
@@ -1229,7 +1242,7 @@ impl Server {
             ));
         }
         for (i, view) in inner.devices.iter().enumerate() {
-            let updated = migration.pending.iter().find(|u| u.device == i);
+            let updated = inner.pending_updates.iter().find(|u| u.device == i);
             if view.mode == DeviceMode::DataFd
                 && !view.has_data_fd
                 && updated.is_none_or(|u| u.data_fd.is_none())
@@ -1246,8 +1259,8 @@ impl Server {
                 )));
             }
         }
+        let updates = std::mem::take(&mut inner.pending_updates);
         drop(inner);
-        let updates = std::mem::take(&mut migration.pending);
         if !migration
             .commander
             .send(VmmCommand::SwitchoverStart { updates })

@@ -44,6 +44,7 @@ use crate::session::main_channel::{
     self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
     ResultRecord, Setup,
 };
+use crate::session::p2p_waypoint;
 use crate::session::stream::Conn;
 use crate::wire::{DeviceId, InitExpectation};
 
@@ -148,18 +149,7 @@ impl<'a> DestSession<'a> {
         engine: Arc<dyn Engine>,
         progress: Arc<Progress>,
     ) -> Self {
-        let timeout = params.timeout;
-        Self {
-            listener: Some(listener),
-            params,
-            devices,
-            engine,
-            driver: Driver::new(progress, timeout),
-            reply: None,
-            cpu_at_switchover: metrics::process_cpu_seconds(),
-            touched: 0,
-            link: None,
-        }
+        Self::with_link(Some(listener), params, devices, engine, progress, None)
     }
 
     /// A destination a VMM drives: channels accepted on `listener`, or passed in the link.
@@ -171,6 +161,17 @@ impl<'a> DestSession<'a> {
         progress: Arc<Progress>,
         link: ControlLink,
     ) -> Self {
+        Self::with_link(listener, params, devices, engine, progress, Some(link))
+    }
+
+    fn with_link(
+        listener: Option<&'a TcpListener>,
+        params: DestParams,
+        devices: &'a mut [DestInput],
+        engine: Arc<dyn Engine>,
+        progress: Arc<Progress>,
+        link: Option<ControlLink>,
+    ) -> Self {
         let timeout = params.timeout;
         Self {
             listener,
@@ -181,7 +182,7 @@ impl<'a> DestSession<'a> {
             reply: None,
             cpu_at_switchover: metrics::process_cpu_seconds(),
             touched: 0,
-            link: Some(link),
+            link,
         }
     }
 
@@ -235,6 +236,9 @@ impl<'a> DestSession<'a> {
                         Err(e) => log::warn!("encoding the failure result: {}", error_chain(&e)),
                     }
                 }
+                // An engine that did not stop in time (logged) is still blocked in a device
+                // write; the recovery goes on regardless, since ending the device's resuming
+                // session is what ends such a write.
                 self.driver.cancel();
                 let skip: Vec<bool> = (0..self.touched).map(|i| self.vmm_driven(i)).collect();
                 if let Some(link) = self.link.as_mut() {
@@ -568,7 +572,7 @@ impl<'a> DestSession<'a> {
     fn complete(
         &mut self,
         main: &mut Conn,
-        report: DestReport,
+        mut report: DestReport,
         switchover_ns: u64,
         cpu_s: f64,
     ) -> Result<State, SessionError> {
@@ -582,7 +586,8 @@ impl<'a> DestSession<'a> {
         let mut configs = Vec::with_capacity(self.devices.len());
         let controlled = self.link.is_some();
         let mut loaded = Vec::with_capacity(self.devices.len());
-        for (i, (input, device_report)) in self.devices.iter_mut().zip(&report.devices).enumerate()
+        for (i, (input, device_report)) in
+            self.devices.iter_mut().zip(&mut report.devices).enumerate()
         {
             let vmm_driven = self.link.as_ref().is_some_and(|l| l.is_vmm_driven(i));
             if let Some(expected) = &input.expected_config {
@@ -594,22 +599,15 @@ impl<'a> DestSession<'a> {
                     });
                 }
             }
-            // Under a VMM the device stays in STOP (the VMM starts the VM); a VMM-driven device
-            // is the VMM's to move at all.
-            let targets: &[MigState] = match (controlled, vmm_driven) {
-                (_, true) => &[],
-                (true, false) => &[MigState::Stop],
-                (false, false) => &[MigState::Stop, MigState::Running],
-            };
-            for &target in targets {
-                input
-                    .device
-                    .set_state(target)
-                    .map_err(|source| SessionError::DeviceState {
-                        device: input.id.clone(),
-                        to: target,
-                        source,
-                    })?;
+            // A VMM-driven device is the VMM's to move at all; the others stop here, and run
+            // below once all are loaded (without a VMM; under one the VMM starts the VM).
+            if !vmm_driven {
+                set_state(input, MigState::Stop)?;
+                // A device that loads from a buffer of its own is loaded when it has consumed
+                // its last byte, which may come after the last write.
+                if let Some(done) = input.device.load_done_ns() {
+                    device_report.loaded_ns = device_report.loaded_ns.max(done);
+                }
             }
             results.push(DeviceResult {
                 idstr: input.id.idstr.clone(),
@@ -631,6 +629,25 @@ impl<'a> DestSession<'a> {
                     input.device.state().ok()
                 },
             });
+        }
+        if !controlled {
+            // Every device to RUNNING_P2P before any runs, so none starts DMA into a peer
+            // that is still stopped.
+            for input in self.devices.iter_mut() {
+                let waypoint =
+                    p2p_waypoint(input.device.as_ref(), MigState::Running).map_err(|source| {
+                        SessionError::DeviceGetState {
+                            device: input.id.clone(),
+                            source,
+                        }
+                    })?;
+                if let Some(waypoint) = waypoint {
+                    set_state(input, waypoint)?;
+                }
+            }
+            for input in self.devices.iter_mut() {
+                set_state(input, MigState::Running)?;
+            }
         }
         let loaded_ns = report
             .devices
@@ -677,6 +694,18 @@ impl<'a> DestSession<'a> {
 }
 
 /// -> RESUMING; the resuming data_fd.
+fn set_state(input: &mut DestInput, to: MigState) -> Result<(), SessionError> {
+    input
+        .device
+        .set_state(to)
+        .map_err(|source| SessionError::DeviceState {
+            device: input.id.clone(),
+            to,
+            source,
+        })?;
+    Ok(())
+}
+
 fn to_resuming(input: &mut DestInput) -> Result<OwnedFd, SessionError> {
     let opened = input
         .device

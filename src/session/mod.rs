@@ -27,11 +27,11 @@
 //!     D-->>S: return path: SWITCHOVER_ACK (00 07 00 00)
 //!     Note over S: VM stopped: downtime starts
 //!     S->>D: main: SWITCHOVER_START (08 00 0b 00 00)
-//!     Note over S: devices -> STOP_COPY, engine sends
+//!     Note over S: devices -> RUNNING_P2P (all, where they have it), then STOP_COPY; engine sends
 //!     S->>D: multifd: device-state packets (idx 0..n-1, then the config packet), EOF
 //!     S->>D: main: SECTION_END per device (END_OF_STATE, footer), EOF (00)
 //!     Note over D: every device loaded, every channel at EOF, main EOF read
-//!     Note over D: devices RESUMING -> STOP (stream checked) -> RUNNING, config checked
+//!     Note over D: devices RESUMING -> STOP (stream checked), config checked, then all RUNNING_P2P, then RUNNING
 //!     D-->>S: return path: VFIO_MULTIFD_RESULT {ok, devices} + SHUT 0
 //!     Note over S: devices STOP_COPY -> STOP
 //! ```
@@ -39,8 +39,8 @@
 //! On failure the destination sends `VFIO_MULTIFD_RESULT {ok: false, error}` + `SHUT 1` when
 //! its main channel is up, resets the devices it owns and exits non-zero; the source, on that
 //! message, on any local error, or when the destination vanishes, cancels its engine, returns
-//! every device to RUNNING (STOP_COPY -> STOP -> RUNNING) and exits non-zero with the
-//! destination's text, which names the device.
+//! every device to RUNNING (STOP_COPY -> STOP -> RUNNING_P2P for all, then RUNNING) and exits
+//! non-zero with the destination's text, which names the device.
 //!
 //! # Under a VMM (`serve`)
 //!
@@ -70,3 +70,31 @@ pub mod precopy;
 pub mod reassembly;
 pub mod source;
 pub mod stream;
+
+/// The P2P state `device` must reach, with every other device of the VM, before any of them
+/// moves on to `target`: the uAPI's P2P states start no new peer DMA but still answer it, so a
+/// device is stopped (or started) only once no peer can still start DMA into it (QEMU's
+/// `vfio_vmstate_change_prepare` does the same). `None` when the device has no P2P states or
+/// no P2P state lies between where it is and `target`.
+pub(crate) fn p2p_waypoint(
+    device: &dyn vfio::MigrationDevice,
+    target: vfio::MigState,
+) -> Result<Option<vfio::MigState>, vfio::VfioError> {
+    use vfio::MigState::{Error, PreCopy, PreCopyP2p, Running, RunningP2p};
+    if !device
+        .migration_flags()?
+        .contains(vfio::MigrationFlags::P2P)
+    {
+        return Ok(None);
+    }
+    let current = device.state()?;
+    let running = |s| matches!(s, Running | PreCopy);
+    Ok(match (current, target) {
+        // Stopping: PRE_COPY keeps its data_fd through PRE_COPY_P2P.
+        (PreCopy, t) if !running(t) => Some(PreCopyP2p),
+        (Running, t) if !running(t) && t != RunningP2p => Some(RunningP2p),
+        // Starting from a stopped state.
+        (c, Running) if !running(c) && !matches!(c, PreCopyP2p | Error) => Some(RunningP2p),
+        _ => None,
+    })
+}

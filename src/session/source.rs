@@ -52,6 +52,7 @@ use crate::session::main_channel::{
     self, encode_completion, encode_setup, encode_switchover_start, ResultRecord, ReturnMessage,
     ReturnReader, Setup,
 };
+use crate::session::p2p_waypoint;
 use crate::session::precopy::{Precopy, PrecopySource};
 use crate::session::stream::Conn;
 use crate::wire::DeviceId;
@@ -224,6 +225,10 @@ impl<'a> SourceSession<'a> {
                 Ok(outcome)
             }
             Err(err) => {
+                // An engine that did not stop in time (logged) is still blocked in a device
+                // read; the rollback goes on regardless, since ending the device's saving
+                // session is what ends such a read, and waiting longer would leave the
+                // device stopped.
                 self.driver.cancel();
                 let skip: Vec<bool> = (0..self.devices.len())
                     .map(|i| self.vmm_driven(i))
@@ -381,7 +386,31 @@ impl<'a> SourceSession<'a> {
                         cpu_s,
                     }))
                 }
-                other => Err(self.unexpected(other, "waiting for the destination's result")),
+                // A cancel's wake-up: the next wait sees the cancel and reports the outcome
+                // unknown. Rolling back here would resume the source beside a destination
+                // that may run the VM.
+                Event::Vmm(VmmCommand::Wake) => Ok(State::AwaitingResult {
+                    report,
+                    switchover_ns,
+                    sent_ns,
+                    cpu_s,
+                }),
+                // A failure the destination reports is definite, cancel or not: the source
+                // may resume.
+                Event::Peer(Ok(ReturnMessage::Result(result))) => {
+                    Err(SessionError::DestinationFailed {
+                        message: result.error.unwrap_or_else(|| "no reason given".into()),
+                        location: result.location,
+                    })
+                }
+                other => match self.unexpected(other, "waiting for the destination's result") {
+                    err @ (SessionError::Stalled { .. } | SessionError::Cancelled { .. }) => {
+                        Err(SessionError::OutcomeUnknown {
+                            first: Box::new(err),
+                        })
+                    }
+                    err => Err(err),
+                },
             },
             State::Complete(outcome) => Ok(State::Complete(outcome)),
         }
@@ -575,11 +604,28 @@ impl<'a> SourceSession<'a> {
                 }
             }
         }
+        // The config packet is one packet: the destination refuses any above a chunk.
+        if let Some(input) = self
+            .devices
+            .iter()
+            .find(|d| d.config.len() > self.params.chunk)
+        {
+            return Err(SessionError::ConfigTooLarge {
+                device: input.id.clone(),
+                len: input.config.len(),
+                chunk: self.params.chunk,
+            });
+        }
         let switchover_ns = monotonic_ns();
         self.cpu_at_switchover = metrics::process_cpu_seconds();
         main_channel::send(&mut main, "SWITCHOVER_START", &encode_switchover_start())
             .map_err(SessionError::Main)?;
         self.notify(Notice::Phase(Phase::StopCopy));
+        for i in 0..self.devices.len() {
+            if !self.vmm_driven(i) {
+                to_p2p_waypoint(&mut self.devices[i], MigState::StopCopy)?;
+            }
+        }
         let mut devices = Vec::with_capacity(self.devices.len());
         for i in 0..self.devices.len() {
             if self.vmm_driven(i) {
@@ -707,6 +753,28 @@ impl<'a> SourceSession<'a> {
     }
 }
 
+/// Moves the device to its P2P state on the way to `target` (see [`p2p_waypoint`]), if it has
+/// one.
+fn to_p2p_waypoint(input: &mut SourceInput, target: MigState) -> Result<(), SessionError> {
+    let waypoint = p2p_waypoint(input.device.as_ref(), target).map_err(|source| {
+        SessionError::DeviceGetState {
+            device: input.id.clone(),
+            source,
+        }
+    })?;
+    if let Some(waypoint) = waypoint {
+        input
+            .device
+            .set_state(waypoint)
+            .map_err(|source| SessionError::DeviceState {
+                device: input.id.clone(),
+                to: waypoint,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// RUNNING or PRE_COPY -> STOP_COPY; returns what the engine needs.
 fn to_stop_copy(input: &mut SourceInput, chunk: usize) -> Result<SourceDevice, SessionError> {
     let id = input.id.clone();
@@ -774,9 +842,20 @@ fn rollback(
     err: SessionError,
 ) -> SessionError {
     let mut failures = Vec::new();
+    let mut failed = vec![false; devices.len()];
+    // Every device to its P2P state first, so that none runs while a peer is stopped.
     for (i, input) in devices.iter_mut().enumerate() {
         input.precopy_fd = None;
         if skip.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        if let Err(e) = to_p2p_waypoint(input, target) {
+            failures.push(error_chain(&e));
+            failed[i] = true;
+        }
+    }
+    for (i, input) in devices.iter_mut().enumerate() {
+        if skip.get(i).copied().unwrap_or(false) || failed[i] {
             continue;
         }
         let state = match input.device.state() {
