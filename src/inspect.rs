@@ -32,13 +32,15 @@ use serde::Serialize;
 
 use crate::wire::main_stream::{
     self, decode_footer, decode_ram_item, decode_record, decode_vfio_item, ram_blocks, RamItem,
-    Record, SectionHeader, VfioItem, VfioMarker, FILE_HEADER_LEN, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
-    QEMU_VM_SECTION_FOOTER, QEMU_VM_VMDESCRIPTION,
+    Record, SectionHeader, VfioItem, VfioMarker, FILE_HEADER_LEN, QEMU_VM_COMMAND, QEMU_VM_EOF,
+    QEMU_VM_FILE_MAGIC, QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
 };
 use crate::wire::{
-    decode_packet, fmt_uuid, parse_uuid, DeviceIdxTracker, InitExpectation, MultifdInitPacket,
-    MultifdPacket, PacketLimits, WireError, COMMON_HEADER_LEN, DEVICE_STATE_HEADER_LEN,
-    INIT_PACKET_LEN, MULTIFD_FLAG_DEVICE_STATE, RAM_PACKET_LEN, RAM_PAGE_SIZE, VFIO_HEADER_LEN,
+    decode_packet, fmt_uuid, parse_uuid, DeviceIdxTracker, DeviceStatePacketHeader,
+    InitExpectation, MultifdInitPacket, MultifdPacket, PacketLimits, WireError, COMMON_HEADER_LEN,
+    DEVICE_STATE_HEADER_LEN, INIT_PACKET_LEN, MULTIFD_FLAG_DEVICE_STATE, RAM_PACKET_LEN,
+    RAM_PAGE_SIZE, VFIO_HEADER_LEN,
 };
 
 /// Arguments of `inspect`.
@@ -169,7 +171,8 @@ pub struct ChannelReport {
 pub struct MainSummary {
     pub machine: Option<String>,
     pub sections: Vec<SectionSummary>,
-    pub commands: Vec<String>,
+    /// How many of each command came (the listing has their order).
+    pub commands: BTreeMap<&'static str, u64>,
     /// RAM_SAVE_FLAG_MEM_SIZE total and the block list.
     pub ram_total: Option<u64>,
     pub ram_blocks: Vec<RamBlockSummary>,
@@ -246,6 +249,8 @@ pub const MAX_LISTED_ERRORS: usize = 1000;
 const MAX_DEVICES: usize = 4096;
 /// Distinct sections tracked on a main channel (a VM has hundreds).
 const MAX_SECTIONS: usize = 65536;
+/// Items named on one line of a RAM or VFIO section body; the rest are counted.
+const MAX_LISTED_ITEMS: usize = 64;
 /// Bytes of one section body searched for its footer before giving up.
 const MAX_OPAQUE_BODY: usize = 64 << 20;
 /// Bytes read from a file at a time.
@@ -420,6 +425,21 @@ impl Ctx<'_, '_> {
             offset: err.offset() as u64,
             field: Some(err.field()),
             message: err.to_string(),
+        });
+    }
+
+    /// [`Ctx::error`] with what the packet names (channel, device) before the message.
+    fn error_in(&mut self, file: &str, base: u64, err: WireError, context: Option<String>) {
+        let err = err.shifted(usize::try_from(base).unwrap_or(usize::MAX));
+        let message = match context {
+            Some(context) => format!("{context}: {err}"),
+            None => err.to_string(),
+        };
+        self.report(ErrorReport {
+            file: file.to_owned(),
+            offset: err.offset() as u64,
+            field: Some(err.field()),
+            message,
         });
     }
 
@@ -679,11 +699,28 @@ fn walk_multifd(
                 return Ok(());
             }
             Err(err) => {
-                ctx.error(&file, at, err);
+                let context = packet_context(ch.channel_id, input.avail());
+                ctx.error_in(&file, at, err, Some(context));
                 return Ok(());
             }
         }
     }
+}
+
+/// "channel N" and, when `buf` starts with a whole device-state header, the device it names.
+fn packet_context(channel: Option<u8>, buf: &[u8]) -> String {
+    let channel = channel.map_or_else(|| "channel ?".to_owned(), |id| format!("channel {id}"));
+    let device = buf
+        .first_chunk::<DEVICE_STATE_HEADER_LEN>()
+        .and_then(|h| DeviceStatePacketHeader::decode(h, u32::MAX).ok())
+        .map(|h| {
+            format!(
+                ", device {:?} instance {}",
+                String::from_utf8_lossy(h.idstr),
+                h.instance_id
+            )
+        });
+    channel + device.as_deref().unwrap_or("")
 }
 
 /// What the listing and summaries keep of a packet (no payload).
@@ -773,6 +810,11 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
                 "@{at} device state {idstr:?} instance {instance_id}: idx {idx}{}, {data} data bytes",
                 if config { " (config)" } else { "" }
             ));
+            let context = format!(
+                "channel {}, device {idstr:?} instance {instance_id}",
+                ch.channel_id
+                    .map_or_else(|| "?".to_owned(), |id| id.to_string())
+            );
             let key = (idstr, instance_id);
             if ctx.devices.len() >= MAX_DEVICES && !ctx.devices.contains_key(&key) {
                 ctx.report(ErrorReport {
@@ -804,7 +846,7 @@ fn account_packet(ch: &mut ChannelReport, ctx: &mut Ctx, file: &str, at: u64, p:
                         dev.duplicates.push(idx);
                     }
                 }
-                ctx.error(file, at, err);
+                ctx.error_in(file, at, err, Some(context));
             }
         }
     }
@@ -956,7 +998,7 @@ fn walk_main_records(
             }
             OwnedRecord::Command { name, len } => {
                 ctx.list(ch, format!("@{at} COMMAND {name} ({len} bytes)"));
-                main.commands.push(name.to_owned());
+                *main.commands.entry(name).or_default() += 1;
                 continue;
             }
             OwnedRecord::Footer { section_id } => {
@@ -1173,7 +1215,7 @@ fn walk_ram_body(
     file: &str,
     page_size: usize,
 ) -> Result<bool, InspectError> {
-    let mut items = Vec::new();
+    let mut items = ItemLine::default();
     loop {
         let at = input.offset();
         let outcome = step(input, |b| {
@@ -1212,7 +1254,7 @@ fn walk_ram_body(
         };
         match item {
             OwnedRam::MemSize { total, blocks } => {
-                items.push(format!("MEM_SIZE {total} ({} blocks)", blocks.len()));
+                items.push(|| format!("MEM_SIZE {total} ({} blocks)", blocks.len()));
                 main.ram_total = Some(total);
                 main.ram_blocks = blocks
                     .into_iter()
@@ -1227,15 +1269,53 @@ fn walk_ram_body(
             }
             OwnedRam::Flush => {
                 main.ram_multifd_flushes += 1;
-                items.push("MULTIFD_FLUSH".to_owned());
+                items.push(|| "MULTIFD_FLUSH".to_owned());
             }
             OwnedRam::Eos => {
                 main.ram_eos += 1;
-                items.push("EOS".to_owned());
-                ctx.list(ch, format!("    ram: {}", items.join(", ")));
+                items.end("EOS");
+                ctx.list(ch, format!("    ram: {items}"));
                 return Ok(true);
             }
         }
+    }
+}
+
+/// The items of one section body for its listing line: the first [`MAX_LISTED_ITEMS`] named,
+/// the rest counted, and the item that ends the body, so a body of millions of markers costs
+/// no memory.
+#[derive(Default)]
+struct ItemLine {
+    names: Vec<String>,
+    not_listed: u64,
+    end: Option<String>,
+}
+
+impl ItemLine {
+    fn push(&mut self, name: impl FnOnce() -> String) {
+        if self.names.len() < MAX_LISTED_ITEMS {
+            self.names.push(name());
+        } else {
+            self.not_listed += 1;
+        }
+    }
+
+    fn end(&mut self, name: &str) {
+        self.end = Some(name.to_owned());
+    }
+}
+
+impl std::fmt::Display for ItemLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let more = (self.not_listed > 0).then(|| format!("{} more", self.not_listed));
+        let all: Vec<&str> = self
+            .names
+            .iter()
+            .map(String::as_str)
+            .chain(more.as_deref())
+            .chain(self.end.as_deref())
+            .collect();
+        f.write_str(&all.join(", "))
     }
 }
 
@@ -1250,7 +1330,7 @@ fn walk_vfio_body(
     file: &str,
     section_id: u32,
 ) -> Result<bool, InspectError> {
-    let mut items = Vec::new();
+    let mut items = ItemLine::default();
     loop {
         let at = input.offset();
         let outcome = step(input, |b| {
@@ -1277,7 +1357,7 @@ fn walk_vfio_body(
         };
         main.vfio_markers += 1;
         match item {
-            Err(len) => items.push(format!("DEV_DATA_STATE {len} bytes")),
+            Err(len) => items.push(|| format!("DEV_DATA_STATE {len} bytes")),
             // DEV_INIT_DATA_SENT ends a precopy part in place of END_OF_STATE
             // (`vfio_save_iterate` with switchover-ack).
             Ok(
@@ -1285,12 +1365,12 @@ fn walk_vfio_body(
                 | VfioMarker::DevConfigLoadReady
                 | VfioMarker::DevInitDataSent),
             ) => {
-                items.push(m.name().to_owned());
-                ctx.list(ch, format!("    vfio: {}", items.join(", ")));
+                items.end(m.name());
+                ctx.list(ch, format!("    vfio: {items}"));
                 return Ok(true);
             }
             Ok(VfioMarker::DevConfigState) => {
-                items.push("DEV_CONFIG_STATE".to_owned());
+                items.push(|| "DEV_CONFIG_STATE".to_owned());
                 let mut pattern = [0u8; 13];
                 pattern[..8].copy_from_slice(&VfioMarker::EndOfState.value().to_be_bytes());
                 pattern[8] = QEMU_VM_SECTION_FOOTER;
@@ -1300,12 +1380,12 @@ fn walk_vfio_body(
                     truncated_error(ctx, ch, at + 8, "VFIO config blob", have + 1, have);
                     return Ok(false);
                 };
-                items.push(format!("config {len} bytes, END_OF_STATE"));
+                items.end(&format!("config {len} bytes, END_OF_STATE"));
                 input.consume(len + 8);
-                ctx.list(ch, format!("    vfio: {}", items.join(", ")));
+                ctx.list(ch, format!("    vfio: {items}"));
                 return Ok(true);
             }
-            Ok(m) => items.push(m.name().to_owned()),
+            Ok(m) => items.push(|| m.name().to_owned()),
         }
     }
 }
@@ -1397,12 +1477,22 @@ fn plausible_next_record(
         // The stream may end right after a footer only when truncated; let the caller report it.
         return if eof { Some(true) } else { None };
     }
-    if tail[0] == QEMU_VM_EOF {
-        return match tail.get(1) {
-            None if eof => Some(true),
-            None => None,
-            Some(&b) => Some(b == QEMU_VM_VMDESCRIPTION),
-        };
+    match tail[0] {
+        QEMU_VM_EOF => {
+            return match tail.get(1) {
+                None if eof => Some(true),
+                None => None,
+                Some(&b) => Some(b == QEMU_VM_VMDESCRIPTION),
+            }
+        }
+        // Only these records can follow a section; deciding on the first byte keeps a body
+        // full of `7e <section id>` look-alikes linear to walk.
+        QEMU_VM_SECTION_START
+        | QEMU_VM_SECTION_PART
+        | QEMU_VM_SECTION_END
+        | QEMU_VM_SECTION_FULL
+        | QEMU_VM_COMMAND => {}
+        _ => return Some(false),
     }
     match decode_record(tail) {
         Ok(None) => {
@@ -1455,7 +1545,11 @@ fn write_channel_summary(out: &mut dyn Write, ch: &ChannelReport) -> io::Result<
             ch.packets,
             m.machine.as_deref().unwrap_or("-"),
             m.sections.len(),
-            m.commands.join(", "),
+            m.commands
+                .iter()
+                .map(|(name, n)| if *n == 1 { (*name).to_owned() } else { format!("{name} x{n}") })
+                .collect::<Vec<_>>()
+                .join(", "),
             m.ram_total.map_or_else(|| "-".to_owned(), |t| t.to_string()),
             m.ram_multifd_flushes,
             m.ram_eos,

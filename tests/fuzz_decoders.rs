@@ -223,7 +223,12 @@ fn check_err(what: &str, len: usize, e: &WireError) {
         "{what}: {e} (offset {} of {len})",
         e.offset()
     );
-    assert!(!e.to_string().is_empty() && !e.field().is_empty());
+    // Every message names the offset it reports (after shifting, too).
+    let text = e.to_string();
+    assert!(
+        text.ends_with(&format!("(offset {})", e.offset())),
+        "{what}: {text}"
+    );
 }
 
 /// Walks `input` as a multifd channel.

@@ -179,7 +179,7 @@ fn clean_capture_lists_and_summarises_in_text_and_json() {
     assert_eq!(channels[0]["channel_id"], Value::Null);
     assert_eq!(channels[0]["bytes"], main_channel().len());
     let main = &channels[0]["main"];
-    assert_eq!(main["commands"], json!(["SWITCHOVER_START"]));
+    assert_eq!(main["commands"], json!({"SWITCHOVER_START": 1}));
     assert_eq!(main["sections"][0]["start"], 1);
     assert_eq!(main["sections"][0]["end"], 1);
     assert_eq!(main["sections"][0]["full"], 1);
@@ -264,22 +264,28 @@ fn gaps_duplicates_and_config_order_are_reported() {
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert_eq!(errors[0]["offset"], idx_at(1));
     assert_eq!(errors[0]["field"], "idx");
+    let context = format!("channel 0, device {DEV:?} instance 0: ");
     assert_eq!(
         errors[0]["message"],
-        format!("state buffer 0 already filled (offset {})", idx_at(1))
+        format!(
+            "{context}state buffer 0 already filled (offset {})",
+            idx_at(1)
+        )
     );
     assert_eq!(errors[1]["offset"], idx_at(4));
-    assert!(errors[1]["message"]
-        .as_str()
-        .unwrap()
-        .starts_with("packet idx 6 is above the config packet idx 5"));
+    assert!(errors[1]["message"].as_str().unwrap().starts_with(&format!(
+        "{context}packet idx 6 is above the config packet idx 5"
+    )));
     assert_eq!(errors[2]["offset"], idx_at(5));
     assert!(errors[2]["message"]
         .as_str()
         .unwrap()
-        .starts_with("second config packet idx 7"));
+        .starts_with(&format!("{context}second config packet idx 7")));
     assert!(
-        stderr.contains(&format!("offset {}: idx: state buffer 0", idx_at(1))),
+        stderr.contains(&format!(
+            "offset {}: idx: {context}state buffer 0",
+            idx_at(1)
+        )),
         "{stderr}"
     );
 }
@@ -372,9 +378,18 @@ fn one_corrupted_byte_names_field_and_offset() {
         let e = &v["errors"][0];
         assert_eq!(e["field"], field, "{v}");
         assert_eq!(e["offset"], offset as u64, "{v}");
-        assert!(e["message"].as_str().unwrap().starts_with(message), "{v}");
+        let text = e["message"].as_str().unwrap();
+        // A packet's error names its channel, and its device once the header names one.
+        let context = match field {
+            "id" => String::new(),
+            "vfio version" | "next_packet_size" => {
+                format!("channel 0, device {DEV:?} instance 0: ")
+            }
+            _ => "channel 0: ".to_owned(),
+        };
+        assert!(text.starts_with(&format!("{context}{message}")), "{v}");
         assert!(
-            stderr.contains(&format!("offset {offset}: {field}: {message}")),
+            stderr.contains(&format!("offset {offset}: {field}: {context}{message}")),
             "{stderr}"
         );
     }
@@ -436,8 +451,22 @@ fn unreadable_file_and_bad_arguments_exit_2() {
         stderr.contains("opening /nonexistent/capture.bin"),
         "{stderr}"
     );
-    let out = inspect(&["--uuid", "nope"], &[PathBuf::from("x")]);
-    assert_eq!(out.status.code(), Some(2));
+    // A bad argument, with a file that decodes cleanly: the argument is what fails.
+    let dir = Dir::new("bad-args");
+    let clean = dir.write("ch.bin", &Channel::new(0, UUID).bytes);
+    let out = inspect(&[], std::slice::from_ref(&clean));
+    assert_eq!(out.status.code(), Some(0));
+    for uuid in [
+        "nope",
+        "----123456789abcdef01122334455667788",
+        "+2345678-9abc-def0-1122-334455667788",
+    ] {
+        let arg = format!("--uuid={uuid}");
+        let out = inspect(&[&arg], std::slice::from_ref(&clean));
+        assert_eq!(out.status.code(), Some(2), "{uuid}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("is not a uuid"), "{uuid}: {stderr}");
+    }
 }
 
 /// The main channel our standalone source really writes: CONFIGURATION, the setup description
@@ -572,4 +601,106 @@ fn errors_past_the_listed_thousand_are_counted_and_duplicates_are_all_counted() 
         repeats - 1
     )));
     assert!(!stdout.contains("@"), "--summary lists no packet");
+}
+
+/// A device body full of `7e <section id>` followed by CONFIGURATION look-alikes with a forged
+/// capabilities count: each candidate footer is judged on its first byte, so the walk stays
+/// linear (it was quadratic: 8 MiB took 35 s).
+#[test]
+fn footer_look_alikes_in_a_body_are_rejected_in_linear_time() {
+    let dir = Dir::new("look-alikes");
+    let mut s = Vec::new();
+    encode_file_header(&mut s);
+    Record::SectionFull(SectionHeader {
+        section_id: 5,
+        idstr: b"timer",
+        instance_id: 0,
+        version_id: 1,
+    })
+    .encode(&mut s);
+    let mut candidate = vec![QEMU_VM_SECTION_FOOTER];
+    candidate.extend_from_slice(&5u32.to_be_bytes());
+    candidate.push(QEMU_VM_CONFIGURATION);
+    candidate.extend_from_slice(&0u32.to_be_bytes());
+    candidate.push(QEMU_VM_SUBSECTION);
+    candidate.push(26);
+    candidate.extend_from_slice(b"configuration/capabilities");
+    candidate.extend_from_slice(&1u32.to_be_bytes());
+    candidate.extend_from_slice(&u32::MAX.to_be_bytes());
+    while s.len() < 16 << 20 {
+        s.extend_from_slice(&candidate);
+    }
+    let path = dir.write("main.bin", &s);
+    let started = std::time::Instant::now();
+    let (code, v, _) = inspect_json(std::slice::from_ref(&path));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, 1);
+    assert_eq!(v["errors"][0]["field"], "section footer", "{v}");
+
+    // The same record at the top level is refused at its count.
+    let mut s = Vec::new();
+    encode_file_header(&mut s);
+    s.extend_from_slice(&candidate[5..]);
+    let (code, v, _) = inspect_json(&[dir.write("config.bin", &s)]);
+    assert_eq!(code, 1);
+    assert_eq!(v["errors"][0]["field"], "caps_count", "{v}");
+}
+
+/// Millions of tiny records (commands, VFIO markers) cost counters, not memory: under a
+/// 256 MiB address-space limit inspect decodes 8 M of each (it used to keep a string for each:
+/// about 14 bytes of memory per byte of capture).
+#[test]
+fn millions_of_commands_and_markers_keep_memory_bounded() {
+    let dir = Dir::new("many-records");
+    const N: usize = 8 << 20;
+    let mut commands = Vec::with_capacity(N * 5 + 16);
+    encode_file_header(&mut commands);
+    for _ in 0..N {
+        commands.extend_from_slice(&[QEMU_VM_COMMAND, 0, 1, 0, 0]); // OPEN_RETURN_PATH
+    }
+    Record::Eof.encode(&mut commands);
+    let mut markers = Vec::with_capacity(N * 8 + 64);
+    encode_file_header(&mut markers);
+    Record::SectionStart(SectionHeader {
+        section_id: 1,
+        idstr: b"a/vfio",
+        instance_id: 0,
+        version_id: 1,
+    })
+    .encode(&mut markers);
+    for _ in 0..N {
+        VfioMarker::DevSetupState.encode(&mut markers);
+    }
+    VfioMarker::EndOfState.encode(&mut markers);
+    Record::Footer { section_id: 1 }.encode(&mut markers);
+    Record::Eof.encode(&mut markers);
+    let files = [
+        dir.write("commands.bin", &commands),
+        dir.write("markers.bin", &markers),
+    ];
+    drop((commands, markers));
+    for file in &files {
+        let out = inspect_with_memory_limit(256, &["--json"], std::slice::from_ref(file));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{}: {stderr}", file.display());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let main = &v["channels"][0]["main"];
+        if file.ends_with("commands.bin") {
+            assert_eq!(main["commands"]["OPEN_RETURN_PATH"], N as u64, "{main}");
+        } else {
+            assert_eq!(main["vfio_markers"], N as u64 + 1, "{main}");
+        }
+    }
+    // The listing names the first markers and counts the rest.
+    let out = inspect_with_memory_limit(256, &[], &files[1..]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{} more, END_OF_STATE", N - 64)),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
 }

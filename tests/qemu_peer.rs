@@ -523,10 +523,7 @@ fn qemu_to_us_multifd_capture_decodes_and_matches_query_migrate() {
     for c in &multifd {
         assert_eq!(as_u64(c, "sync_packets"), flushes, "{c}");
     }
-    assert!(summary["commands"]
-        .as_array()
-        .unwrap()
-        .contains(&json!("SWITCHOVER_START")));
+    assert_eq!(summary["commands"]["SWITCHOVER_START"], 1, "{summary}");
     assert_eq!(summary["eof"], true);
     assert!(summary["vmdescription_bytes"].as_u64().unwrap() > 0);
 

@@ -367,15 +367,17 @@ impl Record<'_> {
     }
 
     /// Appends the record to `out`. Lengths that do not fit their field (idstr over 255
-    /// bytes, command data over 65535, JSON over 4 GiB) are a caller bug: they are rejected by
-    /// [`Record::encode_to_slice`] and truncated here, so use that where input is untrusted.
+    /// bytes, command data over 65535, machine name or JSON over 4 GiB) are a caller bug:
+    /// [`Record::encode_to_slice`] rejects them, this truncates them, so use that where input
+    /// is untrusted.
     pub fn encode(&self, out: &mut Vec<u8>) {
         encode_with(self.encoded_len(), out, |w| self.put(w));
     }
 
     /// Writes the record at the start of `out`; returns the bytes written.
     pub fn encode_to_slice(&self, out: &mut [u8]) -> Result<usize, WireError> {
-        match self {
+        // (length, the most its field holds, the field's offset in the record)
+        let field = match self {
             Record::SectionStart(h) | Record::SectionFull(h)
                 if h.idstr.is_empty() || h.idstr.len() > 255 =>
             {
@@ -384,14 +386,15 @@ impl Record<'_> {
                     offset: 6,
                 })
             }
-            Record::Command { data, .. } if data.len() > usize::from(u16::MAX) => {
-                return Err(WireError::BufferTooSmall {
-                    need: data.len(),
-                    have: usize::from(u16::MAX),
-                    offset: 3,
-                })
+            Record::Command { data, .. } => Some((data.len(), usize::from(u16::MAX), 3)),
+            Record::VmDescription { json } => Some((json.len(), u32::MAX as usize, 1)),
+            Record::Configuration(c) => Some((c.machine.len(), u32::MAX as usize, 1)),
+            _ => None,
+        };
+        if let Some((len, max, offset)) = field {
+            if len > max {
+                return Err(WireError::ItemTooLong { max, offset });
             }
-            _ => {}
         }
         let len = self.encoded_len();
         check_room(len, out)?;
@@ -461,6 +464,9 @@ fn put_section_header(w: &mut SliceWriter<'_>, kind: u8, h: &SectionHeader<'_>) 
 
 const SUB_TARGET_PAGE_BITS: &[u8] = b"configuration/target-page-bits";
 const SUB_CAPABILITIES: &[u8] = b"configuration/capabilities";
+/// Capability names a CONFIGURATION record may list. QEMU 10.0 knows 25 and rejects any
+/// name it does not know; the bound keeps a forged count from walking a whole capture.
+pub const MAX_CAPABILITIES: u32 = 256;
 const SUB_UUID: &[u8] = b"configuration/uuid";
 
 fn subsection_header_len(name: &[u8]) -> usize {
@@ -568,7 +574,15 @@ pub fn decode_record(buf: &[u8]) -> Result<Option<(Record<'_>, usize)>, WireErro
                 match name {
                     SUB_TARGET_PAGE_BITS => c.target_page_bits = Some(need!(r.be32())),
                     SUB_CAPABILITIES => {
+                        let count_at = r.pos;
                         let count = need!(r.be32());
+                        if count > MAX_CAPABILITIES {
+                            return Err(WireError::TooManyCapabilities {
+                                count,
+                                max: MAX_CAPABILITIES,
+                                offset: count_at,
+                            });
+                        }
                         let start = r.pos;
                         for _ in 0..count {
                             let n = need!(r.u8());

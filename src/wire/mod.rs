@@ -48,13 +48,14 @@ pub enum WireError {
     )]
     BadVersion { got: u32, offset: usize },
     #[error(
-        "received uuid '{}' and expected uuid '{}' don't match (offset {offset})",
+        "received uuid '{}' and expected uuid '{}' don't match for channel {id} (offset {offset})",
         fmt_uuid(got),
         fmt_uuid(expected)
     )]
     UuidMismatch {
         got: [u8; 16],
         expected: [u8; 16],
+        id: u8,
         offset: usize,
     },
     #[error("received channel id {id} is out of range: {channels} channels (offset {offset})")]
@@ -91,6 +92,8 @@ pub enum WireError {
     UnknownSectionType { got: u8, offset: usize },
     #[error("section idstr is empty (offset {offset})")]
     EmptySectionIdstr { offset: usize },
+    #[error("capabilities count {count} is above the {max} a stream may list (offset {offset})")]
+    TooManyCapabilities { count: u32, max: u32, offset: usize },
     #[error("unknown subsection {name:?} (offset {offset})")]
     UnknownSubsection { name: String, offset: usize },
     #[error("MIG_CMD {cmd:#x} unknown (len {len:#x}) (offset {offset})")]
@@ -226,6 +229,7 @@ macro_rules! with_offset {
             | WireError::UnknownSectionType { offset: $off, .. }
             | WireError::EmptySectionIdstr { offset: $off }
             | WireError::UnknownSubsection { offset: $off, .. }
+            | WireError::TooManyCapabilities { offset: $off, .. }
             | WireError::UnknownCommand { offset: $off, .. }
             | WireError::CommandLength { offset: $off, .. }
             | WireError::MissingFooter { offset: $off, .. }
@@ -297,6 +301,7 @@ impl WireError {
             | Self::IdxAboveConfig { .. } => "idx",
             Self::UnknownSectionType { .. } => "section type",
             Self::UnknownSubsection { .. } => "subsection name",
+            Self::TooManyCapabilities { .. } => "caps_count",
             Self::UnknownCommand { .. } => "command",
             Self::CommandLength { .. } => "command length",
             Self::MissingFooter { .. } | Self::FooterMismatch { .. } => "section footer",
@@ -335,15 +340,25 @@ pub fn fmt_uuid(uuid: &[u8; 16]) -> String {
     )
 }
 
-/// Parses a uuid in text form; QEMU's `qemu_uuid_parse` order.
+/// Parses a uuid in text form (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hex digits in either
+/// case); QEMU's `qemu_uuid_parse` order.
 pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
-    let hex: String = text.chars().filter(|&c| c != '-').collect();
-    if hex.len() != 32 || text.len() != 36 {
+    let text = text.as_bytes();
+    let well_formed = text.len() == 36
+        && text.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if !well_formed {
         return None;
     }
+    let mut digits = text
+        .iter()
+        .filter(|&&b| b != b'-')
+        .map(|&b| char::from(b).to_digit(16).map(|d| d as u8));
     let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    for byte in &mut out {
+        *byte = (digits.next()?? << 4) | digits.next()??;
     }
     Some(out)
 }

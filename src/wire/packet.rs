@@ -154,6 +154,7 @@ impl MultifdInitPacket {
             return Err(WireError::UuidMismatch {
                 got: packet.uuid,
                 expected: expect.uuid,
+                id: packet.id,
                 offset: 8,
             });
         }
