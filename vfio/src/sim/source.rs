@@ -276,6 +276,12 @@ impl MigrationDevice for SimSource {
     }
 }
 
+/// The seals that make a written image read-only. F_SEAL_FUTURE_WRITE, not F_SEAL_WRITE:
+/// F_SEAL_WRITE fails with EBUSY while any page holds an extra reference, and a page just written
+/// can sit in another CPU's LRU batch for a while (seen once in CI on a busy host); nothing
+/// here maps the image writable, so refusing every later write is the same guarantee.
+const IMMUTABLE: libc::c_int = libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE;
+
 /// File offset -> stream offset in a memfd image: the stop-copy part first when there is a
 /// precopy part (see the module doc).
 fn generate(name: &str, spec: &SimSpec) -> io::Result<OwnedFd> {
@@ -287,7 +293,7 @@ fn generate(name: &str, spec: &SimSpec) -> io::Result<OwnedFd> {
     // (file offset, stream offset, length) pieces.
     write_stream(&mem, spec.seed, &[(0, p, stop_part), (stop_part, 0, p)])?;
     if p == 0 {
-        os::add_seals(mem.as_fd(), libc::F_SEAL_GROW | libc::F_SEAL_WRITE)?;
+        os::add_seals(mem.as_fd(), IMMUTABLE)?;
     }
     Ok(mem)
 }
@@ -450,7 +456,7 @@ impl SaveSession for MemSave {
                 os::punch_hole(self.mem.as_fd(), 0, stop_part)?;
             }
         }
-        os::add_seals(self.mem.as_fd(), libc::F_SEAL_GROW | libc::F_SEAL_WRITE)
+        os::add_seals(self.mem.as_fd(), IMMUTABLE)
     }
 }
 
