@@ -231,18 +231,21 @@ impl<D: MigrationDevice> MigrationDevice for Recorded<D> {
 /// The states asked of all devices, in order, with the device's index.
 type StateLog = Arc<Mutex<Vec<(usize, MigState)>>>;
 
+/// Wraps `device` so that the states asked of it go into `log` under `index`.
+fn record(device: &mut Box<dyn MigrationDevice>, index: usize, log: &StateLog) {
+    let placeholder = Box::new(SimSink::new("placeholder", spec(99, 16, None)).unwrap());
+    let inner = std::mem::replace(device, placeholder);
+    *device = Box::new(Recorded {
+        inner,
+        index,
+        log: log.clone(),
+    });
+}
+
 fn recorded_sources(n: u32, size: u64, log: &StateLog) -> Vec<SourceInput> {
     let mut inputs = sources(n, size, None);
     for (index, input) in inputs.iter_mut().enumerate() {
-        let inner = std::mem::replace(
-            &mut input.device,
-            Box::new(SimSource::new("placeholder", spec(99, 16, None)).unwrap()),
-        );
-        input.device = Box::new(Recorded {
-            inner,
-            index,
-            log: log.clone(),
-        });
+        record(&mut input.device, index, log);
     }
     inputs
 }
@@ -269,15 +272,7 @@ fn every_device_reaches_p2p_before_any_stops_or_runs() {
     let params = source_params(&listener, 2, Duration::from_secs(30));
     let mut dest_devices = sinks(3, 300_000, 0);
     for (index, input) in dest_devices.iter_mut().enumerate() {
-        let inner = std::mem::replace(
-            &mut input.device,
-            Box::new(SimSink::new("placeholder", spec(99, 16, None)).unwrap()),
-        );
-        input.device = Box::new(Recorded {
-            inner,
-            index: 10 + index,
-            log: log.clone(),
-        });
+        record(&mut input.device, 10 + index, &log);
     }
     let dest = spawn_dest(
         listener,
@@ -492,14 +487,11 @@ fn a_destination_that_never_answers_is_a_stall_not_a_hang() {
     drop(listener);
 }
 
-/// Everything sent, then no result within the timeout: the destination may already be
-/// running the VM, so the source stops its devices instead of resuming them, and says the
-/// outcome is unknown. (The destination's device takes no bytes for 3 s near the end; the
-/// source's 64 KiB are all in socket buffers by then.)
-#[test]
-fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let params = source_params(&listener, 2, Duration::from_millis(500));
+/// A destination for one 64 KiB device whose sink takes no bytes for 3 s near its end: the
+/// source's bytes are all in socket buffers by then, so it waits for the result.
+fn spawn_stalling_dest(
+    listener: TcpListener,
+) -> thread::JoinHandle<(Result<DestOutcome, SessionError>, Vec<DestInput>)> {
     let sink_spec = spec(0, 64 << 10, None);
     let sink = SimSink::with_fault(
         "slow-sink",
@@ -510,7 +502,7 @@ fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
         },
     )
     .unwrap();
-    let dest = spawn_dest(
+    spawn_dest(
         listener,
         vec![DestInput {
             id: id(0),
@@ -520,7 +512,18 @@ fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
         EngineKind::Threads,
         2,
         Duration::from_secs(10),
-    );
+    )
+}
+
+/// Everything sent, then no result within the timeout: the destination may already be
+/// running the VM, so the source stops its devices instead of resuming them, and says the
+/// outcome is unknown. (The destination's device takes no bytes for 3 s near the end; the
+/// source's 64 KiB are all in socket buffers by then.)
+#[test]
+fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_millis(500));
+    let dest = spawn_stalling_dest(listener);
     let mut devices = sources(1, 64 << 10, None);
     let err = failing_source(params, &mut devices);
     assert!(
@@ -539,27 +542,7 @@ fn no_result_after_everything_was_sent_leaves_the_source_stopped() {
 fn a_cancel_while_waiting_for_the_result_leaves_the_source_stopped() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let params = source_params(&listener, 2, Duration::from_secs(10));
-    let sink_spec = spec(0, 64 << 10, None);
-    let sink = SimSink::with_fault(
-        "slow-sink",
-        sink_spec,
-        Fault::Stall {
-            at: 60 << 10,
-            duration: Duration::from_secs(3),
-        },
-    )
-    .unwrap();
-    let dest = spawn_dest(
-        listener,
-        vec![DestInput {
-            id: id(0),
-            device: Box::new(sink),
-            expected_config: Some(config_blob(&sink_spec)),
-        }],
-        EngineKind::Threads,
-        2,
-        Duration::from_secs(10),
-    );
+    let dest = spawn_stalling_dest(listener);
     let (notices, notice_rx) = mpsc::channel();
     let link = ControlLink {
         vmm_driven: vec![false],

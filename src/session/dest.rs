@@ -44,8 +44,8 @@ use crate::session::main_channel::{
     self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
     ResultRecord, Setup,
 };
-use crate::session::p2p_waypoint;
 use crate::session::stream::Conn;
+use crate::session::to_p2p_waypoint;
 use crate::wire::{DeviceId, InitExpectation};
 
 /// A device handed to a destination session.
@@ -634,16 +634,7 @@ impl<'a> DestSession<'a> {
             // Every device to RUNNING_P2P before any runs, so none starts DMA into a peer
             // that is still stopped.
             for input in self.devices.iter_mut() {
-                let waypoint =
-                    p2p_waypoint(input.device.as_ref(), MigState::Running).map_err(|source| {
-                        SessionError::DeviceGetState {
-                            device: input.id.clone(),
-                            source,
-                        }
-                    })?;
-                if let Some(waypoint) = waypoint {
-                    set_state(input, waypoint)?;
-                }
+                to_p2p_waypoint(input.device.as_mut(), &input.id, MigState::Running)?;
             }
             for input in self.devices.iter_mut() {
                 set_state(input, MigState::Running)?;

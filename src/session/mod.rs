@@ -71,12 +71,36 @@ pub mod reassembly;
 pub mod source;
 pub mod stream;
 
+/// Moves `device` to its P2P waypoint on the way to `target` ([`p2p_waypoint`]), if it has one;
+/// callers move every device this way before any moves on.
+pub(crate) fn to_p2p_waypoint(
+    device: &mut dyn vfio::MigrationDevice,
+    id: &crate::wire::DeviceId,
+    target: vfio::MigState,
+) -> Result<(), crate::error::SessionError> {
+    use crate::error::SessionError;
+    let waypoint = p2p_waypoint(device, target).map_err(|source| SessionError::DeviceGetState {
+        device: id.clone(),
+        source,
+    })?;
+    if let Some(to) = waypoint {
+        device
+            .set_state(to)
+            .map_err(|source| SessionError::DeviceState {
+                device: id.clone(),
+                to,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// The P2P state `device` must reach, with every other device of the VM, before any of them
 /// moves on to `target`: the uAPI's P2P states start no new peer DMA but still answer it, so a
 /// device is stopped (or started) only once no peer can still start DMA into it (QEMU's
 /// `vfio_vmstate_change_prepare` does the same). `None` when the device has no P2P states or
 /// no P2P state lies between where it is and `target`.
-pub(crate) fn p2p_waypoint(
+fn p2p_waypoint(
     device: &dyn vfio::MigrationDevice,
     target: vfio::MigState,
 ) -> Result<Option<vfio::MigState>, vfio::VfioError> {

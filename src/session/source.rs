@@ -52,9 +52,9 @@ use crate::session::main_channel::{
     self, encode_completion, encode_setup, encode_switchover_start, ResultRecord, ReturnMessage,
     ReturnReader, Setup,
 };
-use crate::session::p2p_waypoint;
 use crate::session::precopy::{Precopy, PrecopySource};
 use crate::session::stream::Conn;
+use crate::session::to_p2p_waypoint;
 use crate::wire::DeviceId;
 
 /// How long a source waits for the destination's account after its own engine failed.
@@ -623,7 +623,8 @@ impl<'a> SourceSession<'a> {
         self.notify(Notice::Phase(Phase::StopCopy));
         for i in 0..self.devices.len() {
             if !self.vmm_driven(i) {
-                to_p2p_waypoint(&mut self.devices[i], MigState::StopCopy)?;
+                let input = &mut self.devices[i];
+                to_p2p_waypoint(input.device.as_mut(), &input.id, MigState::StopCopy)?;
             }
         }
         let mut devices = Vec::with_capacity(self.devices.len());
@@ -753,28 +754,6 @@ impl<'a> SourceSession<'a> {
     }
 }
 
-/// Moves the device to its P2P state on the way to `target` (see [`p2p_waypoint`]), if it has
-/// one.
-fn to_p2p_waypoint(input: &mut SourceInput, target: MigState) -> Result<(), SessionError> {
-    let waypoint = p2p_waypoint(input.device.as_ref(), target).map_err(|source| {
-        SessionError::DeviceGetState {
-            device: input.id.clone(),
-            source,
-        }
-    })?;
-    if let Some(waypoint) = waypoint {
-        input
-            .device
-            .set_state(waypoint)
-            .map_err(|source| SessionError::DeviceState {
-                device: input.id.clone(),
-                to: waypoint,
-                source,
-            })?;
-    }
-    Ok(())
-}
-
 /// RUNNING or PRE_COPY -> STOP_COPY; returns what the engine needs.
 fn to_stop_copy(input: &mut SourceInput, chunk: usize) -> Result<SourceDevice, SessionError> {
     let id = input.id.clone();
@@ -849,7 +828,7 @@ fn rollback(
         if skip.get(i).copied().unwrap_or(false) {
             continue;
         }
-        if let Err(e) = to_p2p_waypoint(input, target) {
+        if let Err(e) = to_p2p_waypoint(input.device.as_mut(), &input.id, target) {
             failures.push(error_chain(&e));
             failed[i] = true;
         }
