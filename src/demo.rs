@@ -96,6 +96,7 @@ pub fn sim_sinks(config: &MigrationConfig) -> Result<Vec<DestInput>, StandaloneE
                 id,
                 device: Box::new(device),
                 expected_config: Some(config_blob(&spec)),
+                max_queued_bytes: None,
             })
         })
         .collect()
@@ -150,6 +151,7 @@ pub fn vfio_sinks(names: &[String]) -> Result<Vec<DestInput>, StandaloneError> {
             id,
             device: Box::new(device),
             expected_config: Some(EMPTY_VFIO_CONFIG.to_vec()),
+            max_queued_bytes: None,
         })
         .collect())
 }

@@ -723,8 +723,20 @@ fn tcp_addresses_multifd_transfer_off_and_a_queued_bytes_limit() {
     dev.sink
         .verify_config(&base64_decode(loaded.data["config"].as_str().unwrap()).unwrap())
         .unwrap();
+    // set-limits without a device replaced the limit add-device gave; every packet passes
+    // through the device's queue, so at least one 1 MiB chunk was held.
+    let q = ok(&mut d, "query", json!({}), &[]);
+    let device = &q["devices"][0];
+    assert_eq!(device["max-queued-buffers-size"], 3 << 20, "{q}");
+    let peak = device["peak-queued-bytes"].as_u64().unwrap();
+    assert!((1 << 20..=4 << 20).contains(&peak), "{q}");
     dev.sink.set_state(MigState::Stop).unwrap();
     wait_for(&mut s, "completed", status_is("completed"));
+    let q = ok(&mut s, "query", json!({}), &[]);
+    assert!(
+        q["devices"][0].get("max-queued-buffers-size").is_none(),
+        "{q}"
+    );
     dev.source.set_state(MigState::Stop).unwrap();
     other.source.set_state(MigState::Running).unwrap();
 }

@@ -78,6 +78,7 @@ fn sinks(n: u32, size: u64, seed_shift: u64) -> Vec<DestInput> {
                 id: id(i),
                 device: Box::new(SimSink::new(&id(i).to_string(), spec).unwrap()),
                 expected_config: Some(config_blob(&spec)),
+                max_queued_bytes: None,
             }
         })
         .collect()
@@ -392,6 +393,7 @@ fn borrowed_destination_devices_are_named_not_reset() {
                 .with_owner(Owner::Vmm),
         ),
         expected_config: Some(config_blob(&right)),
+        max_queued_bytes: None,
     }];
     let dest = spawn_dest(
         listener,
@@ -508,6 +510,7 @@ fn spawn_stalling_dest(
             id: id(0),
             device: Box::new(sink),
             expected_config: Some(config_blob(&sink_spec)),
+            max_queued_bytes: None,
         }],
         EngineKind::Threads,
         2,

@@ -113,7 +113,8 @@ pub struct Registered {
     pub config: Option<Vec<u8>>,
     pub multifd_transfer: crate::control::schema::OnOffAuto,
     pub load_config_after_iter: bool,
-    pub max_queued: Option<u64>,
+    /// Destination: the queued-bytes limit (`u64::MAX`: unlimited).
+    pub max_queued: u64,
 }
 
 impl std::fmt::Debug for Registered {
@@ -143,6 +144,10 @@ pub struct DeviceView {
     pub data_packets: Option<u32>,
     pub state: Option<String>,
     pub timestamps: Vec<u64>,
+    /// Destination: the device's queued-bytes limit, and the most it held queued (at the
+    /// engine's end).
+    pub max_queued: Option<u64>,
+    pub peak_queued_bytes: Option<u64>,
     /// Destination, load-config-after-iter: the VMM said the rest of the VM is loaded.
     pub ready: bool,
     /// Destination: the config waiting for `load-config-ready`.
@@ -361,12 +366,11 @@ impl Shared {
             }
             Notice::Report(numbers) => {
                 let mut inner = self.lock();
-                for (view, (bytes, packets, stamps)) in
-                    inner.devices.iter_mut().zip(&numbers.devices)
-                {
-                    view.bytes = Some(*bytes);
-                    view.data_packets = Some(*packets);
-                    view.timestamps = stamps.clone();
+                for (view, device) in inner.devices.iter_mut().zip(&numbers.devices) {
+                    view.bytes = Some(device.bytes);
+                    view.data_packets = Some(device.data_packets);
+                    view.timestamps = device.timestamps_ns.clone();
+                    view.peak_queued_bytes = device.peak_queued_bytes;
                 }
                 inner.notes.extend(numbers.notes.iter().cloned());
                 inner.numbers = Some(numbers);
@@ -523,6 +527,8 @@ pub fn start(plan: Plan, shared: &Arc<Shared>) -> Result<Migration, std::io::Err
                     data_packets: None,
                     state: None,
                     timestamps: Vec::new(),
+                    max_queued: (role == Role::Destination).then_some(d.max_queued),
+                    peak_queued_bytes: None,
                     ready: false,
                     held: None,
                 })
@@ -568,6 +574,7 @@ struct Boxed {
     id: DeviceId,
     device: Box<dyn MigrationDevice>,
     config: Option<Vec<u8>>,
+    max_queued: u64,
 }
 
 /// How each device ended, for the final event.
@@ -653,6 +660,7 @@ fn run(
             id: d.id,
             device,
             config: d.config,
+            max_queued: d.max_queued,
         });
     }
     let link = ControlLink {
@@ -703,6 +711,7 @@ fn run(
                     id: b.id,
                     device: b.device,
                     expected_config: None,
+                    max_queued_bytes: Some(b.max_queued),
                 })
                 .collect();
             let params = DestParams {
@@ -922,6 +931,10 @@ pub fn query(inner: &Inner, timestamps: bool) -> Value {
                 "data-packets": d.data_packets,
                 "state": d.state,
             });
+            if let Some(limit) = d.max_queued {
+                v["max-queued-buffers-size"] = super::limit_value(limit);
+                v["peak-queued-bytes"] = json!(d.peak_queued_bytes);
+            }
             if timestamps {
                 v["timestamps-ns"] = json!(d.timestamps);
             }
@@ -998,6 +1011,8 @@ mod tests {
                 data_packets: None,
                 state: Some("stop-copy".into()),
                 timestamps: Vec::new(),
+                max_queued: None,
+                peak_queued_bytes: None,
                 ready: false,
                 held: None,
             }];

@@ -275,7 +275,9 @@ struct Server {
     single: bool,
     shared: Arc<Shared>,
     registry: Vec<Registered>,
-    default_limit: Option<u64>,
+    /// The queued-bytes limit a device added without its own gets: what `set-limits` without
+    /// a device said last (unlimited before).
+    default_limit: u64,
     migration: Option<Migration>,
     quit: bool,
 }
@@ -384,6 +386,7 @@ fn turn_away(stream: UnixStream, desc: &str) {
 impl Server {
     fn open(endpoint: &Endpoint, base: MigrationConfig) -> Result<Server, ControlError> {
         let mut server = Server {
+            default_limit: base.engine_config.max_queued_bytes,
             base,
             listener: None,
             _file: None,
@@ -391,7 +394,6 @@ impl Server {
             single: false,
             shared: Shared::new(),
             registry: Vec::new(),
-            default_limit: None,
             migration: None,
             quit: false,
         };
@@ -808,7 +810,9 @@ impl Server {
             config,
             multifd_transfer: a.multifd_transfer,
             load_config_after_iter,
-            max_queued: a.max_queued_buffers_size.map(|l| l.bytes()),
+            max_queued: a
+                .max_queued_buffers_size
+                .map_or(self.default_limit, |l| l.bytes()),
         });
         Ok(json!({ "device": handle }))
     }
@@ -944,12 +948,12 @@ impl Server {
         match &a.device {
             Some(handle) => {
                 let i = self.find_registered(handle)?;
-                self.registry[i].max_queued = Some(bytes);
+                self.registry[i].max_queued = bytes;
             }
             None => {
-                self.default_limit = Some(bytes);
+                self.default_limit = bytes;
                 for d in &mut self.registry {
-                    d.max_queued = Some(bytes);
+                    d.max_queued = bytes;
                 }
             }
         }
@@ -1075,11 +1079,7 @@ impl Server {
         })
     }
 
-    fn engine_for(
-        &self,
-        devices: &[Registered],
-        transport: &Transport,
-    ) -> (Arc<dyn crate::engine::Engine>, Vec<String>) {
+    fn engine_for(&self, transport: &Transport) -> (Arc<dyn crate::engine::Engine>, Vec<String>) {
         let mut config = self.base.clone();
         let mut notes = Vec::new();
         let unix = matches!(transport, Transport::Passed(p) if matches!(p.main, Conn::Unix(_)));
@@ -1090,11 +1090,6 @@ impl Server {
                 "send-zc: not used on unix-socket channels (AF_UNIX has no zero-copy send)".into(),
             );
         }
-        config.engine_config.max_queued_bytes = devices
-            .iter()
-            .filter_map(|d| d.max_queued.or(self.default_limit))
-            .min()
-            .unwrap_or(u64::MAX);
         let (engine, more) = crate::demo::make_engine(&config);
         notes.extend(more);
         (engine, notes)
@@ -1109,7 +1104,7 @@ impl Server {
             timeout,
             not_moved,
         } = prepared;
-        let (engine, notes) = self.engine_for(&devices, &transport);
+        let (engine, notes) = self.engine_for(&transport);
         let plan = Plan {
             role,
             devices,

@@ -330,6 +330,7 @@ fn run_transfer(src_kind: EngineKind, dst_kind: EngineKind, t: &Transfer) -> Opt
         dest_devices.push(DestDevice {
             id: device_id(i),
             data_fd,
+            max_queued_bytes: None,
         });
         sinks.push(sink);
     }
@@ -680,16 +681,27 @@ impl RawDest {
         devices: usize,
         config: EngineConfig,
     ) -> Option<Self> {
+        Self::with_limits(kind, channels, &vec![None; devices], config)
+    }
+
+    /// One device per entry of `limits`, each with that queued-bytes limit of its own.
+    fn with_limits(
+        kind: EngineKind,
+        channels: usize,
+        limits: &[Option<u64>],
+        config: EngineConfig,
+    ) -> Option<Self> {
         let engine = engine_or_skip(kind, &config)?;
         let (feeds, dst) = channel_streams(channels);
-        let ids: Vec<DeviceId> = (0..devices).map(device_id).collect();
+        let ids: Vec<DeviceId> = (0..limits.len()).map(device_id).collect();
         let mut dest_devices = Vec::new();
         let mut sinks = Vec::new();
-        for id in &ids {
+        for (id, &max_queued_bytes) in ids.iter().zip(limits) {
             let (data_fd, sink) = Sink::memfd();
             dest_devices.push(DestDevice {
                 id: id.clone(),
                 data_fd,
+                max_queued_bytes,
             });
             sinks.push(sink);
         }
@@ -997,6 +1009,42 @@ fn dest_backpressure_out_of_order(kind: EngineKind) {
     d.close(1);
     let report = d.loaded(&data, b"config");
     assert_eq!(report.devices[0].data_packets, 8);
+}
+
+/// Each device keeps to its own queued-bytes limit (QEMU 10.1's is a per-device property):
+/// channel 0 carries device 1's packets far out of order, then device 0's, and only device 0
+/// has a limit (1000 bytes). Device 1 holds all five of its early packets plus its idx 0
+/// (6000 bytes); device 0 holds one early packet plus its idx 0, and channel 0 waits for it.
+fn dest_queued_bytes_limit_per_device(kind: EngineKind) {
+    let Some(mut d) = RawDest::with_limits(kind, 2, &[Some(1000), None], test_config()) else {
+        return;
+    };
+    let (limited, free) = (d.ids[0].clone(), d.ids[1].clone());
+    let limited_data = pattern(8, 4000);
+    let free_data = pattern(9, 6000);
+    for (idx, chunk) in free_data.chunks(1000).enumerate().skip(1) {
+        d.send(0, &packet(&free, idx as u32, false, chunk));
+    }
+    for (idx, chunk) in limited_data.chunks(1000).enumerate().skip(1) {
+        d.send(0, &packet(&limited, idx as u32, false, chunk));
+    }
+    d.close(0);
+    thread::sleep(Duration::from_millis(100));
+    d.send(1, &packet(&free, 0, false, &free_data[..1000]));
+    d.send(1, &packet(&free, 6, true, b"free"));
+    d.send(1, &packet(&limited, 0, false, &limited_data[..1000]));
+    d.send(1, &packet(&limited, 4, true, b"limited"));
+    d.close(1);
+    let (result, received) = d.finish();
+    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+    assert!(
+        received[0] == limited_data && received[1] == free_data,
+        "bytes differ"
+    );
+    assert_eq!(report.devices[0].peak_queued_bytes, 2000);
+    // Its config blob (4 bytes) may arrive while data is still queued.
+    let free_peak = report.devices[1].peak_queued_bytes;
+    assert!((6000..=6004).contains(&free_peak), "{free_peak}");
 }
 
 /// A data packet without data (next_packet_size 12, which the wire allows) is taken in order
@@ -1338,6 +1386,7 @@ fn dest_write_error(kind: EngineKind) {
         devices: vec![DestDevice {
             id: id.clone(),
             data_fd: read_end,
+            max_queued_bytes: None,
         }],
         channels: dst.into_iter().map(OwnedFd::from).collect(),
         progress: progress.clone(),
@@ -1382,10 +1431,12 @@ fn invalid_plans(kind: EngineKind) {
             DestDevice {
                 id: device_id(0),
                 data_fd: Sink::memfd().0,
+                max_queued_bytes: None,
             },
             DestDevice {
                 id: device_id(0),
                 data_fd: Sink::memfd().0,
+                max_queued_bytes: None,
             },
         ],
         channels: channel_pairs(1).1,
@@ -1475,6 +1526,7 @@ per_engine!(
     dest_truncated_header,
     dest_channel_closed_early,
     dest_backpressure_out_of_order,
+    dest_queued_bytes_limit_per_device,
     dest_stall_detected,
     dest_slow_packet_is_not_a_stall,
     dest_empty_data_packet,

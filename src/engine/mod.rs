@@ -55,7 +55,8 @@ pub struct EngineConfig {
     pub max_packet_size: u32,
     /// Per device, bytes of out-of-order VFIO data (excluding the 12-byte header, including
     /// the config blob) a destination may hold; QEMU 10.1 `x-migration-max-queued-buffers-size`.
-    /// Beyond it the destination stops reading the channel instead of failing.
+    /// Beyond it the destination stops reading the channel instead of failing. A device's own
+    /// [`DestDevice::max_queued_bytes`] replaces it.
     pub max_queued_bytes: u64,
     /// io_uring features the engine must not use (forced fallbacks).
     pub forbid: ::uring::FeatureMask,
@@ -88,16 +89,19 @@ pub const QUEUE_CAP_BYTES: u64 = 256 << 20;
 pub const QUEUE_CAP_PACKETS: usize = 4096;
 
 impl EngineConfig {
-    /// The queued-bytes limit a destination engine applies per device: `max_queued_bytes`,
-    /// never more than [`QUEUE_CAP_BYTES`].
-    pub fn queued_bytes_limit(&self) -> u64 {
-        self.max_queued_bytes.min(QUEUE_CAP_BYTES)
+    /// The queued-bytes limit a destination engine applies to `device`: its own limit, else
+    /// `max_queued_bytes`, never more than [`QUEUE_CAP_BYTES`].
+    pub fn queued_bytes_limit(&self, device: &DestDevice) -> u64 {
+        device
+            .max_queued_bytes
+            .unwrap_or(self.max_queued_bytes)
+            .min(QUEUE_CAP_BYTES)
     }
 
     /// A destination device's reassembly, bounded the same way by every engine: at most
     /// [`Self::queued_bytes_limit`] bytes in [`QUEUE_CAP_PACKETS`] packets queued.
-    fn dest_reassembly<B>(&self) -> crate::session::reassembly::Reassembly<B> {
-        crate::session::reassembly::Reassembly::new(self.queued_bytes_limit())
+    fn dest_reassembly<B>(&self, device: &DestDevice) -> crate::session::reassembly::Reassembly<B> {
+        crate::session::reassembly::Reassembly::new(self.queued_bytes_limit(device))
             .with_packet_limit(QUEUE_CAP_PACKETS)
     }
 }
@@ -119,6 +123,9 @@ pub struct SourceDevice {
 pub struct DestDevice {
     pub id: DeviceId,
     pub data_fd: OwnedFd,
+    /// This device's queued-bytes limit (QEMU 10.1's per-device
+    /// `x-migration-max-queued-buffers-size`); `None` takes [`EngineConfig::max_queued_bytes`].
+    pub max_queued_bytes: Option<u64>,
 }
 
 /// Counters the control thread and the progress bar read while an engine runs.
@@ -196,6 +203,9 @@ pub struct DestDeviceReport {
     pub config: Vec<u8>,
     /// CLOCK_MONOTONIC when the device was loaded (config packet and every lower idx done).
     pub loaded_ns: u64,
+    /// The most VFIO data bytes this device held at once, received or being received and not
+    /// yet written: at most its queued-bytes limit plus the packet next in order.
+    pub peak_queued_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -158,21 +158,19 @@ impl Engine for ThreadsEngine {
         } = plan;
         // Whatever the queued-bytes limit and whatever the peer sends, a device queues at most
         // QUEUE_CAP_BYTES in QUEUE_CAP_PACKETS packets, as in the uring engine.
-        let max_queued_bytes = self.config.queued_bytes_limit();
         let shared = DestShared {
             channels: &channels,
             devices: devices
                 .iter()
                 .map(|d| DevSlot {
                     id: &d.id,
-                    state: Mutex::new(self.config.dest_reassembly()),
+                    state: Mutex::new(self.config.dest_reassembly(d)),
                     cv: Condvar::new(),
                 })
                 .collect(),
             status: Mutex::new(vec![ChanStatus::Reading; channels.len()]),
             channels_closed: AtomicBool::new(false),
             max_packet_size: self.config.max_packet_size,
-            max_queued_bytes,
             abort: Abort::default(),
             live: Live::default(),
             progress: &progress,
@@ -718,7 +716,6 @@ struct DestShared<'a> {
     /// Every channel reached a clean EOF: nothing more will arrive.
     channels_closed: AtomicBool,
     max_packet_size: u32,
-    max_queued_bytes: u64,
     abort: Abort,
     live: Live,
     progress: &'a Progress,
@@ -975,7 +972,7 @@ impl DestShared<'_> {
                 slot.id,
                 state.next_idx(),
                 state.queued_bytes(),
-                self.max_queued_bytes
+                state.max_queued_bytes()
             ));
         }
         let closed: Vec<String> = status
@@ -1025,8 +1022,11 @@ impl DestShared<'_> {
                 bytes.drain(..VFIO_HEADER_LEN);
                 report.config = bytes;
                 report.data_packets = ready.idx;
-                lock(&slot.state).complete(ready.len);
+                let mut state = lock(&slot.state);
+                state.complete(ready.len);
                 report.loaded_ns = monotonic_ns();
+                report.peak_queued_bytes = state.peak_queued_bytes();
+                drop(state);
                 slot.cv.notify_all();
                 return Some(report);
             }

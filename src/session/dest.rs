@@ -39,7 +39,9 @@ use crate::error::{MainChannelError, SessionError};
 use crate::metrics;
 use crate::session::channels::{Acceptor, Arrival};
 use crate::session::driver::{Driver, Event};
-use crate::session::link::{locate, Commander, ControlLink, EngineNumbers, Notice, Phase};
+use crate::session::link::{
+    locate, Commander, ControlLink, DeviceNumbers, EngineNumbers, Notice, Phase,
+};
 use crate::session::main_channel::{
     self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
     ResultRecord, Setup,
@@ -55,6 +57,9 @@ pub struct DestInput {
     /// The config blob the source must send (standalone and demo know it); `None` when the
     /// VMM checks it.
     pub expected_config: Option<Vec<u8>>,
+    /// This device's queued-bytes limit; `None` takes the engine's
+    /// ([`crate::engine::DestDevice::max_queued_bytes`]).
+    pub max_queued_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for DestInput {
@@ -451,6 +456,7 @@ impl<'a> DestSession<'a> {
             devices.push(DestDevice {
                 id: self.devices[i].id.clone(),
                 data_fd: fd,
+                max_queued_bytes: self.devices[i].max_queued_bytes,
             });
         }
         // The reader writes precopy data into duplicates of the resuming data_fds, and drops
@@ -659,7 +665,12 @@ impl<'a> DestSession<'a> {
                 devices: report
                     .devices
                     .iter()
-                    .map(|d| (d.bytes, d.data_packets, d.written_ns.clone()))
+                    .map(|d| DeviceNumbers {
+                        bytes: d.bytes,
+                        data_packets: d.data_packets,
+                        timestamps_ns: d.written_ns.clone(),
+                        peak_queued_bytes: Some(d.peak_queued_bytes),
+                    })
                     .collect(),
                 channels: report
                     .channels

@@ -59,9 +59,7 @@ pub enum Notice {
 /// What the engine measured, side-neutral, for `query`.
 #[derive(Debug, Clone, Default)]
 pub struct EngineNumbers {
-    /// Per device: bytes, packets, per-packet CLOCK_MONOTONIC timestamps (read issued on the
-    /// source, written on the destination).
-    pub devices: Vec<(u64, u32, Vec<u64>)>,
+    pub devices: Vec<DeviceNumbers>,
     /// Per channel: bytes, packets.
     pub channels: Vec<(u64, u64)>,
     pub notes: Vec<String>,
@@ -69,6 +67,17 @@ pub struct EngineNumbers {
     pub switchover_ns: u64,
     /// Source: the destination's result arrived; destination: the last device was loaded.
     pub end_ns: u64,
+}
+
+/// One device's numbers from the engine's report.
+#[derive(Debug, Clone)]
+pub struct DeviceNumbers {
+    pub bytes: u64,
+    pub data_packets: u32,
+    /// Per packet, CLOCK_MONOTONIC: read issued on the source, written on the destination.
+    pub timestamps_ns: Vec<u64>,
+    /// Destination: the most bytes it held queued at once; `None` on the source.
+    pub peak_queued_bytes: Option<u64>,
 }
 
 /// A new data_fd or config blob for a device, handed over at `switchover-start`.

@@ -62,6 +62,8 @@ pub struct Reassembly<B> {
     highest_data: Option<u32>,
     pending: BTreeMap<u32, Queued<B>>,
     queued_bytes: u64,
+    /// The most `queued_bytes` reached: what a VMM sizing the limit wants to know.
+    peak_queued_bytes: u64,
     max_queued_bytes: u64,
     /// Packets queued (received or reserved, not yet written) beyond which only the next idx
     /// is admitted: bounds what packets without data cost, which `max_queued_bytes` does not.
@@ -78,6 +80,7 @@ impl<B> Reassembly<B> {
             highest_data: None,
             pending: BTreeMap::new(),
             queued_bytes: 0,
+            peak_queued_bytes: 0,
             max_queued_bytes,
             max_queued_packets: usize::MAX,
             in_flight: false,
@@ -143,6 +146,7 @@ impl<B> Reassembly<B> {
             self.highest_data = Some(self.highest_data.map_or(idx, |h| h.max(idx)));
         }
         self.queued_bytes += u64::from(len);
+        self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
         self.pending.insert(
             idx,
             Queued {
@@ -230,6 +234,16 @@ impl<B> Reassembly<B> {
 
     pub fn queued_bytes(&self) -> u64 {
         self.queued_bytes
+    }
+
+    /// The most bytes queued at once so far; the next in-order packet is admitted whatever
+    /// the limit, so this may exceed [`Self::max_queued_bytes`] by one packet.
+    pub fn peak_queued_bytes(&self) -> u64 {
+        self.peak_queued_bytes
+    }
+
+    pub fn max_queued_bytes(&self) -> u64 {
+        self.max_queued_bytes
     }
 
     /// Buffers still queued (for returning them to a pool on failure).

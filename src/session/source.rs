@@ -45,8 +45,8 @@ use crate::metrics;
 use crate::session::channels;
 use crate::session::driver::{Driver, Event};
 use crate::session::link::{
-    Commander, ControlLink, DeviceUpdate, EngineNumbers, Location, Notice, Phase, PrecopyEvent,
-    VmmCommand,
+    Commander, ControlLink, DeviceNumbers, DeviceUpdate, EngineNumbers, Location, Notice, Phase,
+    PrecopyEvent, VmmCommand,
 };
 use crate::session::main_channel::{
     self, encode_completion, encode_setup, encode_switchover_start, ResultRecord, ReturnMessage,
@@ -363,7 +363,12 @@ impl<'a> SourceSession<'a> {
                             devices: report
                                 .devices
                                 .iter()
-                                .map(|d| (d.bytes, d.data_packets, d.read_issued_ns.clone()))
+                                .map(|d| DeviceNumbers {
+                                    bytes: d.bytes,
+                                    data_packets: d.data_packets,
+                                    timestamps_ns: d.read_issued_ns.clone(),
+                                    peak_queued_bytes: None,
+                                })
                                 .collect(),
                             channels: report
                                 .channels

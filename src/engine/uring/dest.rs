@@ -78,9 +78,9 @@ impl DestShared {
             .collect();
         let states = devices
             .iter()
-            .map(|_| {
+            .map(|d| {
                 Mutex::new(DevState {
-                    reassembly: config.dest_reassembly(),
+                    reassembly: config.dest_reassembly(d),
                     report: DestDeviceReport::default(),
                 })
             })
@@ -703,6 +703,7 @@ impl DestWorker<'_> {
             state.report.config = blob;
             let loaded = state.reassembly.complete(ready.len);
             state.report.loaded_ns = monotonic_ns();
+            state.report.peak_queued_bytes = state.reassembly.peak_queued_bytes();
             drop(state);
             self.release(ready.buf.buf);
             if loaded {

@@ -104,6 +104,7 @@ fn migrate_over(
         dst_devices.push(DestDevice {
             id,
             data_fd: dst.into(),
+            max_queued_bytes: None,
         });
     }
     let (src_report, dst_report) = run_pair(config, src_devices, dst_devices, (src_ch, dst_ch));
@@ -179,6 +180,7 @@ fn an_o_nonblock_pipe_and_a_tmpfs_source_move_and_the_tmpfs_flags_come_back() {
         .map(|(f, id)| DestDevice {
             id: id.clone(),
             data_fd: f.try_clone().unwrap().into(),
+            max_queued_bytes: None,
         })
         .collect();
     let writer = std::thread::spawn({
@@ -242,6 +244,7 @@ fn a_device_saying_eagain_mid_stream_is_waited_for_not_failed() {
     let sink = DestDevice {
         id,
         data_fd: output.try_clone().unwrap().into(),
+        max_queued_bytes: None,
     };
     // The FUSE file has a poll method, so io_uring waits for readiness itself, as it does
     // on mlx5's data_fd.
