@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring, Waker};
 
-use super::source::serves;
 use super::*;
 use crate::session::reassembly::{Admission, Reassembly};
 use crate::wire::{

@@ -661,18 +661,3 @@ impl SourceWorker<'_> {
         self.notes.push(note);
     }
 }
-
-/// "channels 0, 2; devices a, b" (or "no channels"...): what a worker serves, for its errors.
-pub(super) fn serves<'a>(
-    channels: impl Iterator<Item = usize>,
-    devices: impl Iterator<Item = &'a DeviceId>,
-) -> String {
-    let list = |items: Vec<String>, what: &str| match items.len() {
-        0 => format!("no {what}s"),
-        1 => format!("{what} {}", items[0]),
-        _ => format!("{what}s {}", items.join(", ")),
-    };
-    let channels = list(channels.map(|c| c.to_string()).collect(), "channel");
-    let devices = list(devices.map(|d| d.to_string()).collect(), "device");
-    format!("{channels}; {devices}")
-}
