@@ -461,6 +461,26 @@ fn summary(o: &Options, src: &Value, dst: &Value, downtime_seen: Duration) {
         latency.p50, latency.p99, latency.max, latency.count
     );
     println!("per channel (source): {}", src["per-channel"]);
+    let queues: Vec<String> = dst["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let peak = d["peak-queued-bytes"]
+                .as_u64()
+                .map_or("?".to_string(), metrics::human_bytes);
+            let limit = &d["max-queued-buffers-size"];
+            let limit = limit.as_u64().map_or_else(
+                || limit.as_str().unwrap_or("?").to_string(),
+                metrics::human_bytes,
+            );
+            format!("{peak} (limit {limit})")
+        })
+        .collect();
+    println!(
+        "most bytes queued at once per destination device: {}",
+        queues.join(", ")
+    );
     println!(
         "notes: source {}, destination {}",
         src["notes"], dst["notes"]
