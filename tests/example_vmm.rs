@@ -46,5 +46,13 @@ fn example_vmm_migrates_four_devices_through_two_serve_helpers() {
             "no {event} in the example's output:\n{all}"
         );
     }
+    // Every device's queue peak is known (a number, at least the 1 MiB chunk that passes
+    // through it) by the time the VMM queries the destination.
+    let queues = all
+        .lines()
+        .find_map(|l| l.strip_prefix("most bytes queued at once per destination device: "))
+        .unwrap_or_else(|| panic!("no queue line in the example's output:\n{all}"));
+    assert_eq!(queues.matches("(limit unlimited)").count(), 4, "{queues}");
+    assert!(!queues.contains('?'), "{queues}");
     assert!(start.elapsed() < Duration::from_secs(120));
 }
