@@ -46,8 +46,7 @@ fn example_vmm_migrates_four_devices_through_two_serve_helpers() {
             "no {event} in the example's output:\n{all}"
         );
     }
-    // Every device's queue peak is known (a number, at least the 1 MiB chunk that passes
-    // through it) by the time the VMM queries the destination.
+    // Every device's queue peak is known by the time the VMM queries the destination.
     let queues = all
         .lines()
         .find_map(|l| l.strip_prefix("most bytes queued at once per destination device: "))
