@@ -67,12 +67,14 @@ pub enum ChannelError {
         #[source]
         source: io::Error,
     },
-    #[error("timed out after {waited:?}: main channel {main}, {accepted} of {expected} multifd channels connected")]
+    #[error("timed out after {waited:?}: main channel {main}, {accepted} of {expected} multifd channels connected (missing: {})", if .missing.is_empty() { "none" } else { .missing })]
     AcceptTimeout {
         waited: Duration,
         main: &'static str,
         accepted: usize,
         expected: u8,
+        /// The multifd channel ids not connected, "1, 3".
+        missing: String,
     },
     #[error("reading the first bytes of the connection from {peer}")]
     Classify {

@@ -23,7 +23,7 @@ use crate::config::ChannelOrder;
 use crate::engine::Progress;
 use crate::error::ChannelError;
 use crate::session::stream::Conn;
-use crate::wire::{InitExpectation, MultifdInitPacket, WireError, INIT_PACKET_LEN};
+use crate::wire::{ChannelSet, InitExpectation, MultifdInitPacket, INIT_PACKET_LEN};
 
 /// How long one peek waits before the cancel flag is looked at again.
 const PEEK_SLICE: Duration = Duration::from_millis(100);
@@ -176,7 +176,8 @@ pub enum Arrival {
 #[derive(Debug)]
 pub struct Acceptor<'a> {
     incoming: Incoming<'a>,
-    expect: InitExpectation,
+    /// Checks each init packet and which ids are here.
+    channels: ChannelSet,
     want_main: bool,
     timeout: Duration,
     main: Option<Conn>,
@@ -195,7 +196,7 @@ impl<'a> Acceptor<'a> {
     ) -> Self {
         Self {
             incoming: Incoming::Listener(listener),
-            expect,
+            channels: ChannelSet::new(expect),
             want_main,
             timeout,
             main: None,
@@ -222,7 +223,7 @@ impl<'a> Acceptor<'a> {
         }
         Ok(Acceptor {
             incoming: Incoming::Passed(sockets.into()),
-            expect,
+            channels: ChannelSet::new(expect),
             want_main,
             timeout,
             main: None,
@@ -309,23 +310,17 @@ impl<'a> Acceptor<'a> {
                 peer: peer.clone(),
                 source,
             })?;
-        let id = MultifdInitPacket::decode(&init, &self.expect).map_err(|source| {
-            ChannelError::BadInit {
+        let id = self
+            .channels
+            .accept(&init)
+            .map_err(|source| ChannelError::BadInit {
                 peer: peer.clone(),
                 source,
-            }
-        })?;
-        let slot = &mut self.slots[usize::from(id)];
-        if slot.is_some() {
-            return Err(ChannelError::BadInit {
-                peer,
-                source: WireError::DuplicateChannel { id, offset: 24 },
-            });
-        }
+            })?;
         stream
             .set_read_timeout(None)
             .map_err(|source| ChannelError::Socket { peer, source })?;
-        *slot = Some(stream);
+        self.slots[usize::from(id)] = Some(stream);
         self.accepted += 1;
         Ok(Arrival::Multifd(id))
     }
@@ -337,7 +332,7 @@ impl<'a> Acceptor<'a> {
         let accept_err = |source| ChannelError::Accept {
             main: self.main_state(),
             accepted: self.accepted,
-            expected: self.expect.channels,
+            expected: self.channels.expected(),
             source,
         };
         listener.set_nonblocking(true).map_err(accept_err)?;
@@ -346,7 +341,7 @@ impl<'a> Acceptor<'a> {
                 return Err(ChannelError::Cancelled {
                     main: self.main_state(),
                     accepted: self.accepted,
-                    expected: self.expect.channels,
+                    expected: self.channels.expected(),
                 });
             }
             match listener.accept() {
@@ -357,7 +352,13 @@ impl<'a> Acceptor<'a> {
                             waited: self.timeout,
                             main: self.main_state(),
                             accepted: self.accepted,
-                            expected: self.expect.channels,
+                            expected: self.channels.expected(),
+                            missing: self
+                                .channels
+                                .missing()
+                                .map(|id| id.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(2));
@@ -452,6 +453,7 @@ fn shuffle(ids: &mut [u8], seed: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::WireError;
 
     fn bind() -> (TcpListener, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -579,28 +581,30 @@ mod tests {
     }
 
     #[test]
-    fn missing_channels_time_out_with_a_count() {
+    fn missing_channels_time_out_with_a_count_and_their_ids() {
         let (listener, addr) = bind();
-        let _a = raw_init(addr, UUID, 0);
+        let _a = raw_init(addr, UUID, 1);
         let expect = InitExpectation {
             uuid: UUID,
-            channels: 2,
+            channels: 3,
         };
         let mut acceptor = Acceptor::new(&listener, expect, true, Duration::from_millis(200));
-        assert_eq!(acceptor.accept_next().unwrap(), Arrival::Multifd(0));
+        assert_eq!(acceptor.accept_next().unwrap(), Arrival::Multifd(1));
         let err = acceptor.accept_next().unwrap_err();
         assert!(
             matches!(
-                err,
+                &err,
                 ChannelError::AcceptTimeout {
                     accepted: 1,
-                    expected: 2,
+                    expected: 3,
                     main: "not connected",
+                    missing,
                     ..
-                }
+                } if missing == "0, 2"
             ),
             "{err:?}"
         );
+        assert!(err.to_string().contains("(missing: 0, 2)"), "{err}");
     }
 
     #[test]

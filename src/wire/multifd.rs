@@ -417,6 +417,11 @@ impl ChannelSet {
     pub fn missing(&self) -> impl Iterator<Item = u8> + '_ {
         (0..self.expect.channels).filter(|&id| !self.seen[usize::from(id)])
     }
+
+    /// How many channels the migration has (`multifd-channels`).
+    pub fn expected(&self) -> u8 {
+        self.expect.channels
+    }
 }
 
 /// Per device, the idx bookkeeping QEMU only asserts: a duplicate idx, a second config
