@@ -1333,6 +1333,10 @@ fn cancel_in_each_phase() {
             seen.iter().all(|e| e.event != "DEVICE_LOADED"),
             "the held config is not handed out"
         );
+        // The source completed: the destination's error tells the VMM where the state is.
+        let q = ok(&mut run.d, "query", json!({}), &[]);
+        let desc = q["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains("resume the source VM"), "{q}");
         run.devs[0].sink_reset();
         run.settled();
     }

@@ -741,7 +741,7 @@ fn run(
                 }
                 if !released {
                     result = Err(SessionError::Cancelled {
-                        step: "holding device configs for load-config-ready",
+                        step: "holding device configs for load-config-ready, after the source was told the device state loaded (its devices stay stopped with their state: resume the source VM there)",
                     });
                     for input in inputs.iter_mut() {
                         if input.device.owner() == Owner::Helper {
