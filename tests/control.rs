@@ -1435,3 +1435,238 @@ fn killed_peer_in_each_phase() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Random commands
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const FUZZ_COMMANDS: &[&str] = &[
+    "query-capabilities",
+    "add-device",
+    "remove-device",
+    "update-device",
+    "set-limits",
+    "migrate-outgoing",
+    "migrate-incoming",
+    "switchover-start",
+    "load-config-ready",
+    "query",
+    "cancel",
+    "no-such-command",
+];
+
+const FUZZ_KEYS: &[&str] = &[
+    "idstr",
+    "instance-id",
+    "mode",
+    "owner",
+    "precopy",
+    "config",
+    "multifd-transfer",
+    "load-config-after-iter",
+    "max-queued-buffers-size",
+    "fds",
+    "device",
+    "channels",
+    "connect",
+    "listen",
+    "timeout",
+    "timestamps",
+    "multifd-compression",
+    "uuid",
+];
+
+fn random_value(rng: &mut Rng, depth: u32) -> Value {
+    match rng.below(if depth < 2 { 7 } else { 5 }) {
+        0 => json!(rng.pick(&[
+            "",
+            "on",
+            "off",
+            "auto",
+            "unlimited",
+            "device",
+            "data-fd",
+            "helper",
+            "127.0.0.1:0",
+            "0000:00:02.0/vfio",
+            "0000:00:02.0/vfio/0",
+            "AAAA",
+            "\u{0}",
+            "data-fd",
+            "main",
+            "multifd-0"
+        ])),
+        1 => json!([0u64, 1, 255, 256, 1 << 31, u64::MAX][rng.below(6) as usize]),
+        2 => json!([-1i64, i64::MIN][rng.below(2) as usize]),
+        3 => json!([json!(true), json!(false), Value::Null, json!(1.5)][rng.below(4) as usize]),
+        4 => json!("x".repeat(rng.below(300) as usize)),
+        5 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
+        _ => random_object(rng, depth + 1),
+    }
+}
+
+fn random_object(rng: &mut Rng, depth: u32) -> Value {
+    let mut map = serde_json::Map::new();
+    for _ in 0..rng.below(6) {
+        map.insert(rng.pick(FUZZ_KEYS).to_string(), random_value(rng, depth));
+    }
+    Value::Object(map)
+}
+
+/// A command most likely refused, or one of the few that get somewhere: a device registered
+/// (some with a data_fd), a migration to a port nothing listens on, or one that waits for a
+/// source that never comes.
+fn random_command(rng: &mut Rng) -> (String, Value, bool) {
+    let slot = rng.below(40);
+    let limit = [json!(0), json!(4096), json!("unlimited")][rng.below(3) as usize].clone();
+    let precopy = rng.below(3) == 0;
+    let hold = rng.pick(&["on", "off"]);
+    match rng.below(20) {
+        0 => (
+            "add-device".into(),
+            json!({ "idstr": format!("0000:00:{slot:02x}.0/vfio"), "mode": "data-fd",
+                    "precopy": precopy, "load-config-after-iter": hold,
+                    "max-queued-buffers-size": limit }),
+            false,
+        ),
+        1 => (
+            "add-device".into(),
+            json!({ "idstr": format!("0000:01:{slot:02x}.0/vfio"), "mode": "data-fd",
+                    "fds": ["data-fd"] }),
+            true,
+        ),
+        2 => (
+            "migrate-incoming".into(),
+            json!({ "channels": rng.below(4), "listen": "127.0.0.1:0", "timeout": 1 }),
+            false,
+        ),
+        3 => (
+            "migrate-outgoing".into(),
+            json!({ "channels": rng.below(4), "connect": "127.0.0.1:1", "timeout": 1 }),
+            false,
+        ),
+        4 => (
+            "remove-device".into(),
+            json!({ "device": format!("0000:0{}:{slot:02x}.0/vfio/0", rng.below(2)) }),
+            false,
+        ),
+        _ => (
+            rng.pick(FUZZ_COMMANDS).to_string(),
+            random_object(rng, 0),
+            false,
+        ),
+    }
+}
+
+/// Random commands, most of them refused, some that register devices (a few with a real
+/// pipe as data_fd), start migrations that fail or wait, and cancels, plus truncated lines:
+/// every command gets exactly its own reply, and at the end the helper still serves and holds
+/// no fd or thread more than before. `CONTROL_FUZZ_COMMANDS` and `CONTROL_FUZZ_SEED` run it
+/// longer or elsewhere.
+#[test]
+fn random_commands_each_get_their_reply_and_leave_nothing_behind() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let commands = env("CONTROL_FUZZ_COMMANDS", 5000);
+    let mut rng = Rng(env("CONTROL_FUZZ_SEED", 0x5eed) | 1);
+    let helper = Helper::start("fuzz");
+    let mut c = helper.client();
+    let (fds, threads) = (helper.fds(), helper.threads());
+    let mut accepted: std::collections::BTreeMap<String, u32> = Default::default();
+    for n in 0..commands {
+        if rng.below(25) == 0 {
+            let line =
+                json!({ "execute": "query", "arguments": random_object(&mut rng, 0) }).to_string();
+            let cut = rng.below(line.len() as u64) as usize;
+            c.send_raw(format!("{}\n", &line[..cut]).as_bytes(), &[])
+                .unwrap();
+            let reply = c.next_reply().unwrap();
+            assert!(reply.get("error").is_some(), "line {n}: {reply}");
+            continue;
+        }
+        if rng.below(100) == 0 {
+            // A destination that waits for a source: only its devices, each with a resuming
+            // data_fd (a pipe's write end).
+            let _ = c.execute("cancel", json!({}), &[]).unwrap();
+            let (_read, write) = std::io::pipe().unwrap();
+            let _ = c
+                .execute(
+                    "add-device",
+                    json!({ "idstr": "0000:02:00.0/vfio", "mode": "data-fd", "fds": ["data-fd"] }),
+                    &[write.as_fd()],
+                )
+                .unwrap();
+        }
+        let (command, args, with_fd) = random_command(&mut rng);
+        let pipe = with_fd.then(|| std::io::pipe().unwrap());
+        // A saving (read end) or resuming (write end) data_fd.
+        let passed: Vec<BorrowedFd<'_>> = match &pipe {
+            Some((read, _)) if rng.below(2) == 0 => vec![read.as_fd()],
+            Some((_, write)) => vec![write.as_fd()],
+            None => Vec::new(),
+        };
+        // Ok(Err(..)) is a refusal, a reply like any other; Err would be no reply at all.
+        match c.execute(&command, args.clone(), &passed) {
+            Ok(Ok(_)) => *accepted.entry(command).or_default() += 1,
+            Ok(Err(_)) => {}
+            Err(e) => panic!("command {n}, {command} {args}: {e}"),
+        }
+        while c.next_event(Duration::ZERO).unwrap().is_some() {}
+    }
+    // Whatever still runs is cancelled; registered devices are let go.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = ok(&mut c, "query", json!({}), &[])["status"].clone();
+        if matches!(
+            status.as_str(),
+            Some("none" | "completed" | "failed" | "cancelled")
+        ) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status} after cancels");
+        let _ = c.execute("cancel", json!({}), &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.execute("cancel", json!({}), &[]).unwrap();
+    helper.settles_to(fds, threads);
+    ok(&mut c, "query-capabilities", json!({}), &[]);
+    // The run reached past the argument checks: devices and migrations got somewhere.
+    for command in [
+        "add-device",
+        "migrate-incoming",
+        "migrate-outgoing",
+        "cancel",
+    ] {
+        assert!(
+            accepted.get(command).is_some_and(|&n| n > 0),
+            "{accepted:?}"
+        );
+    }
+}
