@@ -1071,7 +1071,7 @@ fn dest_survives_mutated_streams(kind: EngineKind) {
         let Some(mut d) = RawDest::start(kind, 2, 2, test_config()) else {
             return;
         };
-        let mut streams = vec![Vec::new(), Vec::new()];
+        let mut streams = [Vec::new(), Vec::new()];
         for (i, id) in d.ids.clone().iter().enumerate() {
             for idx in 0..3u32 {
                 let data = pattern(u64::from(idx) + 10 * i as u64, 100 + next(900));
