@@ -20,7 +20,10 @@ use serde_json::{json, Value};
 use vfio::sim::{DeviceSpeed, SimSink, SimSource, SimSpec};
 use vfio::{MigState, MigrationDevice};
 use vfio_multifd::control::client::Client;
-use vfio_multifd::control::schema::{base64_decode, base64_encode, ErrorBody, EventLine};
+use vfio_multifd::control::schema::{base64_decode, base64_encode, ErrorBody, EventLine, COMMANDS};
+
+mod common;
+use common::{env_u64, Rng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vfio-multifd");
 const WAIT: Duration = Duration::from_secs(20);
@@ -1439,40 +1442,16 @@ fn killed_peer_in_each_phase() {
 // ---------------------------------------------------------------------------------------------
 // Random commands
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
+/// Every command but `quit` (which ends the helper), and one that does not exist.
+fn fuzz_command(rng: &mut Rng) -> &'static str {
+    let commands: Vec<&str> = COMMANDS
+        .iter()
+        .copied()
+        .filter(|&c| c != "quit")
+        .chain(["no-such-command"])
+        .collect();
+    rng.pick(&commands)
 }
-
-const FUZZ_COMMANDS: &[&str] = &[
-    "query-capabilities",
-    "add-device",
-    "remove-device",
-    "update-device",
-    "set-limits",
-    "migrate-outgoing",
-    "migrate-incoming",
-    "switchover-start",
-    "load-config-ready",
-    "query",
-    "cancel",
-    "no-such-command",
-];
 
 const FUZZ_KEYS: &[&str] = &[
     "idstr",
@@ -1515,10 +1494,10 @@ fn random_value(rng: &mut Rng, depth: u32) -> Value {
             "main",
             "multifd-0"
         ])),
-        1 => json!([0u64, 1, 255, 256, 1 << 31, u64::MAX][rng.below(6) as usize]),
-        2 => json!([-1i64, i64::MIN][rng.below(2) as usize]),
-        3 => json!([json!(true), json!(false), Value::Null, json!(1.5)][rng.below(4) as usize]),
-        4 => json!("x".repeat(rng.below(300) as usize)),
+        1 => json!([0u64, 1, 255, 256, 1 << 31, u64::MAX][rng.below(6)]),
+        2 => json!([-1i64, i64::MIN][rng.below(2)]),
+        3 => json!([json!(true), json!(false), Value::Null, json!(1.5)][rng.below(4)]),
+        4 => json!("x".repeat(rng.below(300))),
         5 => Value::Array(
             (0..rng.below(4))
                 .map(|_| random_value(rng, depth + 1))
@@ -1541,7 +1520,7 @@ fn random_object(rng: &mut Rng, depth: u32) -> Value {
 /// source that never comes.
 fn random_command(rng: &mut Rng) -> (String, Value, bool) {
     let slot = rng.below(40);
-    let limit = [json!(0), json!(4096), json!("unlimited")][rng.below(3) as usize].clone();
+    let limit = [json!(0), json!(4096), json!("unlimited")][rng.below(3)].clone();
     let precopy = rng.below(3) == 0;
     let hold = rng.pick(&["on", "off"]);
     match rng.below(20) {
@@ -1573,11 +1552,7 @@ fn random_command(rng: &mut Rng) -> (String, Value, bool) {
             json!({ "device": format!("0000:0{}:{slot:02x}.0/vfio/0", rng.below(2)) }),
             false,
         ),
-        _ => (
-            rng.pick(FUZZ_COMMANDS).to_string(),
-            random_object(rng, 0),
-            false,
-        ),
+        _ => (fuzz_command(rng).to_string(), random_object(rng, 0), false),
     }
 }
 
@@ -1588,14 +1563,8 @@ fn random_command(rng: &mut Rng) -> (String, Value, bool) {
 /// longer or elsewhere.
 #[test]
 fn random_commands_each_get_their_reply_and_leave_nothing_behind() {
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let commands = env("CONTROL_FUZZ_COMMANDS", 5000);
-    let mut rng = Rng(env("CONTROL_FUZZ_SEED", 0x5eed) | 1);
+    let commands = env_u64("CONTROL_FUZZ_COMMANDS", 5000);
+    let mut rng = Rng(env_u64("CONTROL_FUZZ_SEED", 0x5eed) | 1);
     let helper = Helper::start("fuzz");
     let mut c = helper.client();
     let (fds, threads) = (helper.fds(), helper.threads());
@@ -1604,7 +1573,7 @@ fn random_commands_each_get_their_reply_and_leave_nothing_behind() {
         if rng.below(25) == 0 {
             let line =
                 json!({ "execute": "query", "arguments": random_object(&mut rng, 0) }).to_string();
-            let cut = rng.below(line.len() as u64) as usize;
+            let cut = rng.below(line.len());
             c.send_raw(format!("{}\n", &line[..cut]).as_bytes(), &[])
                 .unwrap();
             let reply = c.next_reply().unwrap();
