@@ -182,7 +182,6 @@ pub struct Acceptor<'a> {
     timeout: Duration,
     main: Option<Conn>,
     slots: Vec<Option<Conn>>,
-    accepted: usize,
     /// The session's progress: its cancel flag ends the accept loop.
     cancel: Option<Arc<Progress>>,
 }
@@ -201,7 +200,6 @@ impl<'a> Acceptor<'a> {
             timeout,
             main: None,
             slots: (0..expect.channels).map(|_| None).collect(),
-            accepted: 0,
             cancel: None,
         }
     }
@@ -228,7 +226,6 @@ impl<'a> Acceptor<'a> {
             timeout,
             main: None,
             slots: (0..expect.channels).map(|_| None).collect(),
-            accepted: 0,
             cancel: None,
         })
     }
@@ -239,9 +236,14 @@ impl<'a> Acceptor<'a> {
         self
     }
 
+    /// Multifd channels connected so far.
+    fn accepted(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.is_some()).count()
+    }
+
     /// Every expected connection is here.
     pub fn complete(&self) -> bool {
-        self.accepted == self.slots.len() && (self.main.is_some() || !self.want_main)
+        self.accepted() == self.slots.len() && (self.main.is_some() || !self.want_main)
     }
 
     /// The main channel, once it arrived.
@@ -266,7 +268,7 @@ impl<'a> Acceptor<'a> {
                 Some(stream) => stream,
                 None => {
                     return Err(ChannelError::PassedCount {
-                        got: self.accepted + usize::from(self.main.is_some()),
+                        got: self.accepted() + usize::from(self.main.is_some()),
                         expected: self.slots.len() + usize::from(self.want_main),
                     })
                 }
@@ -321,7 +323,6 @@ impl<'a> Acceptor<'a> {
             .set_read_timeout(None)
             .map_err(|source| ChannelError::Socket { peer, source })?;
         self.slots[usize::from(id)] = Some(stream);
-        self.accepted += 1;
         Ok(Arrival::Multifd(id))
     }
 
@@ -331,7 +332,7 @@ impl<'a> Acceptor<'a> {
         };
         let accept_err = |source| ChannelError::Accept {
             main: self.main_state(),
-            accepted: self.accepted,
+            accepted: self.accepted(),
             expected: self.channels.expected(),
             source,
         };
@@ -340,7 +341,7 @@ impl<'a> Acceptor<'a> {
             if self.cancel.as_ref().is_some_and(|p| p.cancelled()) {
                 return Err(ChannelError::Cancelled {
                     main: self.main_state(),
-                    accepted: self.accepted,
+                    accepted: self.accepted(),
                     expected: self.channels.expected(),
                 });
             }
@@ -351,7 +352,7 @@ impl<'a> Acceptor<'a> {
                         return Err(ChannelError::AcceptTimeout {
                             waited: self.timeout,
                             main: self.main_state(),
-                            accepted: self.accepted,
+                            accepted: self.accepted(),
                             expected: self.channels.expected(),
                             missing: self
                                 .channels
