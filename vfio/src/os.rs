@@ -82,6 +82,17 @@ pub(crate) fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize
     Ok(usize::try_from(got).unwrap_or(0))
 }
 
+/// This process's soft RLIMIT_NOFILE.
+pub(crate) fn open_file_limit() -> io::Result<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into `limit`, which outlives the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    Ok(usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX))
+}
+
 /// `ioctl(FIONREAD)`: bytes buffered in a pipe or socket.
 pub(crate) fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -208,6 +219,16 @@ pub(crate) fn splice_from_pipe(
     len: usize,
 ) -> io::Result<usize> {
     splice((pipe, None), (dst, Some(dst_offset)), len, 0)
+}
+
+/// `splice` of up to `len` bytes from the pipe `from` into the pipe `to`, blocking on neither:
+/// the pages themselves move (a part of one is shared by reference), no byte is copied.
+pub(crate) fn splice_between_pipes(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    splice((from, None), (to, None), len, 0)
 }
 
 /// `splice` from one `(fd, offset)` to another, non-blocking on the pipe end (the one with no

@@ -325,8 +325,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A sink with a load speed lands the stream in a memfd at its pace and checks it on
-/// RESUMING -> STOP: every byte still counts.
+/// A sink with a load speed takes the stream at its pace into held pipes (a memfd where the
+/// pipes cannot be had) and checks it on RESUMING -> STOP: every byte still counts.
 #[test]
 fn paced_sink_accepts_the_stream_and_rejects_a_corrupt_one() {
     let spec = SimSpec {

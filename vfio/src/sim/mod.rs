@@ -6,7 +6,7 @@
 //! | [`SimSource`], no speed | memfd (read-only open), content pre-generated in `new` | one kernel copy; a read returns all it asks for |
 //! | [`SimSource`] with [`DeviceSpeed`] | pipe (1 MiB) fed by a pacing thread, which splices from the image pre-generated in `new` | what is buffered: short reads, a read blocks until data comes |
 //! | [`SimSink`], no speed | memfd (write-only open), sized to the state + 4 KiB and sealed against growing | one kernel copy; a write past that bound fails (EPERM); verified at RESUMING -> STOP |
-//! | [`SimSink`] with load speed | pipe spliced into a memfd at the device's rate by a pacing thread; verified at RESUMING -> STOP | a write blocks while the pipe is full; the last write returns before the drain consumed the last byte ([`crate::MigrationDevice::load_done_ns`] says when) |
+//! | [`SimSink`] with load speed | pipe drained at the device's rate by a pacing thread, which splices its pages into held pipes (no copy) or, past the fd budget, into a memfd; verified at RESUMING -> STOP | a write blocks while the pipe is full; the last write returns before the drain consumed the last byte ([`crate::MigrationDevice::load_done_ns`] says when) |
 //! | [`fault`] devices | FUSE file (errno) or pipe (short reads, stall, early end) | see [`fault::Fault`] |
 //!
 //! Content is deterministic from `(seed, byte offset)` ([`fill`]); a source and a sink built
@@ -18,6 +18,7 @@
 mod content;
 pub mod fault;
 mod fuse;
+mod held;
 mod sink;
 mod source;
 

@@ -4,13 +4,14 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fault::Fault;
 use super::fuse::{FuseHandler, FuseMount};
+use super::held::HeldPipes;
 use super::{
     compare_blob, config_blob, drive, first_mismatch, size_pipe, ArcError, Pacer, Signal, SimArcs,
     SimSpec, Verifier,
@@ -370,14 +371,38 @@ impl LoadSession for MemLoad {
     }
 }
 
-/// A paced load: a pipe that a thread (`sim-load-<name>`) drains into the image at the
-/// device's rate, splicing, so the simulator adds no copy through a user buffer and no check
-/// to the cores the data plane runs on while it loads (a real device loads on its own silicon).
-/// The image is checked at RESUMING -> STOP, as an unpaced one.
+/// A paced load: a pipe that a thread (`sim-load-<name>`) drains at the device's rate,
+/// splicing into held pipes (no copy at all, see [`HeldPipes`]) or into the image (a kernel
+/// copy), so the simulator adds no copy through a user buffer and no check to the cores the
+/// data plane runs on while it loads (a real device loads on its own silicon). What it kept is
+/// checked at RESUMING -> STOP, as an unpaced sink's image is.
 struct PipeLoad {
     signal: Arc<Signal>,
     thread: Option<JoinHandle<io::Result<Drained>>>,
-    image: Image,
+    spec: SimSpec,
+}
+
+/// Where a paced sink's drain keeps what the device consumed.
+enum Store {
+    Pipes(HeldPipes),
+    Image(Image),
+}
+
+impl Store {
+    /// Moves up to `len` bytes, the stream's bytes from `at`, out of the pipe `from`.
+    fn take_from(&mut self, from: BorrowedFd<'_>, at: u64, len: usize) -> io::Result<usize> {
+        match self {
+            Store::Pipes(pipes) => pipes.take_from(from, len),
+            Store::Image(image) => os::splice_from_pipe(from, image.mem.as_fd(), at, len),
+        }
+    }
+
+    fn verify(self, spec: &SimSpec, received: u64) -> io::Result<Verifier> {
+        match self {
+            Store::Pipes(pipes) => pipes.verify(spec, received),
+            Store::Image(image) => image.verify(received),
+        }
+    }
 }
 
 impl PipeLoad {
@@ -386,8 +411,10 @@ impl PipeLoad {
         spec: SimSpec,
         stall: Option<(u64, Duration)>,
     ) -> io::Result<(OwnedFd, PipeLoad)> {
-        let image = Image::new(name, spec)?;
-        let target = image.mem.try_clone()?;
+        let store = match HeldPipes::reserve(spec.size) {
+            Some(pipes) => Store::Pipes(pipes),
+            None => Store::Image(Image::new(name, spec)?),
+        };
         let (r, w) = os::pipe()?;
         let pipe_size = size_pipe(w.as_fd());
         let fl = os::get_status_flags(r.as_fd())?;
@@ -395,6 +422,7 @@ impl PipeLoad {
         let signal = Arc::new(Signal::default());
         let thread_signal = Arc::clone(&signal);
         let speed = spec.speed.unwrap_or_default();
+        let thread_name = name.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("sim-load-{name}"))
             .spawn(move || {
@@ -404,24 +432,30 @@ impl PipeLoad {
                     latency: speed.per_read_latency,
                     pipe_size,
                 };
-                load.drain(stall, &thread_signal, r, target)
+                let drained = load.drain(stall, &thread_signal, r, store);
+                if let Err(e) = &drained {
+                    // The helper sees only EPIPE on its next write; this says why.
+                    log::warn!("simulated sink {thread_name}: stopped loading: {e}");
+                }
+                drained
             })?;
         Ok((
             w,
             PipeLoad {
                 signal,
                 thread: Some(thread),
-                image,
+                spec,
             },
         ))
     }
 }
 
-/// What a paced sink's drain did: bytes received, and when the device's last byte was consumed
-/// (None if the stream never reached the device's size).
+/// What a paced sink's drain did: bytes received, when the device's last byte was consumed
+/// (None if the stream never reached the device's size), and what it kept of them.
 struct Drained {
     received: u64,
     last_byte_ns: Option<u64>,
+    store: Store,
 }
 
 /// How a paced sink drains its pipe.
@@ -433,7 +467,7 @@ struct Load {
 }
 
 impl Load {
-    /// Moves the pipe's bytes into `image` at the device's pace until the writer closes or the
+    /// Moves the pipe's bytes into `store` at the device's pace until the writer closes or the
     /// session ends; returns the bytes received and when the device's last byte went in. Bytes
     /// past the device's size are counted and dropped, so a stream that never ends costs no
     /// memory.
@@ -442,13 +476,14 @@ impl Load {
         stall: Option<(u64, Duration)>,
         signal: &Signal,
         r: OwnedFd,
-        image: OwnedFd,
+        mut store: Store,
     ) -> io::Result<Drained> {
         let mut last_byte_ns = None;
-        let received = self.drain_into(stall, signal, r, image, &mut last_byte_ns)?;
+        let received = self.drain_into(stall, signal, r, &mut store, &mut last_byte_ns)?;
         Ok(Drained {
             received,
             last_byte_ns,
+            store,
         })
     }
 
@@ -457,7 +492,7 @@ impl Load {
         mut stall: Option<(u64, Duration)>,
         signal: &Signal,
         r: OwnedFd,
-        image: OwnedFd,
+        store: &mut Store,
         last_byte_ns: &mut Option<u64>,
     ) -> io::Result<u64> {
         let chunk = self.pipe_size.clamp(4096, 1 << 20);
@@ -492,7 +527,7 @@ impl Load {
                 }
                 room => {
                     let n = piece.min(room.unwrap_or(usize::MAX));
-                    os::splice_from_pipe(r.as_fd(), image.as_fd(), received, n)
+                    store.take_from(r.as_fd(), received, n)
                 }
             };
             match moved {
@@ -539,7 +574,7 @@ impl LoadSession for PipeLoad {
             None => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
         Ok(Loaded {
-            verifier: self.image.verify(drained.received)?,
+            verifier: drained.store.verify(&self.spec, drained.received)?,
             consumed_ns: drained.last_byte_ns,
         })
     }
@@ -628,6 +663,7 @@ impl LoadSession for FuseLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StreamMismatch;
 
     /// A load whose RESUMING -> STOP fails with an I/O error (not a verdict on the data).
     struct BrokenLoad;
@@ -677,6 +713,66 @@ mod tests {
         let mut sink = resuming_with_broken_load(Owner::Vmm)?;
         assert!(sink.set_state(MigState::Stop).is_err());
         assert_eq!(sink.state()?, MigState::Error);
+        Ok(())
+    }
+
+    /// Whether a memfd image named for `name` is open in this process.
+    fn has_image(name: &str) -> bool {
+        let want = format!("vfio-sink-{name}");
+        std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+            .any(|target| target.to_string_lossy().contains(&want))
+    }
+
+    #[test]
+    fn a_paced_sink_checks_its_stream_held_in_pipes_or_else_in_its_image() -> Result<(), VfioError>
+    {
+        let _alone = super::super::held::BUDGET_TESTS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let spec = SimSpec {
+            speed: Some(super::super::DeviceSpeed {
+                save_bytes_per_sec: 0,
+                load_bytes_per_sec: 512 << 20,
+                per_read_latency: Duration::ZERO,
+            }),
+            ..SimSpec::new((2 << 20) + 5, 8)
+        };
+        let mut good = vec![0u8; (2 << 20) + 5];
+        super::super::fill(spec.seed, 0, &mut good);
+        let mut bad = good.clone();
+        bad[1_000_000] ^= 0x40;
+        let quarter = os::open_file_limit().map_err(|e| VfioError::io("paced", "rlimit", e))? / 4;
+        for with_image in [false, true] {
+            // Every pipe of the budget held elsewhere leaves the sink its image.
+            let _budget =
+                with_image.then(|| HeldPipes::reserve((quarter as u64 - 2) * (512 << 10)));
+            for (stream, want) in [
+                (&good, Ok(())),
+                (&bad, Err(StreamMismatch::Corrupt { offset: 1_000_000 })),
+            ] {
+                let name = format!("paced-{with_image}");
+                let mut sink = SimSink::new(&name, spec)?;
+                sink.set_state(MigState::Stop)?;
+                let fd = sink
+                    .set_state(MigState::Resuming)?
+                    .ok_or_else(|| VfioError::io("paced", "test", io::Error::other("no fd")))?;
+                assert_eq!(has_image(&name), with_image);
+                let mut file = std::fs::File::from(fd);
+                std::io::Write::write_all(&mut file, stream)
+                    .map_err(|e| VfioError::io("paced", "test write", e))?;
+                drop(file);
+                let got = match sink.set_state(MigState::Stop) {
+                    Ok(_) => Ok(()),
+                    Err(VfioError::LoadRejected { source, .. }) => Err(source),
+                    Err(other) => return Err(other),
+                };
+                assert_eq!(got, want, "image: {with_image}");
+            }
+        }
         Ok(())
     }
 }
