@@ -432,12 +432,14 @@ pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
             });
             let verdict = match (measured, met) {
                 (Some(m), Some(true)) => format!(
-                    "met: {m:.2}x (target {comparison} {target:.2}x; {:.0}% to spare)",
-                    margin(m, target, comparison)
+                    "met: {} (target {comparison} {target:.2}x; {} to spare)",
+                    ratio_text(m, target),
+                    percent_text(margin(m, target, comparison))
                 ),
                 (Some(m), Some(false)) => format!(
-                    "NOT met: {m:.2}x (target {comparison} {target:.2}x; off by {:.0}%)",
-                    margin(m, target, comparison).abs()
+                    "NOT met: {} (target {comparison} {target:.2}x; off by {})",
+                    ratio_text(m, target),
+                    percent_text(margin(m, target, comparison).abs())
                 ),
                 _ => "not measured (a row is missing or failed)".into(),
             };
@@ -458,6 +460,25 @@ pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
 }
 
 /// Percent by which `m` beats (positive) or misses (negative) `target`.
+/// Two decimals, or three where two would print the target itself: 1.498 against 1.5 is a
+/// miss, and "1.50x" would not say so.
+fn ratio_text(ratio: f64, target: f64) -> String {
+    if format!("{ratio:.2}") == format!("{target:.2}") {
+        format!("{ratio:.3}x")
+    } else {
+        format!("{ratio:.2}x")
+    }
+}
+
+/// Whole percent, or one decimal under 1 % (where "0%" would hide a miss).
+fn percent_text(percent: f64) -> String {
+    if percent < 1.0 {
+        format!("{percent:.1}%")
+    } else {
+        format!("{percent:.0}%")
+    }
+}
+
 fn margin(m: f64, target: f64, comparison: &str) -> f64 {
     if comparison == "<=" {
         (target - m) / target * 100.0
@@ -476,6 +497,14 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
         assert_eq!(spread(&[1.0, 4.0]).map(|s| s.median), Some(2.5));
         assert!(spread(&[]).is_none());
+    }
+
+    #[test]
+    fn a_near_miss_prints_enough_digits_to_show_it() {
+        assert_eq!(ratio_text(1.498_458, 1.5), "1.498x");
+        assert_eq!(percent_text(margin(1.498_458, 1.5, ">=").abs()), "0.1%");
+        assert_eq!(ratio_text(1.65, 1.5), "1.65x");
+        assert_eq!(percent_text(margin(1.65, 1.5, ">=")), "10%");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! A real device loads on its own silicon. Splicing a paced sink's pipe into a memfd image is
 //! a kernel copy of every byte on the cores the data plane runs on, inside the downtime: in a
 //! `seed` profile (2026-12-07 23:0x, `perf record -a` over `--rows uring --repeats 3`) the
-//! sinks' drain threads took 26 % of the in-window CPU, most of it that copy. Splicing from one
+//! sinks' drain threads took 26 % of what the threads running in the switchover took: that
+//! copy, and freeing the pipe's pages. Splicing from one
 //! pipe into another moves page references and copies nothing, so the drain costs the data
 //! plane's cores almost nothing; the pages are read and checked (and freed) at RESUMING ->
 //! STOP, as the image is.
