@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{first_mismatch, SimSpec, Verifier};
+use super::{first_bad_in_parallel, first_mismatch, SimSpec, Verifier};
 use crate::os;
 
 /// What each held pipe is sized to.
@@ -111,7 +111,7 @@ impl HeldPipes {
     }
 
     /// Reads every held byte back and checks it against the stream `spec` produces, split over
-    /// up to 8 threads (it runs inside RESUMING -> STOP). `received` counts bytes past the
+    /// up to 8 threads. `received` counts bytes past the
     /// device's size too, which were dropped, not held.
     pub(crate) fn verify(mut self, spec: &SimSpec, received: u64) -> io::Result<Verifier> {
         // With every write end closed, a pipe that holds less than its count reads 0, not a
@@ -131,26 +131,8 @@ impl HeldPipes {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8));
         let per = starts.len().div_ceil(threads).max(1);
         let seed = spec.seed;
-        let first_bad = std::thread::scope(|scope| {
-            let handles: Vec<_> = starts
-                .chunks(per)
-                .map(|group| {
-                    std::thread::Builder::new()
-                        .name("sim-verify".into())
-                        .spawn_scoped(scope, move || check_pipes(seed, group))
-                })
-                .collect();
-            let mut first: Option<u64> = None;
-            for handle in handles {
-                let found = handle?
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("a verifier thread panicked")))?;
-                if let Some(bad) = found {
-                    first = Some(first.map_or(bad, |f| f.min(bad)));
-                }
-            }
-            Ok::<_, io::Error>(first)
-        })?;
+        let first_bad =
+            first_bad_in_parallel(starts.chunks(per), |group| check_pipes(seed, group))?;
         Ok(Verifier::checked(spec, received, first_bad))
     }
 }

@@ -217,6 +217,35 @@ impl Verifier {
     }
 }
 
+/// Checks each piece on a thread of its own (`sim-verify`: a sink's check runs inside
+/// RESUMING -> STOP) and returns the lowest bad offset any of them found.
+pub(crate) fn first_bad_in_parallel<P: Send>(
+    pieces: impl IntoIterator<Item = P>,
+    check: impl Fn(P) -> std::io::Result<Option<u64>> + Sync,
+) -> std::io::Result<Option<u64>> {
+    let check = &check;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pieces
+            .into_iter()
+            .map(|piece| {
+                std::thread::Builder::new()
+                    .name("sim-verify".into())
+                    .spawn_scoped(scope, move || check(piece))
+            })
+            .collect();
+        let mut first: Option<u64> = None;
+        for handle in handles {
+            let found = handle?
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a verifier thread panicked")))?;
+            if let Some(bad) = found {
+                first = Some(first.map_or(bad, |f| f.min(bad)));
+            }
+        }
+        Ok(first)
+    })
+}
+
 /// Compares a blob with the expected one.
 pub(crate) fn compare_blob(expected: &[u8], got: &[u8]) -> Result<(), StreamMismatch> {
     if let Some(i) = expected.iter().zip(got).position(|(a, b)| a != b) {

@@ -13,8 +13,8 @@ use super::fault::Fault;
 use super::fuse::{FuseHandler, FuseMount};
 use super::held::HeldPipes;
 use super::{
-    compare_blob, config_blob, drive, first_mismatch, size_pipe, ArcError, Pacer, Signal, SimArcs,
-    SimSpec, Verifier,
+    compare_blob, config_blob, drive, first_bad_in_parallel, first_mismatch, size_pipe, ArcError,
+    Pacer, Signal, SimArcs, SimSpec, Verifier,
 };
 use crate::os;
 use crate::{MigState, MigrationDevice, MigrationFlags, Owner, PrecopyInfo, VfioError};
@@ -299,27 +299,10 @@ impl Image {
             }
             Ok(None)
         };
-        let first_bad = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|i| (i * per, ((i + 1) * per).min(checked)))
-                .filter(|(a, b)| a < b)
-                .map(|(a, b)| {
-                    std::thread::Builder::new()
-                        .name("sim-verify".into())
-                        .spawn_scoped(scope, move || check_span(a, b))
-                })
-                .collect();
-            let mut first: Option<u64> = None;
-            for h in handles {
-                let found = h?
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("a verifier thread panicked")))?;
-                if let Some(bad) = found {
-                    first = Some(first.map_or(bad, |f| f.min(bad)));
-                }
-            }
-            Ok::<_, io::Error>(first)
-        })?;
+        let spans = (0..threads)
+            .map(|i| (i * per, ((i + 1) * per).min(checked)))
+            .filter(|(a, b)| a < b);
+        let first_bad = first_bad_in_parallel(spans, |(a, b)| check_span(a, b))?;
         Ok(Verifier::checked(&self.spec, len, first_bad))
     }
 }
