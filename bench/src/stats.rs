@@ -459,7 +459,6 @@ pub fn goals(scenario: &Scenario, rows: &[RowSummary]) -> Vec<Goal> {
         .collect()
 }
 
-/// Percent by which `m` beats (positive) or misses (negative) `target`.
 /// Two decimals, or three where two would print the target itself: 1.498 against 1.5 is a
 /// miss, and "1.50x" would not say so.
 fn ratio_text(ratio: f64, target: f64) -> String {
@@ -479,6 +478,7 @@ fn percent_text(percent: f64) -> String {
     }
 }
 
+/// Percent by which `m` beats (positive) or misses (negative) `target`.
 fn margin(m: f64, target: f64, comparison: &str) -> f64 {
     if comparison == "<=" {
         (target - m) / target * 100.0

@@ -5,10 +5,9 @@
 //! a kernel copy of every byte on the cores the data plane runs on, inside the downtime: in a
 //! `seed` profile (2026-12-07 23:0x, `perf record -a` over `--rows uring --repeats 3`) the
 //! sinks' drain threads took 26 % of what the threads running in the switchover took: that
-//! copy, and freeing the pipe's pages. Splicing from one
-//! pipe into another moves page references and copies nothing, so the drain costs the data
-//! plane's cores almost nothing; the pages are read and checked (and freed) at RESUMING ->
-//! STOP, as the image is.
+//! copy, and freeing the pipe's pages. Splicing from one pipe into another moves page
+//! references and copies nothing, so the drain costs the data plane's cores almost nothing;
+//! the pages are read and checked (and freed) at RESUMING -> STOP, as the image is.
 //!
 //! A pipe holds at most `/proc/sys/fs/pipe-max-size` (1 MiB by default) without
 //! CAP_SYS_RESOURCE, so a device takes one pipe, one fd, per MiB. The pipes of every sink in
@@ -52,6 +51,7 @@ impl HeldPipes {
         let budget = usize::try_from(size.div_ceil(HELD_PIPE_BYTES as u64 / 2)).ok()? + 1;
         let limit = os::open_file_limit().ok()? / 4;
         let taken = HELD_PIPES.fetch_add(budget, Ordering::Relaxed);
+        // Built before the check, so that every way out gives the budget back (Drop).
         let mut pipes = HeldPipes {
             held: Vec::new(),
             filling: None,
@@ -111,8 +111,8 @@ impl HeldPipes {
     }
 
     /// Reads every held byte back and checks it against the stream `spec` produces, split over
-    /// up to 8 threads. `received` counts bytes past the
-    /// device's size too, which were dropped, not held.
+    /// up to 8 threads. `received` counts bytes past the device's size too, which were
+    /// dropped, not held.
     pub(crate) fn verify(mut self, spec: &SimSpec, received: u64) -> io::Result<Verifier> {
         // With every write end closed, a pipe that holds less than its count reads 0, not a
         // hang.
