@@ -236,6 +236,12 @@ pub enum SessionError {
     },
     #[error("the source ended the main channel before EOF while {step}")]
     SourceVanished { step: &'static str },
+    #[error("the source ended the main channel before EOF while loading device state, and the {engine} engine failed")]
+    SourceVanishedMidStream {
+        engine: &'static str,
+        #[source]
+        source: DataPlaneError,
+    },
     #[error("cancelled while {step}")]
     Cancelled { step: &'static str },
     #[error("precopy: reading the data_fd of device {device}")]

@@ -465,7 +465,7 @@ fn cancel_mid_stream_rolls_both_sides_back() {
     assert!(
         matches!(
             err,
-            SessionError::SourceVanished { .. } | SessionError::DataPlane { .. }
+            SessionError::SourceVanished { .. } | SessionError::SourceVanishedMidStream { .. }
         ),
         "{text}"
     );

@@ -50,6 +50,9 @@ use crate::session::stream::Conn;
 use crate::session::to_p2p_waypoint;
 use crate::wire::{DeviceId, InitExpectation};
 
+/// How long a failed data plane waits for the main channel to say the source is gone.
+const PEER_GRACE: Duration = Duration::from_millis(200);
+
 /// A device handed to a destination session.
 pub struct DestInput {
     pub id: DeviceId,
@@ -326,10 +329,18 @@ impl<'a> DestSession<'a> {
                         ))
                     }
                     Event::Engine(Ok(Err(source))) => {
-                        return Err(SessionError::DataPlane {
-                            engine: self.engine.kind().name(),
-                            source,
-                        })
+                        let engine = self.engine.kind().name();
+                        if !eof {
+                            if let Some(MainChannelError::Closed { .. }) =
+                                self.driver.peer_error_within(PEER_GRACE)
+                            {
+                                return Err(SessionError::SourceVanishedMidStream {
+                                    engine,
+                                    source,
+                                });
+                            }
+                        }
+                        return Err(SessionError::DataPlane { engine, source });
                     }
                     Event::Engine(Err(())) => {
                         return Err(SessionError::EnginePanicked {

@@ -206,6 +206,21 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
         None
     }
 
+    /// Waits up to `limit` for the peer's reader to fail, dropping other events: a peer that
+    /// died closes its main channel and its data channels at once, and the data plane often
+    /// notices first.
+    pub fn peer_error_within(&self, limit: Duration) -> Option<MainChannelError> {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(Event::Peer(Err(err))) => return Some(err),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// Stops everything: sets the cancel flag, shuts every watched socket down, and waits up
     /// to the timeout for the engine thread (devices must not change state under a running
     /// engine). Returns false when the engine did not stop in time.
