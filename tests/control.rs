@@ -752,6 +752,9 @@ fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
     let helper = Helper::start("bad");
     let mut c = helper.client();
     let base_fds = helper.fds();
+    // main, control and the connection's writer.
+    let base_threads = helper.threads();
+    assert_eq!(base_threads, 3);
 
     // Raw lines: each gets exactly one error reply.
     for (line, expect) in [
@@ -989,7 +992,7 @@ fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
     let caps = ok(&mut c, "query-capabilities", json!({}), &[]);
     assert_eq!(caps["protocol"], 1);
     drop((pipe_r, pipe_w, sock_a, dir, a));
-    helper.settles_to(base_fds, 2);
+    helper.settles_to(base_fds, base_threads);
 }
 
 /// The config travels as one packet, which the destination refuses above a chunk: a larger
@@ -1066,6 +1069,135 @@ fn a_second_vmm_is_turned_away_and_the_first_keeps_serving() {
         json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
         &[],
     );
+}
+
+/// A VMM that sends far more commands than it reads answers for (past both socket buffers
+/// and the helper's backlog limit), and reads nothing for longer than any write timeout, gets
+/// every answer in order and keeps its connection: on an inherited non-blocking fd too.
+#[test]
+fn a_vmm_that_reads_late_gets_every_answer_and_keeps_its_connection() {
+    const QUERIES: usize = 30_000;
+    let quiet = Duration::from_secs(7);
+    fn drive(stream: UnixStream, quiet: Duration) {
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut greeting = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut greeting).unwrap();
+        assert!(greeting.contains("vfio-multifd"), "{greeting}");
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            for i in 0..QUERIES {
+                let line = format!("{{\"execute\":\"query\",\"id\":{i}}}\n");
+                std::io::Write::write_all(&mut writer, line.as_bytes()).unwrap();
+            }
+        });
+        std::thread::sleep(quiet);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        for i in 0..QUERIES {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            assert!(n > 0, "the helper closed the connection after {i} answers");
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(reply["id"], i, "{line}");
+            assert!(reply["return"].is_object(), "{line}");
+        }
+        sender.join().unwrap();
+        std::io::Write::write_all(&mut &stream, b"{\"execute\":\"quit\"}\n").unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(line.contains("return"), "{line}");
+    }
+
+    let mut helper = Helper::start("late-reader");
+    drive(UnixStream::connect(&helper.socket).unwrap(), quiet);
+    assert!(helper.wait_exit().success());
+
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let theirs = OwnedFd::from(theirs);
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&theirs).to_string();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--fd", &raw, "--log-level", "error"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    drive(mine, quiet);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "serve --fd did not quit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Fds sent in one message with two lines that name fds reach neither: the second line would
+/// otherwise take the first one's data_fd. The same holds for fds beyond 253 on one line, which
+/// close on arrival instead of piling up.
+#[test]
+fn fds_meant_for_another_line_or_beyond_the_limit_are_refused_and_closed() {
+    let helper = Helper::start("fd-lines");
+    let mut c = helper.client();
+    let (r, _w) = vfio::fd::pipe().unwrap();
+    let add = |id: u32, bus: u32| {
+        json!({ "execute": "add-device", "id": id,
+                "arguments": { "idstr": format!("0000:{bus:02x}:02.0/vfio"), "mode": "data-fd",
+                               "fds": ["data-fd"] } })
+    };
+    let two = format!("{}\n{}\n", add(1, 1), add(2, 2));
+    c.send_raw(two.as_bytes(), &[r.as_fd()]).unwrap();
+    let first = c.next_reply().unwrap();
+    assert_eq!(first["id"], 1, "{first}");
+    assert!(
+        first["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("0 arrived"),
+        "{first}"
+    );
+    let second = c.next_reply().unwrap();
+    assert_eq!(second["id"], 2, "{second}");
+    assert!(
+        second["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("earlier line that names fds"),
+        "{second}"
+    );
+    // Neither took the fd: both devices can still be added, each with its own.
+    for bus in [1, 2] {
+        let (r, _w) = vfio::fd::pipe().unwrap();
+        ok(
+            &mut c,
+            "add-device",
+            add(0, bus)["arguments"].clone(),
+            &[r.as_fd()],
+        );
+    }
+    let base_fds = helper.fds();
+
+    // 300 fds on one line, in two messages: at most 253 are held, and the line is refused.
+    let many: Vec<OwnedFd> = (0..150).map(|_| vfio::fd::pipe().unwrap().0).collect();
+    c.send_raw(b" ", &borrowed(&many)).unwrap();
+    c.send_raw(b" ", &borrowed(&many)).unwrap();
+    assert!(helper.fds() <= base_fds + 253, "{} fds", helper.fds());
+    c.send_raw(format!("{}\n", add(3, 3)).as_bytes(), &[])
+        .unwrap();
+    let third = c.next_reply().unwrap();
+    assert!(
+        third["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("more than 253 fds"),
+        "{third}"
+    );
+    helper.settles_to(base_fds, helper.threads());
+    ok(&mut c, "query", json!({}), &[]);
 }
 
 /// The child half of the credentials test: run as another uid by `setpriv`.

@@ -29,7 +29,6 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,8 +40,8 @@ use serde_json::{json, Value};
 use vfio::{MigState, MigrationDevice, Owner, VfioDevice};
 
 use crate::config::ChannelOrder;
-use crate::control::lines::write_line;
-use crate::control::schema::{base64_encode, DeviceMode, EventLine, Reply, Timestamp};
+pub use crate::control::outbox::Events;
+use crate::control::schema::{base64_encode, DeviceMode};
 use crate::engine::{Engine, Progress};
 use crate::error::{error_chain, SessionError};
 use crate::metrics;
@@ -152,57 +151,6 @@ pub struct DeviceView {
     pub ready: bool,
     /// Destination: the config waiting for `load-config-ready`.
     pub held: Option<Vec<u8>>,
-}
-
-/// Writes replies and events to the VMM connected now (if any), one whole line at a time.
-#[derive(Debug, Default)]
-pub struct Events {
-    out: Mutex<Option<UnixStream>>,
-}
-
-impl Events {
-    pub fn attach(&self, stream: UnixStream) {
-        *lock(&self.out) = Some(stream);
-    }
-
-    pub fn detach(&self) {
-        *lock(&self.out) = None;
-    }
-
-    /// False once a write to the VMM failed (or timed out): it is not reading.
-    pub fn attached(&self) -> bool {
-        lock(&self.out).is_some()
-    }
-
-    fn write(&self, text: &str) {
-        let mut out = lock(&self.out);
-        if let Some(stream) = out.as_ref() {
-            if let Err(e) = write_line(stream, text) {
-                log::warn!("the VMM stopped reading ({e}); dropping its connection's output");
-                *out = None;
-            }
-        }
-    }
-
-    pub fn reply(&self, reply: &Reply) {
-        match serde_json::to_string(reply) {
-            Ok(text) => self.write(&text),
-            Err(e) => log::error!("encoding a reply: {e}"),
-        }
-    }
-
-    pub fn emit(&self, event: &str, data: Value) {
-        let line = EventLine {
-            event: event.into(),
-            data,
-            timestamp: Timestamp::now(),
-        };
-        log::info!("event {event}: {}", line.data);
-        match serde_json::to_string(&line) {
-            Ok(text) => self.write(&text),
-            Err(e) => log::error!("encoding event {event}: {e}"),
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -42,6 +42,7 @@ pub mod capabilities;
 pub mod client;
 pub mod lines;
 pub mod migration;
+mod outbox;
 pub mod schema;
 
 use std::collections::HashSet;
@@ -65,7 +66,7 @@ use crate::session::link::{DeviceUpdate, PassedChannels, VmmCommand};
 use crate::session::stream::Conn;
 use crate::wire::{parse_uuid, DeviceId};
 
-use lines::{Line, LineReader};
+use lines::{Line, LineReader, Received};
 use migration::{Hold, Migration, Plan, Registered, Role, Shared, Status, Transport};
 use schema::{
     base64_decode, AddDevice, DeviceMode, ErrorBody, ErrorClass, Greeting, GreetingBody,
@@ -75,7 +76,8 @@ use schema::{
 
 /// How long the control thread sleeps in poll between looks at the migration thread.
 const TICK: Duration = Duration::from_millis(100);
-/// How long a reply or event write may block on a VMM that does not read.
+/// How long the goodbye to a turned-away connection, or a leaving VMM's last replies, may wait
+/// for it to read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the control socket comes from.
@@ -264,6 +266,10 @@ impl Drop for SocketFile {
 struct Connection {
     stream: UnixStream,
     reader: LineReader,
+    /// False once the VMM closed its side: its last lines are answered, then it is gone.
+    open: bool,
+    /// The last recvmsg in which a line that names fds came without any.
+    fds_missing_in: Option<u64>,
 }
 
 struct Server {
@@ -433,14 +439,14 @@ impl Server {
                 "another VMM is connected: this helper serves one VMM at a time",
             );
         }
-        let writer = match stream
-            .set_write_timeout(Some(WRITE_TIMEOUT))
+        // An inherited fd may be non-blocking; the outbox's writer blocks until the VMM reads.
+        if let Err(e) = stream
+            .set_nonblocking(false)
             .and_then(|()| stream.try_clone())
+            .and_then(|writer| self.shared.events.attach(writer))
         {
-            Ok(writer) => writer,
-            Err(e) => return turn_away(stream, &format!("setting the connection up: {e}")),
-        };
-        self.shared.events.attach(writer);
+            return turn_away(stream, &format!("setting the connection up: {e}"));
+        }
         let greeting = Greeting {
             vfio_multifd: GreetingBody {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -458,6 +464,8 @@ impl Server {
         self.conn = Some(Connection {
             stream,
             reader: LineReader::new(),
+            open: true,
+            fds_missing_in: None,
         });
     }
 
@@ -469,7 +477,14 @@ impl Server {
                 if let Some(listener) = &self.listener {
                     fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
                 }
-                if let Some(conn) = &self.conn {
+                // Backpressure: nothing more is read while earlier lines wait for an answer or
+                // answers wait for the VMM to read them; the next tick looks again.
+                let conn = self.conn.as_ref().filter(|conn| {
+                    conn.open
+                        && !conn.reader.has_ready()
+                        && self.shared.events.backlog() < outbox::BACKLOG_LIMIT
+                });
+                if let Some(conn) = conn {
                     fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
                 }
                 match poll(&mut fds, PollTimeout::from(TICK.as_millis() as u16)) {
@@ -484,13 +499,14 @@ impl Server {
                 let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
                 let mut it = fds.iter();
                 let listener_ready = self.listener.is_some() && it.next().is_some_and(ready);
-                let conn_ready = self.conn.is_some() && it.next().is_some_and(ready);
+                let conn_ready = conn.is_some() && it.next().is_some_and(ready);
                 (listener_ready, conn_ready)
             };
             // The connected VMM first: if it just left, the next one is welcome.
             if conn_ready {
                 self.read_commands();
             }
+            self.answer_commands();
             if self.conn.is_some() && !self.shared.events.attached() {
                 // Replies and events no longer reach it: treat it as gone.
                 self.vmm_gone();
@@ -511,24 +527,34 @@ impl Server {
         Ok(())
     }
 
-    /// Reads what the VMM sent and answers every complete line.
+    /// Reads what the VMM sent once.
     fn read_commands(&mut self) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let open = match conn.reader.fill(conn.stream.as_fd()) {
-            Ok(open) => open,
+        match conn.reader.fill(conn.stream.as_fd()) {
+            Ok(open) => conn.open = open,
             Err(e) => {
                 log::warn!("reading the control socket: {e}");
-                false
+                conn.open = false;
             }
-        };
+        }
+    }
+
+    /// Answers complete lines in order while the VMM keeps up with reading the answers.
+    fn answer_commands(&mut self) {
         loop {
             let Some(conn) = self.conn.as_mut() else {
                 return;
             };
+            if self.shared.events.backlog() >= outbox::BACKLOG_LIMIT {
+                return;
+            }
             let Some(line) = conn.reader.next_line() else {
-                break;
+                if !conn.open {
+                    self.vmm_gone();
+                }
+                return;
             };
             let reply = match line {
                 Line::TooLong => Reply::Error {
@@ -541,15 +567,12 @@ impl Server {
                     },
                     id: None,
                 },
-                Line::Text(text, fds) => self.handle(&text, fds),
+                Line::Text(line) => self.handle(line),
             };
             self.shared.events.reply(&reply);
             if self.quit {
                 return;
             }
-        }
-        if !open {
-            self.vmm_gone();
         }
     }
 
@@ -593,20 +616,53 @@ impl Server {
         }
         self.migration = None;
         self.registry.clear();
-        self.shared.events.detach();
+        self.shared.events.flush_and_detach(WRITE_TIMEOUT);
         self.conn = None;
     }
 
     /// One command line: parsed, checked, executed. Every fd that came with it is either taken
     /// by the command or closed when this returns.
-    fn handle(&mut self, text: &[u8], fds: Vec<OwnedFd>) -> Reply {
-        let value: Value = match serde_json::from_slice(text) {
+    fn handle(&mut self, line: Received) -> Reply {
+        let value: Value = match serde_json::from_slice(&line.text) {
             Ok(value) => value,
             Err(e) => {
                 return error_reply(Refusal::new(format!("malformed JSON: {e}")), None);
             }
         };
         let id = value.get("id").cloned();
+        let names_fds = value
+            .get("arguments")
+            .and_then(|a| a.get("fds"))
+            .and_then(Value::as_array)
+            .is_some_and(|names| !names.is_empty());
+        let fds_missing_in = self.conn.as_mut().map(|conn| {
+            if names_fds && line.fds.is_empty() {
+                conn.fds_missing_in = Some(line.end_read);
+            }
+            conn.fds_missing_in
+        });
+        if line.fds_dropped {
+            return error_reply(
+                Refusal::new(format!(
+                    "more than {} fds came with this line, or the helper's fd table is full: \
+                     they were closed",
+                    lines::MAX_FDS
+                )),
+                id,
+            );
+        }
+        if line.fds_read.is_some() && line.fds_read == fds_missing_in.flatten() {
+            // The kernel hands a message's fds to its last line: they were sent for the earlier
+            // line that names fds and got none, not for this one.
+            return error_reply(
+                Refusal::new(
+                    "these fds came in one message with an earlier line that names fds: send \
+                     each command that carries fds in a sendmsg of its own (they were closed)",
+                ),
+                id,
+            );
+        }
+        let fds = line.fds;
         let request: Request = match serde_json::from_value(value) {
             Ok(request) => request,
             Err(e) => {

@@ -235,14 +235,21 @@ pub fn adopt_device_fd(fd: RawFd) -> Result<OwnedFd, VfioError> {
     adopt(fd, check_device_raw)
 }
 
-/// Receives one message and the fds passed with it (SCM_RIGHTS, MSG_CMSG_CLOEXEC), each an
-/// `OwnedFd` from arrival. Returns (bytes, fds). A truncated control message (more fds than
-/// `max_fds`) is an error and every fd that did arrive is closed.
-pub fn recv_with_fds(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    max_fds: usize,
-) -> io::Result<(usize, Vec<OwnedFd>)> {
+/// What one `recvmsg` brought.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer.
+    pub len: usize,
+    /// The fds passed with them, each owned from arrival.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped fds (MSG_CTRUNC: more than `max_fds`, or the fd table is full); then
+    /// `fds` is empty, the ones that did arrive closed, as the message's fds are not whole.
+    pub fds_dropped: bool,
+}
+
+/// Receives one message and the fds passed with it (SCM_RIGHTS, MSG_CMSG_CLOEXEC). A truncated
+/// control message still returns its bytes, with `fds_dropped` set.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
     let fd_bytes = max_fds.saturating_mul(std::mem::size_of::<RawFd>());
     let fd_bytes32 =
         u32::try_from(fd_bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -292,14 +299,15 @@ pub fn recv_with_fds(
             cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        drop(fds);
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "more file descriptors arrived than expected (MSG_CTRUNC)",
-        ));
+    let fds_dropped = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if fds_dropped {
+        fds.clear();
     }
-    Ok((n, fds))
+    Ok(Received {
+        len: n,
+        fds,
+        fds_dropped,
+    })
 }
 
 /// Sends `buf` with `fds` attached (SCM_RIGHTS). Returns the bytes sent.
@@ -476,9 +484,11 @@ mod tests {
         let sent = send_with_fds(a.as_fd(), b"hello", &[r.as_fd(), m.as_fd()]).unwrap();
         assert_eq!(sent, 5);
         let mut buf = [0u8; 16];
-        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 4).unwrap();
-        assert_eq!(&buf[..n], b"hello");
+        let got = recv_with_fds(b.as_fd(), &mut buf, 4).unwrap();
+        let fds = got.fds;
+        assert_eq!(&buf[..got.len], b"hello");
         assert_eq!(fds.len(), 2);
+        assert!(!got.fds_dropped);
         for fd in &fds {
             let flags = os::get_fd_flags(fd.as_fd().as_raw_fd()).unwrap();
             assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
@@ -489,14 +499,18 @@ mod tests {
         assert_eq!(os::read(fds[0].as_fd(), &mut one).unwrap(), 1);
         check_data_fd(fds[0].as_fd(), DataDirection::Save).unwrap();
 
-        // More fds than room: an error, and nothing leaks into the table unowned.
+        // More fds than room: the bytes arrive, the fds are reported dropped, and the one
+        // that fit is not handed out as if the message were whole.
         send_with_fds(a.as_fd(), b"x", &[r.as_fd(), m.as_fd(), w.as_fd()]).unwrap();
-        let err = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let got = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap();
+        assert_eq!(
+            (&buf[..got.len], got.fds.len(), got.fds_dropped),
+            (&b"x"[..], 0, true)
+        );
 
         // No fds at all.
         send_with_fds(a.as_fd(), b"plain", &[]).unwrap();
-        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 2).unwrap();
-        assert_eq!((n, fds.len()), (5, 0));
+        let got = recv_with_fds(b.as_fd(), &mut buf, 2).unwrap();
+        assert_eq!((got.len, got.fds.len(), got.fds_dropped), (5, 0, false));
     }
 }
