@@ -15,7 +15,7 @@ use vfio::sim::fault::Fault;
 use vfio::sim::{config_blob, DeviceSpeed, SimSink, SimSource, SimSpec};
 use vfio::{MigState, MigrationDevice, MigrationFlags, Owner, PrecopyInfo, VfioError};
 use vfio_multifd::config::ChannelOrder;
-use vfio_multifd::engine::{self, Engine, EngineConfig, EngineKind, Progress};
+use vfio_multifd::engine::{self, DataPlaneError, Engine, EngineConfig, EngineKind, Progress};
 use vfio_multifd::error::SessionError;
 use vfio_multifd::session::dest::{DestInput, DestOutcome, DestParams, DestSession};
 use vfio_multifd::session::link::{ControlLink, Notice, Phase, VmmCommand};
@@ -375,6 +375,60 @@ fn destination_rejection_returns_source_devices_to_running() {
         states(dest_devices.iter().map(|d| d.device.as_ref())),
         vec![MigState::Running; 2]
     );
+}
+
+/// A source device whose data_fd fails (EIO, mid-stream) is named as the cause, with both
+/// engines: the destination's "every channel closed" that follows it is only its consequence.
+#[test]
+fn a_source_device_read_error_is_reported_as_ours_not_the_destinations() {
+    for kind in [EngineKind::Uring, EngineKind::Threads] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let params = source_params(&listener, 2, Duration::from_secs(30));
+        let dest = spawn_dest(
+            listener,
+            sinks(2, 1 << 20, 0),
+            kind,
+            2,
+            Duration::from_secs(30),
+        );
+        let mut devices = sources(2, 1 << 20, None);
+        let faulty = SimSource::with_fault(
+            &id(1).to_string(),
+            spec(1, 1 << 20, None),
+            Fault::Errno {
+                at: 300 << 10,
+                errno: libc::EIO,
+            },
+        )
+        .unwrap();
+        devices[1].device = Box::new(faulty);
+        let err = SourceSession::new(
+            params,
+            &mut devices,
+            engine(kind),
+            Arc::new(Progress::default()),
+        )
+        .run()
+        .unwrap_err();
+        let text = vfio_multifd::error::error_chain(&err);
+        assert!(
+            matches!(
+                err,
+                SessionError::DataPlane {
+                    source: DataPlaneError::ReadDevice { .. },
+                    ..
+                }
+            ),
+            "{kind:?}: {text}"
+        );
+        assert!(text.contains(&id(1).to_string()), "{kind:?}: {text}");
+        assert_eq!(
+            states(devices.iter().map(|d| d.device.as_ref())),
+            vec![MigState::Running; 2]
+        );
+        let (dest_result, _) = dest.join().unwrap();
+        assert!(dest_result.is_err());
+    }
 }
 
 #[test]

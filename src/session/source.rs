@@ -37,7 +37,8 @@ use vfio::{MigState, MigrationDevice};
 
 use crate::config::ChannelOrder;
 use crate::engine::{
-    monotonic_ns, Engine, EngineKind, Progress, SourceDevice, SourcePlan, SourceReport,
+    monotonic_ns, DataPlaneError, Engine, EngineKind, Progress, SourceDevice, SourcePlan,
+    SourceReport,
 };
 use crate::error::error_chain;
 use crate::error::{MainChannelError, SessionError};
@@ -720,11 +721,17 @@ impl<'a> SourceSession<'a> {
             }),
             Event::Peer(Err(err)) => SessionError::Main(err),
             Event::Engine(Ok(Err(source))) => {
+                // A device of ours that failed to read is the cause: the destination only saw
+                // the channels close after it.
+                let ours = matches!(source, DataPlaneError::ReadDevice { .. });
                 let local = SessionError::DataPlane {
                     engine: self.engine.kind().name(),
                     source,
                 };
-                // The destination's account names the device it failed on; prefer it.
+                if ours {
+                    return local;
+                }
+                // Otherwise the destination's account names the device it failed on; prefer it.
                 let peer = self
                     .driver
                     .linger_for_peer(PEER_ACCOUNT_GRACE, |m| match m {

@@ -136,6 +136,14 @@ fn check_data_raw(fd: RawFd, direction: DataDirection) -> Result<(), VfioError> 
         step: "fcntl(F_GETFL)",
         source,
     })?;
+    if fl & libc::O_PATH != 0 {
+        // O_PATH reads as O_RDONLY in the access mode, but nothing can be read or written.
+        return Err(VfioError::BadFd {
+            fd,
+            expected,
+            found: format!("{} opened with O_PATH", file_type_name(st.st_mode)),
+        });
+    }
     let mode = fl & libc::O_ACCMODE;
     let ok = match direction {
         DataDirection::Save => mode == libc::O_RDONLY || mode == libc::O_RDWR,
@@ -376,6 +384,7 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
     use std::os::fd::{AsFd, IntoRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::net::{UnixListener, UnixStream};
 
     /// Makes `fd` look inherited over exec (no FD_CLOEXEC) and gives up ownership of it.
@@ -498,6 +507,14 @@ mod tests {
         let mut one = [0u8; 1];
         assert_eq!(os::read(fds[0].as_fd(), &mut one).unwrap(), 1);
         check_data_fd(fds[0].as_fd(), DataDirection::Save).unwrap();
+        let path_only: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open("/proc/self/exe")
+            .unwrap()
+            .into();
+        let err = check_data_fd(path_only.as_fd(), DataDirection::Save).unwrap_err();
+        assert!(err.to_string().contains("O_PATH"), "{err}");
 
         // More fds than room: the bytes arrive, the fds are reported dropped, and the one
         // that fit is not handed out as if the message were whole.
