@@ -66,7 +66,7 @@ use crate::session::stream::Conn;
 use crate::wire::{parse_uuid, DeviceId};
 
 use lines::{Line, LineReader};
-use migration::{Hold, Migration, Plan, Registered, Role, Shared, Status, Transport};
+use migration::{Migration, Plan, Registered, Role, Shared, Status, Transport};
 use schema::{
     base64_decode, AddDevice, DeviceMode, ErrorBody, ErrorClass, Greeting, GreetingBody,
     LoadConfigReady, MigrateIncoming, MigrateOutgoing, NoArguments, OnOffAuto, OwnerArg, Query,
@@ -1290,12 +1290,8 @@ impl Server {
                 status.name()
             )));
         }
-        let still_held = self.shared.release_configs(index);
-        if still_held == 0 {
-            if let Some(migration) = &self.migration {
-                let _ = migration.hold.send(Hold::Released);
-            }
-        }
+        let hold = self.migration.as_ref().map(|m| &m.hold);
+        let still_held = self.shared.release_configs(index, hold);
         Ok(json!({ "held": still_held }))
     }
 
