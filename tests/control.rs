@@ -813,6 +813,22 @@ fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
         &[],
         "idstr",
     );
+    // A handle is capped like an idstr.
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "id": "h".repeat(256), "mode": "data-fd" }),
+        &[],
+        "id is 256 bytes, above the 255-byte limit",
+    );
+    let longest = "h".repeat(255);
+    ok(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "id": longest, "mode": "data-fd" }),
+        &[],
+    );
+    ok(&mut c, "remove-device", json!({ "device": longest }), &[]);
     refused_with(
         &mut c,
         "add-device",

@@ -70,7 +70,7 @@ use migration::{Migration, Plan, Registered, Role, Shared, Status, Transport};
 use schema::{
     base64_decode, AddDevice, DeviceMode, ErrorBody, ErrorClass, Greeting, GreetingBody,
     LoadConfigReady, MigrateIncoming, MigrateOutgoing, NoArguments, OnOffAuto, OwnerArg, Query,
-    RemoveDevice, Reply, Request, SetLimits, UpdateDevice, PROTOCOL_VERSION,
+    RemoveDevice, Reply, Request, SetLimits, UpdateDevice, MAX_ID_BYTES, PROTOCOL_VERSION,
 };
 
 /// How long the control thread sleeps in poll between looks at the migration thread.
@@ -726,6 +726,12 @@ impl Server {
         let handle = a.id.clone().unwrap_or_else(|| id.to_string());
         if handle.is_empty() {
             return Err(Refusal::new("add-device: id must not be empty"));
+        }
+        if a.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
+            return Err(Refusal::new(format!(
+                "add-device: id is {} bytes, above the {MAX_ID_BYTES}-byte limit",
+                handle.len()
+            )));
         }
         if self.registry.iter().any(|d| d.handle == handle) {
             return Err(Refusal::new(format!(
