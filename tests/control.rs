@@ -1084,6 +1084,37 @@ fn a_second_vmm_is_turned_away_and_the_first_keeps_serving() {
     );
 }
 
+#[test]
+fn a_main_channel_that_goes_quiet_fails_naming_the_wait_and_the_timeout() {
+    let helper = Helper::start("quiet-main");
+    let mut d = helper.client();
+    let (_r, w) = vfio::fd::pipe().unwrap();
+    ok(
+        &mut d,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[w.as_fd()],
+    );
+    let (a, b, names) = channel_pairs(1);
+    ok(
+        &mut d,
+        "migrate-incoming",
+        json!({ "channels": 1, "fds": names, "timeout": 1 }),
+        &borrowed(&b),
+    );
+    drop(b);
+    // The file header, then nothing.
+    let mut main = UnixStream::from(a[0].try_clone().unwrap());
+    std::io::Write::write_all(&mut main, b"QEVM\0\0\0\x03").unwrap();
+    let (end, _) = wait_for(&mut d, "the migration's end", terminal);
+    let error = end.data["error"].as_str().unwrap_or_default();
+    assert_eq!(end.data["status"], "failed", "{}", end.data);
+    assert!(
+        error.contains("timed out after 1s waiting for the CONFIGURATION section"),
+        "{error}"
+    );
+}
+
 /// The child half of the credentials test: run as another uid by `setpriv`.
 #[test]
 fn credentials_client_role() {
