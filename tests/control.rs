@@ -57,6 +57,11 @@ impl Helper {
     fn start_with(name: &str, flags: &[&str]) -> Helper {
         let dir = scratch(name);
         let socket = dir.join("control.sock");
+        Helper::start_at(dir, socket, flags)
+    }
+
+    /// At `socket`, in `dir` (removed with the helper).
+    fn start_at(dir: PathBuf, socket: PathBuf, flags: &[&str]) -> Helper {
         let child = Command::new(BIN)
             .args(["serve", "--socket-path"])
             .arg(&socket)
@@ -1082,6 +1087,68 @@ fn a_second_vmm_is_turned_away_and_the_first_keeps_serving() {
         json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd" }),
         &[],
     );
+}
+
+/// `serve --socket-path socket`, which must fail within 10 s: its stderr.
+fn serve_fails(socket: &std::path::Path) -> String {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--socket-path"])
+        .arg(socket)
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve --socket-path {socket:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Connects to a helper that may still be replacing a stale socket at `socket`.
+fn connect_soon(socket: &std::path::Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(socket) {
+            Ok(client) => return client,
+            Err(e) => assert!(Instant::now() < deadline, "{socket:?}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_live_control_socket_is_kept_and_a_helper_removes_only_its_own() {
+    let mut first = Helper::start("live");
+    let err = serve_fails(&first.socket);
+    let shown = first.socket.display().to_string();
+    assert!(
+        err.contains(&format!("another helper is serving on {shown}")),
+        "{err}"
+    );
+    let mut c = first.client();
+    ok(&mut c, "query", json!({}), &[]);
+    // The path deleted under the first helper and taken by a second: the first one's exit
+    // leaves the second's socket alone.
+    std::fs::remove_file(&first.socket).unwrap();
+    let mut second = Helper::start_at(scratch("live-second"), first.socket.clone(), &[]);
+    ok(&mut c, "quit", json!({}), &[]);
+    assert!(first.wait_exit().success());
+    ok(&mut second.client(), "query", json!({}), &[]);
+    // A socket nobody listens on any more is stale: the next helper replaces it.
+    second.kill();
+    assert!(first.socket.exists());
+    let third = Helper::start_at(scratch("live-third"), first.socket.clone(), &[]);
+    ok(&mut connect_soon(&third.socket), "query", json!({}), &[]);
 }
 
 #[test]

@@ -48,7 +48,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -175,6 +175,14 @@ impl TryFrom<&ServeArgs> for ServeConfig {
 pub enum ControlError {
     #[error("the control socket path {path} exists and is not a socket")]
     NotASocket { path: PathBuf },
+    #[error("another helper is serving on {path}")]
+    Serving { path: PathBuf },
+    #[error("checking whether a helper still serves the control socket {path}")]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("removing the stale control socket {path}")]
     RemoveStale {
         path: PathBuf,
@@ -249,13 +257,27 @@ pub fn serve(config: &ServeConfig) -> Result<(), ControlError> {
     handle.join().map_err(|_| ControlError::Panicked)?
 }
 
-/// The socket path, removed when the server ends.
-struct SocketFile(PathBuf);
+/// The socket path, removed when the server ends unless it is no longer this helper's socket
+/// (a later helper took the path over after this one's was deleted): that one must keep it.
+struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket this helper bound.
+    inode: (u64, u64),
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            log::debug!("removing {}: {e}", self.0.display());
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    log::debug!("removing {}: {e}", self.path.display());
+                }
+            }
+            Ok(_) => log::info!(
+                "{} is no longer this helper's socket; left in place",
+                self.path.display()
+            ),
+            Err(e) => log::debug!("{}: {e}", self.path.display()),
         }
     }
 }
@@ -311,20 +333,33 @@ struct Prepared {
     not_moved: Vec<String>,
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ControlError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| ControlError::RemoveStale {
+            let live = served(path).map_err(|source| ControlError::Probe {
                 path: path.into(),
                 source,
-            })?
+            })?;
+            if live {
+                return Err(ControlError::Serving { path: path.into() });
+            }
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(ControlError::RemoveStale {
+                        path: path.into(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
         }
         Ok(_) => return Err(ControlError::NotASocket { path: path.into() }),
         Err(_) => {}
     }
-    // Bound and made 0600 under a temporary name, then renamed into place: the path appears
+    // Bound and made 0600 under a temporary name, then linked into place: the path appears
     // only once it is listening with its final mode, so a VMM that waits for it to exist can
-    // connect at once, and nobody else ever sees a looser socket.
+    // connect at once, and nobody else ever sees a looser socket. A link, unlike a rename,
+    // fails if a helper started at the same time placed its socket first.
     let mut staging = path.as_os_str().to_owned();
     staging.push(format!(".{}.tmp", std::process::id()));
     let staging = std::path::PathBuf::from(staging);
@@ -339,16 +374,42 @@ fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             source,
         })
         .and_then(|()| {
-            std::fs::rename(&staging, path).map_err(|source| ControlError::Bind {
+            let meta =
+                std::fs::symlink_metadata(&staging).map_err(|source| ControlError::Bind {
+                    path: staging.clone(),
+                    source,
+                })?;
+            std::fs::hard_link(&staging, path).map_err(|source| ControlError::Bind {
                 path: path.into(),
                 source,
-            })
+            })?;
+            Ok((meta.dev(), meta.ino()))
         });
-    if let Err(err) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(err);
+    let _ = std::fs::remove_file(&staging);
+    let file = SocketFile {
+        path: path.into(),
+        inode: placed?,
+    };
+    Ok((listener, file))
+}
+
+/// Whether something listens on the socket at `path`: only a refused connection (or no
+/// socket any more) says nobody does. Non-blocking, so that a listener that does not accept
+/// cannot stall this start (a full backlog answers EAGAIN: someone listens).
+fn served(path: &Path) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(probe.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => Ok(true),
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(listener)
 }
 
 /// The peer must run as this helper's uid or as root.
@@ -399,8 +460,9 @@ impl Server {
         };
         match endpoint {
             Endpoint::Path(path) => {
-                server.listener = Some(bind(path)?);
-                server._file = Some(SocketFile(path.clone()));
+                let (listener, file) = bind(path)?;
+                server.listener = Some(listener);
+                server._file = Some(file);
                 log::info!("control socket {}", path.display());
             }
             Endpoint::Fd(fd) => match vfio::fd::adopt_unix_listener(*fd) {
