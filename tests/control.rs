@@ -1152,6 +1152,29 @@ fn a_live_control_socket_is_kept_and_a_helper_removes_only_its_own() {
 }
 
 #[test]
+fn a_socket_path_that_fills_sun_path_works_and_a_longer_one_is_refused_by_name() {
+    let dir = scratch("long");
+    let at = |len: usize, name_len: usize| {
+        let parent = len - name_len - 1 - dir.as_os_str().len() - 1;
+        dir.join("d".repeat(parent)).join("s".repeat(name_len))
+    };
+    for name_len in [60, 3] {
+        // 107 bytes: sun_path's 108 with the NUL.
+        let socket = at(107, name_len);
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let helper = Helper::start_at(scratch("long-helper"), socket.clone(), &[]);
+        ok(&mut helper.client(), "quit", json!({}), &[]);
+    }
+    let socket = at(108, 3);
+    let err = serve_fails(&socket);
+    assert!(
+        err.contains(&socket.display().to_string()) && err.contains("108 bytes"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_main_channel_that_goes_quiet_fails_naming_the_wait_and_the_timeout() {
     let helper = Helper::start("quiet-main");
     let mut d = helper.client();

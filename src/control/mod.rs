@@ -183,6 +183,11 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the control socket path {path} is {len} bytes; a unix socket path holds at most {} bytes (sun_path is {SUN_PATH} with the NUL)",
+        SUN_PATH - 1
+    )]
+    PathTooLong { path: PathBuf, len: usize },
     #[error("removing the stale control socket {path}")]
     RemoveStale {
         path: PathBuf,
@@ -333,7 +338,17 @@ struct Prepared {
     not_moved: Vec<String>,
 }
 
+/// The size of sun_path, the terminating NUL included.
+const SUN_PATH: usize = 108;
+
 fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ControlError> {
+    let len = path.as_os_str().len();
+    if len >= SUN_PATH {
+        return Err(ControlError::PathTooLong {
+            path: path.into(),
+            len,
+        });
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             let live = served(path).map_err(|source| ControlError::Probe {
@@ -360,14 +375,7 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ControlError> {
     // only once it is listening with its final mode, so a VMM that waits for it to exist can
     // connect at once, and nobody else ever sees a looser socket. A link, unlike a rename,
     // fails if a helper started at the same time placed its socket first.
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(format!(".{}.tmp", std::process::id()));
-    let staging = std::path::PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(|source| ControlError::Bind {
-        path: staging.clone(),
-        source,
-    })?;
+    let (listener, staging) = bind_staging(path)?;
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| ControlError::Chmod {
             path: staging.clone(),
@@ -409,6 +417,31 @@ fn served(path: &Path) -> io::Result<bool> {
         Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => Ok(true),
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Binds a socket beside `path` under a short name that fits sun_path whenever `path` does
+/// (`PATH.PID.tmp` would not when `path` nearly fills it). Names taken by others are skipped,
+/// never removed.
+fn bind_staging(path: &Path) -> Result<(UnixListener, PathBuf), ControlError> {
+    let name_len = path.file_name().map_or(0, |n| n.len());
+    let room = SUN_PATH - 1 - (path.as_os_str().len() - name_len);
+    let pid = std::process::id();
+    let mut attempt = 0u32;
+    loop {
+        let mut name = format!(".{attempt:x}{pid:x}");
+        name.truncate(room);
+        let staging = path.with_file_name(name);
+        match UnixListener::bind(&staging) {
+            Ok(listener) => return Ok((listener, staging)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < 15 => attempt += 1,
+            Err(source) => {
+                return Err(ControlError::Bind {
+                    path: staging,
+                    source,
+                })
+            }
+        }
     }
 }
 
