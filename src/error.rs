@@ -131,6 +131,8 @@ pub enum MainChannelError {
         #[source]
         source: io::Error,
     },
+    #[error("timed out after {after:?} waiting for {what}")]
+    TimedOut { what: &'static str, after: Duration },
     #[error("the peer closed the main channel while {what} was expected")]
     Closed { what: &'static str },
     #[error("main channel: malformed {what} at stream offset {offset}")]
@@ -163,6 +165,24 @@ pub enum MainChannelError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl MainChannelError {
+    /// A read that ended because the socket's read timeout `after` passed (EAGAIN is how
+    /// SO_RCVTIMEO ends a read), told as the wait it was.
+    pub fn timed_out(self, after: Duration) -> Self {
+        match self {
+            Self::Read { what, source }
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Self::TimedOut { what, after }
+            }
+            other => other,
+        }
+    }
 }
 
 /// A migration session, by step. Device variants name the device, data-plane failures carry

@@ -57,6 +57,11 @@ impl Helper {
     fn start_with(name: &str, flags: &[&str]) -> Helper {
         let dir = scratch(name);
         let socket = dir.join("control.sock");
+        Helper::start_at(dir, socket, flags)
+    }
+
+    /// At `socket`, in `dir` (removed with the helper).
+    fn start_at(dir: PathBuf, socket: PathBuf, flags: &[&str]) -> Helper {
         let child = Command::new(BIN)
             .args(["serve", "--socket-path"])
             .arg(&socket)
@@ -816,6 +821,22 @@ fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
         &[],
         "idstr",
     );
+    // A handle is capped like an idstr.
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "id": "h".repeat(256), "mode": "data-fd" }),
+        &[],
+        "id is 256 bytes, above the 255-byte limit",
+    );
+    let longest = "h".repeat(255);
+    ok(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "id": longest, "mode": "data-fd" }),
+        &[],
+    );
+    ok(&mut c, "remove-device", json!({ "device": longest }), &[]);
     refused_with(
         &mut c,
         "add-device",
@@ -1136,6 +1157,43 @@ fn a_vmm_that_reads_late_gets_every_answer_and_keeps_its_connection() {
     }
 }
 
+/// `serve --socket-path socket`, which must fail within 10 s: its stderr.
+fn serve_fails(socket: &std::path::Path) -> String {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--socket-path"])
+        .arg(socket)
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve --socket-path {socket:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Connects to a helper that may still be replacing a stale socket at `socket`.
+fn connect_soon(socket: &std::path::Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(socket) {
+            Ok(client) => return client,
+            Err(e) => assert!(Instant::now() < deadline, "{socket:?}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Fds sent in one message with two lines that name fds reach neither: the second line would
 /// otherwise take the first one's data_fd. The same holds for fds beyond 253 on one line, which
 /// close on arrival instead of piling up.
@@ -1198,6 +1256,85 @@ fn fds_meant_for_another_line_or_beyond_the_limit_are_refused_and_closed() {
     );
     helper.settles_to(base_fds, helper.threads());
     ok(&mut c, "query", json!({}), &[]);
+}
+
+#[test]
+fn a_live_control_socket_is_kept_and_a_helper_removes_only_its_own() {
+    let mut first = Helper::start("live");
+    let err = serve_fails(&first.socket);
+    let shown = first.socket.display().to_string();
+    assert!(
+        err.contains(&format!("another helper is serving on {shown}")),
+        "{err}"
+    );
+    let mut c = first.client();
+    ok(&mut c, "query", json!({}), &[]);
+    // The path deleted under the first helper and taken by a second: the first one's exit
+    // leaves the second's socket alone.
+    std::fs::remove_file(&first.socket).unwrap();
+    let mut second = Helper::start_at(scratch("live-second"), first.socket.clone(), &[]);
+    ok(&mut c, "quit", json!({}), &[]);
+    assert!(first.wait_exit().success());
+    ok(&mut second.client(), "query", json!({}), &[]);
+    // A socket nobody listens on any more is stale: the next helper replaces it.
+    second.kill();
+    assert!(first.socket.exists());
+    let third = Helper::start_at(scratch("live-third"), first.socket.clone(), &[]);
+    ok(&mut connect_soon(&third.socket), "query", json!({}), &[]);
+}
+
+#[test]
+fn a_socket_path_that_fills_sun_path_works_and_a_longer_one_is_refused_by_name() {
+    let dir = scratch("long");
+    let at = |len: usize, name_len: usize| {
+        let parent = len - name_len - 1 - dir.as_os_str().len() - 1;
+        dir.join("d".repeat(parent)).join("s".repeat(name_len))
+    };
+    for name_len in [60, 3] {
+        // 107 bytes: sun_path's 108 with the NUL.
+        let socket = at(107, name_len);
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let helper = Helper::start_at(scratch("long-helper"), socket.clone(), &[]);
+        ok(&mut helper.client(), "quit", json!({}), &[]);
+    }
+    let socket = at(108, 3);
+    let err = serve_fails(&socket);
+    assert!(
+        err.contains(&socket.display().to_string()) && err.contains("108 bytes"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_main_channel_that_goes_quiet_fails_naming_the_wait_and_the_timeout() {
+    let helper = Helper::start("quiet-main");
+    let mut d = helper.client();
+    let (_r, w) = vfio::fd::pipe().unwrap();
+    ok(
+        &mut d,
+        "add-device",
+        json!({ "idstr": "0000:00:02.0/vfio", "mode": "data-fd", "fds": ["data-fd"] }),
+        &[w.as_fd()],
+    );
+    let (a, b, names) = channel_pairs(1);
+    ok(
+        &mut d,
+        "migrate-incoming",
+        json!({ "channels": 1, "fds": names, "timeout": 1 }),
+        &borrowed(&b),
+    );
+    drop(b);
+    // The file header, then nothing.
+    let mut main = UnixStream::from(a[0].try_clone().unwrap());
+    std::io::Write::write_all(&mut main, b"QEVM\0\0\0\x03").unwrap();
+    let (end, _) = wait_for(&mut d, "the migration's end", terminal);
+    let error = end.data["error"].as_str().unwrap_or_default();
+    assert_eq!(end.data["status"], "failed", "{}", end.data);
+    assert!(
+        error.contains("timed out after 1s waiting for the CONFIGURATION section"),
+        "{error}"
+    );
 }
 
 /// The child half of the credentials test: run as another uid by `setpriv`.

@@ -327,8 +327,10 @@ impl Shared {
     }
 
     /// `load-config-ready`: marks devices ready and hands over the configs held for them.
-    /// Returns how many configs are still held afterwards.
-    pub fn release_configs(&self, device: Option<usize>) -> usize {
+    /// Returns how many configs are still held afterwards. Tells `hold` only when this call
+    /// released the last held config: the migration thread reads it only while configs are
+    /// held, so a message per call would pile up unread for the migration's life.
+    pub fn release_configs(&self, device: Option<usize>, hold: Option<&Sender<Hold>>) -> usize {
         let mut released = Vec::new();
         let still_held = {
             let mut inner = self.lock();
@@ -344,8 +346,13 @@ impl Shared {
             }
             inner.devices.iter().filter(|d| d.held.is_some()).count()
         };
+        let last = still_held == 0 && !released.is_empty();
         for data in released {
             self.events.emit("DEVICE_LOADED", data);
+        }
+        // After the events: once woken, the migration thread may report its end at once.
+        if let (true, Some(hold)) = (last, hold) {
+            let _ = hold.send(Hold::Released);
         }
         still_held
     }
@@ -940,30 +947,47 @@ pub fn query(inner: &Inner, timestamps: bool) -> Value {
 mod tests {
     use super::*;
 
+    fn view(i: u32, held: Option<Vec<u8>>) -> DeviceView {
+        DeviceView {
+            handle: format!("nic{i}"),
+            id: DeviceId::new(format!("0000:0{i}:02.0/vfio"), 0).unwrap(),
+            mode: DeviceMode::Device,
+            precopy: false,
+            hold_config: held.is_some(),
+            status: "migrating",
+            has_data_fd: false,
+            has_config: false,
+            bytes: None,
+            data_packets: None,
+            state: Some("stop-copy".into()),
+            timestamps: Vec::new(),
+            max_queued: None,
+            peak_queued_bytes: None,
+            ready: false,
+            held,
+        }
+    }
+
+    #[test]
+    fn only_releasing_the_last_held_config_wakes_the_migration_thread() {
+        let shared = Shared::new();
+        shared.lock().devices = vec![view(0, Some(vec![1])), view(1, Some(vec![2]))];
+        let (hold, woken) = mpsc::channel();
+        assert_eq!(shared.release_configs(Some(0), Some(&hold)), 1);
+        assert_eq!(woken.try_iter().count(), 0, "a config is still held");
+        for _ in 0..1000 {
+            assert_eq!(shared.release_configs(None, Some(&hold)), 0);
+        }
+        assert_eq!(woken.try_iter().collect::<Vec<_>>(), [Hold::Released]);
+    }
+
     #[test]
     fn a_panicking_migration_still_ends_with_a_final_status_and_unknown_devices() {
         let shared = Shared::new();
         {
             let mut inner = shared.lock();
             inner.status = Status::StopCopy;
-            inner.devices = vec![DeviceView {
-                handle: "nic0".into(),
-                id: DeviceId::new("0000:00:02.0/vfio", 0).unwrap(),
-                mode: DeviceMode::Device,
-                precopy: false,
-                hold_config: false,
-                status: "migrating",
-                has_data_fd: false,
-                has_config: false,
-                bytes: None,
-                data_packets: None,
-                state: Some("stop-copy".into()),
-                timestamps: Vec::new(),
-                max_queued: None,
-                peak_queued_bytes: None,
-                ready: false,
-                held: None,
-            }];
+            inner.devices = vec![view(0, None)];
         }
         let cancel = AtomicBool::new(false);
         let shared_in = shared.clone();

@@ -49,7 +49,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,11 +67,11 @@ use crate::session::stream::Conn;
 use crate::wire::{parse_uuid, DeviceId};
 
 use lines::{Line, LineReader, Received};
-use migration::{Hold, Migration, Plan, Registered, Role, Shared, Status, Transport};
+use migration::{Migration, Plan, Registered, Role, Shared, Status, Transport};
 use schema::{
     base64_decode, AddDevice, DeviceMode, ErrorBody, ErrorClass, Greeting, GreetingBody,
     LoadConfigReady, MigrateIncoming, MigrateOutgoing, NoArguments, OnOffAuto, OwnerArg, Query,
-    RemoveDevice, Reply, Request, SetLimits, UpdateDevice, PROTOCOL_VERSION,
+    RemoveDevice, Reply, Request, SetLimits, UpdateDevice, MAX_ID_BYTES, PROTOCOL_VERSION,
 };
 
 /// How long the control thread sleeps in poll between looks at the migration thread.
@@ -177,6 +177,19 @@ impl TryFrom<&ServeArgs> for ServeConfig {
 pub enum ControlError {
     #[error("the control socket path {path} exists and is not a socket")]
     NotASocket { path: PathBuf },
+    #[error("another helper is serving on {path}")]
+    Serving { path: PathBuf },
+    #[error("checking whether a helper still serves the control socket {path}")]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the control socket path {path} is {len} bytes; a unix socket path holds at most {} bytes (sun_path is {SUN_PATH} with the NUL)",
+        SUN_PATH - 1
+    )]
+    PathTooLong { path: PathBuf, len: usize },
     #[error("removing the stale control socket {path}")]
     RemoveStale {
         path: PathBuf,
@@ -251,13 +264,27 @@ pub fn serve(config: &ServeConfig) -> Result<(), ControlError> {
     handle.join().map_err(|_| ControlError::Panicked)?
 }
 
-/// The socket path, removed when the server ends.
-struct SocketFile(PathBuf);
+/// The socket path, removed when the server ends unless it is no longer this helper's socket
+/// (a later helper took the path over after this one's was deleted): that one must keep it.
+struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket this helper bound.
+    inode: (u64, u64),
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            log::debug!("removing {}: {e}", self.0.display());
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    log::debug!("removing {}: {e}", self.path.display());
+                }
+            }
+            Ok(_) => log::info!(
+                "{} is no longer this helper's socket; left in place",
+                self.path.display()
+            ),
+            Err(e) => log::debug!("{}: {e}", self.path.display()),
         }
     }
 }
@@ -317,44 +344,111 @@ struct Prepared {
     not_moved: Vec<String>,
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// The size of sun_path, the terminating NUL included.
+const SUN_PATH: usize = 108;
+
+fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ControlError> {
+    let len = path.as_os_str().len();
+    if len >= SUN_PATH {
+        return Err(ControlError::PathTooLong {
+            path: path.into(),
+            len,
+        });
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| ControlError::RemoveStale {
+            let live = served(path).map_err(|source| ControlError::Probe {
                 path: path.into(),
                 source,
-            })?
+            })?;
+            if live {
+                return Err(ControlError::Serving { path: path.into() });
+            }
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(ControlError::RemoveStale {
+                        path: path.into(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
         }
         Ok(_) => return Err(ControlError::NotASocket { path: path.into() }),
         Err(_) => {}
     }
-    // Bound and made 0600 under a temporary name, then renamed into place: the path appears
+    // Bound and made 0600 under a temporary name, then linked into place: the path appears
     // only once it is listening with its final mode, so a VMM that waits for it to exist can
-    // connect at once, and nobody else ever sees a looser socket.
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(format!(".{}.tmp", std::process::id()));
-    let staging = std::path::PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(|source| ControlError::Bind {
-        path: staging.clone(),
-        source,
-    })?;
+    // connect at once, and nobody else ever sees a looser socket. A link, unlike a rename,
+    // fails if a helper started at the same time placed its socket first.
+    let (listener, staging) = bind_staging(path)?;
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| ControlError::Chmod {
             path: staging.clone(),
             source,
         })
         .and_then(|()| {
-            std::fs::rename(&staging, path).map_err(|source| ControlError::Bind {
+            let meta =
+                std::fs::symlink_metadata(&staging).map_err(|source| ControlError::Bind {
+                    path: staging.clone(),
+                    source,
+                })?;
+            std::fs::hard_link(&staging, path).map_err(|source| ControlError::Bind {
                 path: path.into(),
                 source,
-            })
+            })?;
+            Ok((meta.dev(), meta.ino()))
         });
-    if let Err(err) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(err);
+    let _ = std::fs::remove_file(&staging);
+    let file = SocketFile {
+        path: path.into(),
+        inode: placed?,
+    };
+    Ok((listener, file))
+}
+
+/// Whether something listens on the socket at `path`: only a refused connection (or no
+/// socket any more) says nobody does. Non-blocking, so that a listener that does not accept
+/// cannot stall this start (a full backlog answers EAGAIN: someone listens).
+fn served(path: &Path) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(probe.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => Ok(true),
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(listener)
+}
+
+/// Binds a socket beside `path` under a short name that fits sun_path whenever `path` does
+/// (`PATH.PID.tmp` would not when `path` nearly fills it). Names taken by others are skipped,
+/// never removed.
+fn bind_staging(path: &Path) -> Result<(UnixListener, PathBuf), ControlError> {
+    let name_len = path.file_name().map_or(0, |n| n.len());
+    let room = SUN_PATH - 1 - (path.as_os_str().len() - name_len);
+    let pid = std::process::id();
+    let mut attempt = 0u32;
+    loop {
+        let mut name = format!(".{attempt:x}{pid:x}");
+        name.truncate(room);
+        let staging = path.with_file_name(name);
+        match UnixListener::bind(&staging) {
+            Ok(listener) => return Ok((listener, staging)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < 15 => attempt += 1,
+            Err(source) => {
+                return Err(ControlError::Bind {
+                    path: staging,
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// The peer must run as this helper's uid or as root.
@@ -405,8 +499,9 @@ impl Server {
         };
         match endpoint {
             Endpoint::Path(path) => {
-                server.listener = Some(bind(path)?);
-                server._file = Some(SocketFile(path.clone()));
+                let (listener, file) = bind(path)?;
+                server.listener = Some(listener);
+                server._file = Some(file);
                 log::info!("control socket {}", path.display());
             }
             Endpoint::Fd(fd) => match vfio::fd::adopt_unix_listener(*fd) {
@@ -782,6 +877,12 @@ impl Server {
         let handle = a.id.clone().unwrap_or_else(|| id.to_string());
         if handle.is_empty() {
             return Err(Refusal::new("add-device: id must not be empty"));
+        }
+        if a.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
+            return Err(Refusal::new(format!(
+                "add-device: id is {} bytes, above the {MAX_ID_BYTES}-byte limit",
+                handle.len()
+            )));
         }
         if self.registry.iter().any(|d| d.handle == handle) {
             return Err(Refusal::new(format!(
@@ -1346,12 +1447,8 @@ impl Server {
                 status.name()
             )));
         }
-        let still_held = self.shared.release_configs(index);
-        if still_held == 0 {
-            if let Some(migration) = &self.migration {
-                let _ = migration.hold.send(Hold::Released);
-            }
-        }
+        let hold = self.migration.as_ref().map(|m| &m.hold);
+        let still_held = self.shared.release_configs(index, hold);
         Ok(json!({ "held": still_held }))
     }
 

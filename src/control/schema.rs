@@ -183,7 +183,7 @@ impl Limit {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AddDevice {
     /// The VMM's handle for the device in later commands and events [default:
-    /// `IDSTR/INSTANCE-ID`].
+    /// `IDSTR/INSTANCE-ID`]; 1 to [`MAX_ID_BYTES`] bytes.
     #[serde(default)]
     pub id: Option<String>,
     /// QEMU's SaveStateEntry idstr (e.g. `0000:00:02.0/vfio`); 1 to 255 bytes, no NUL.
@@ -213,6 +213,10 @@ pub struct AddDevice {
     #[serde(default)]
     pub fds: Vec<String>,
 }
+
+/// The longest `add-device` `id`: as long as an idstr may be, so that what the helper keeps
+/// (and repeats in every event) per device stays small.
+pub const MAX_ID_BYTES: usize = 255;
 
 /// `update-device`.
 #[derive(Debug, Deserialize)]

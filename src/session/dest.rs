@@ -422,7 +422,7 @@ impl<'a> DestSession<'a> {
                 let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
                 let setup = main_reader
                     .read_setup(self.devices.len())
-                    .map_err(SessionError::Main)?;
+                    .map_err(|e| SessionError::Main(e.timed_out(self.params.timeout)))?;
                 self.check_setup(&setup)?;
                 // Sections are numbered in the source's device order, which may not be ours.
                 precopy_sections = setup
