@@ -1166,6 +1166,33 @@ fn dest_slow_packet_is_not_a_stall(kind: EngineKind) {
     d.loaded(&data, b"config");
 }
 
+/// A channel idle between packets is not a stall: channel 0 runs ahead with idx 1..=20 until it
+/// is held back (the uring engine's pool: 8 slots per worker, the last kept for the next idx;
+/// the threads engine's 1000-byte queued-bytes limit), while channel 1, which carries idx 0,
+/// sends nothing for 4 s (longer than the uring engine's former 3 s stall grace) and has not
+/// begun a packet. It could still deliver, so the run must wait for it and complete.
+fn dest_idle_channel_is_not_a_stall(kind: EngineKind) {
+    let config = EngineConfig {
+        max_queued_bytes: 1000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let data = pattern(7, 2100);
+    for (idx, chunk) in data.chunks(100).enumerate().skip(1) {
+        d.send(0, &packet(&id, idx as u32, false, chunk));
+    }
+    d.close(0);
+    thread::sleep(Duration::from_secs(4));
+    d.send(1, &packet(&id, 0, false, &data[..100]));
+    d.send(1, &packet(&id, 21, true, b"config"));
+    d.close(1);
+    let report = d.loaded(&data, b"config");
+    assert_eq!(report.devices[0].data_packets, 21);
+}
+
 /// Every open channel holds a packet its device has no room for and the device's next idx is
 /// behind them: a clear error naming both channels, the device and the idx, and no hang (the
 /// channels stay open).
@@ -1607,6 +1634,7 @@ per_engine!(
     dest_survives_mutated_streams,
     dest_stall_detected,
     dest_slow_packet_is_not_a_stall,
+    dest_idle_channel_is_not_a_stall,
     dest_empty_data_packet,
     dest_out_of_order_flood_is_bounded,
     dest_large_packet_flood_is_bounded,
