@@ -400,12 +400,10 @@ fn verify(t: &Transfer, out: Outcome) {
             _ => assert!(s.data_packets >= full_reads, "device {id}: data packets"),
         }
         assert_eq!(d.data_packets, s.data_packets, "device {id}: data packets");
-        assert_eq!(
-            s.read_issued_ns.len(),
-            s.data_packets as usize,
-            "device {id}"
-        );
-        assert_eq!(d.written_ns.len(), d.data_packets as usize, "device {id}");
+        // One timestamp per data packet, for the first MAX_PACKET_TIMESTAMPS of them.
+        let kept = (s.data_packets as usize).min(MAX_PACKET_TIMESTAMPS);
+        assert_eq!(s.read_issued_ns.len(), kept, "device {id}");
+        assert_eq!(d.written_ns.len(), kept, "device {id}");
         assert!(
             s.read_issued_ns.is_sorted(),
             "device {id}: reads are issued in idx order"
@@ -579,6 +577,28 @@ fn one_byte_device(kind: EngineKind) {
         kind,
         Transfer::new(4, vec![DevSpec::memfd(1, 64 << 10), DevSpec::memfd(1, 1)]),
     );
+}
+
+/// Per-packet timestamps stay bounded: a device of MAX_PACKET_TIMESTAMPS + 100 one-byte reads
+/// (as many packets) moves in full, and each side keeps the timestamps of the first
+/// MAX_PACKET_TIMESTAMPS packets only, still paired by idx (`verify`).
+fn timestamps_are_bounded(kind: EngineKind) {
+    let t = Transfer::new(2, vec![DevSpec::memfd(MAX_PACKET_TIMESTAMPS + 100, 1)]);
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    if let (Ok(source), Ok(dest)) = (&out.source, &out.dest) {
+        assert_eq!(
+            source.devices[0].data_packets as usize,
+            MAX_PACKET_TIMESTAMPS + 100
+        );
+        assert_eq!(
+            source.devices[0].read_issued_ns.len(),
+            MAX_PACKET_TIMESTAMPS
+        );
+        assert_eq!(dest.devices[0].written_ns.len(), MAX_PACKET_TIMESTAMPS);
+    }
+    verify(&t, out);
 }
 
 fn cross_engine(src: EngineKind, dst: EngineKind) {
@@ -1619,6 +1639,7 @@ per_engine!(
     zero_byte_device,
     one_chunk_device,
     one_byte_device,
+    timestamps_are_bounded,
     source_wire_bytes,
     dest_bad_magic,
     dest_unknown_idstr,

@@ -783,11 +783,7 @@ impl DestWorker<'_> {
         {
             let mut state = self.shared.state(op.device);
             let report = &mut state.report;
-            let idx = op.idx as usize;
-            if report.written_ns.len() <= idx {
-                report.written_ns.resize(idx + 1, 0);
-            }
-            report.written_ns[idx] = now;
+            record_packet_ns(&mut report.written_ns, op.idx, now);
             report.bytes += op.len as u64;
             report.data_packets += 1;
             state.reassembly.complete(op.len as u32);
