@@ -13,7 +13,8 @@
 //!   paced simulated device's feeder and drain threads run inside and are counted. `demo`
 //!   runs each side as its own child process, so each side's figure is its own.
 //! - **Latency**: per data packet, source read issued (`read_issued_ns[idx]`) -> destination
-//!   written to the device (`written_ns[idx]`), paired by device and idx.
+//!   written to the device (`written_ns[idx]`), paired by device and idx; each side keeps the
+//!   timestamps of a device's first [`crate::engine::MAX_PACKET_TIMESTAMPS`] packets only.
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -42,7 +43,8 @@ pub struct DeviceTimes {
     /// Destination: CLOCK_MONOTONIC when the device was loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_ns: Option<u64>,
-    /// Per data packet idx: read issued (source) or written (destination), CLOCK_MONOTONIC.
+    /// Per data packet idx: read issued (source) or written (destination), CLOCK_MONOTONIC; the
+    /// first [`crate::engine::MAX_PACKET_TIMESTAMPS`] packets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timestamps_ns: Vec<u64>,
 }

@@ -400,12 +400,10 @@ fn verify(t: &Transfer, out: Outcome) {
             _ => assert!(s.data_packets >= full_reads, "device {id}: data packets"),
         }
         assert_eq!(d.data_packets, s.data_packets, "device {id}: data packets");
-        assert_eq!(
-            s.read_issued_ns.len(),
-            s.data_packets as usize,
-            "device {id}"
-        );
-        assert_eq!(d.written_ns.len(), d.data_packets as usize, "device {id}");
+        // One timestamp per data packet, for the first MAX_PACKET_TIMESTAMPS of them.
+        let kept = (s.data_packets as usize).min(MAX_PACKET_TIMESTAMPS);
+        assert_eq!(s.read_issued_ns.len(), kept, "device {id}");
+        assert_eq!(d.written_ns.len(), kept, "device {id}");
         assert!(
             s.read_issued_ns.is_sorted(),
             "device {id}: reads are issued in idx order"
@@ -579,6 +577,28 @@ fn one_byte_device(kind: EngineKind) {
         kind,
         Transfer::new(4, vec![DevSpec::memfd(1, 64 << 10), DevSpec::memfd(1, 1)]),
     );
+}
+
+/// Per-packet timestamps stay bounded: a device of MAX_PACKET_TIMESTAMPS + 100 one-byte reads
+/// (as many packets) moves in full, and each side keeps the timestamps of the first
+/// MAX_PACKET_TIMESTAMPS packets only, still paired by idx (`verify`).
+fn timestamps_are_bounded(kind: EngineKind) {
+    let t = Transfer::new(2, vec![DevSpec::memfd(MAX_PACKET_TIMESTAMPS + 100, 1)]);
+    let Some(out) = run_transfer(kind, kind, &t) else {
+        return;
+    };
+    if let (Ok(source), Ok(dest)) = (&out.source, &out.dest) {
+        assert_eq!(
+            source.devices[0].data_packets as usize,
+            MAX_PACKET_TIMESTAMPS + 100
+        );
+        assert_eq!(
+            source.devices[0].read_issued_ns.len(),
+            MAX_PACKET_TIMESTAMPS
+        );
+        assert_eq!(dest.devices[0].written_ns.len(), MAX_PACKET_TIMESTAMPS);
+    }
+    verify(&t, out);
 }
 
 fn cross_engine(src: EngineKind, dst: EngineKind) {
@@ -1166,6 +1186,33 @@ fn dest_slow_packet_is_not_a_stall(kind: EngineKind) {
     d.loaded(&data, b"config");
 }
 
+/// A channel idle between packets is not a stall: channel 0 runs ahead with idx 1..=20 until it
+/// is held back (the uring engine's pool: 8 slots per worker, the last kept for the next idx;
+/// the threads engine's 1000-byte queued-bytes limit), while channel 1, which carries idx 0,
+/// sends nothing for 4 s (longer than the uring engine's former 3 s stall grace) and has not
+/// begun a packet. It could still deliver, so the run must wait for it and complete.
+fn dest_idle_channel_is_not_a_stall(kind: EngineKind) {
+    let config = EngineConfig {
+        max_queued_bytes: 1000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
+        return;
+    };
+    let id = d.ids[0].clone();
+    let data = pattern(7, 2100);
+    for (idx, chunk) in data.chunks(100).enumerate().skip(1) {
+        d.send(0, &packet(&id, idx as u32, false, chunk));
+    }
+    d.close(0);
+    thread::sleep(Duration::from_secs(4));
+    d.send(1, &packet(&id, 0, false, &data[..100]));
+    d.send(1, &packet(&id, 21, true, b"config"));
+    d.close(1);
+    let report = d.loaded(&data, b"config");
+    assert_eq!(report.devices[0].data_packets, 21);
+}
+
 /// Every open channel holds a packet its device has no room for and the device's next idx is
 /// behind them: a clear error naming both channels, the device and the idx, and no hang (the
 /// channels stay open).
@@ -1592,6 +1639,7 @@ per_engine!(
     zero_byte_device,
     one_chunk_device,
     one_byte_device,
+    timestamps_are_bounded,
     source_wire_bytes,
     dest_bad_magic,
     dest_unknown_idstr,
@@ -1607,6 +1655,7 @@ per_engine!(
     dest_survives_mutated_streams,
     dest_stall_detected,
     dest_slow_packet_is_not_a_stall,
+    dest_idle_channel_is_not_a_stall,
     dest_empty_data_packet,
     dest_out_of_order_flood_is_bounded,
     dest_large_packet_flood_is_bounded,

@@ -168,7 +168,8 @@ pub struct DestPlan {
 }
 
 /// Per device, what the source did. `read_issued_ns[idx]` is CLOCK_MONOTONIC when the read of
-/// data packet idx was issued (the config packet has no read).
+/// data packet idx was issued (the config packet has no read), for the first
+/// [`MAX_PACKET_TIMESTAMPS`] packets.
 #[derive(Debug, Clone, Default)]
 pub struct SourceDeviceReport {
     pub bytes: u64,
@@ -193,7 +194,7 @@ pub struct SourceReport {
 }
 
 /// Per device, what the destination did. `written_ns[idx]` is CLOCK_MONOTONIC when data packet
-/// idx was completely written to the device.
+/// idx was completely written to the device, for the first [`MAX_PACKET_TIMESTAMPS`] packets.
 #[derive(Debug, Clone, Default)]
 pub struct DestDeviceReport {
     pub bytes: u64,
@@ -411,6 +412,28 @@ pub fn select(kind: EngineKind, config: &EngineConfig) -> Box<dyn Engine> {
             }
         },
     }
+}
+
+/// Per device, how many per-packet timestamps a report keeps (`read_issued_ns`, `written_ns`):
+/// those of idx 0 up to this. They are 8 bytes a packet, and a peer may send millions of tiny
+/// packets, so without a bound memory, the REPORT event and `query`'s `timestamps-ns` grow with
+/// the stream. At QEMU's 1 MiB packets this covers 64 GiB per device, so every packet of a real
+/// device; past it, latencies describe the first packets. Both sides keep the same idx, so
+/// pairing by position (`metrics::pair_latencies`) stays right.
+pub const MAX_PACKET_TIMESTAMPS: usize = 1 << 16;
+
+/// Records `ns` as data packet `idx`'s timestamp in `samples` (indexed by idx), unless idx is
+/// past [`MAX_PACKET_TIMESTAMPS`]. Indexed rather than pushed so a caller need not rely on
+/// packets completing in idx order to keep positions and idx together.
+pub(crate) fn record_packet_ns(samples: &mut Vec<u64>, idx: u32, ns: u64) {
+    let idx = idx as usize;
+    if idx >= MAX_PACKET_TIMESTAMPS {
+        return;
+    }
+    if samples.len() <= idx {
+        samples.resize(idx + 1, 0);
+    }
+    samples[idx] = ns;
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable across processes on one machine, so a source

@@ -565,7 +565,7 @@ impl SourceShared<'_> {
                 .try_into()
                 .expect("the buffer starts with VFIO_HEADER_LEN bytes of header room");
             VfioDeviceStatePacketHeader::write(header, idx, false);
-            report.read_issued_ns.push(issued);
+            record_packet_ns(&mut report.read_issued_ns, idx, issued);
             report.bytes += n as u64;
             report.data_packets += 1;
             self.progress.add(n);
@@ -1039,7 +1039,7 @@ impl DestShared<'_> {
                 });
                 return None;
             }
-            report.written_ns.push(monotonic_ns());
+            record_packet_ns(&mut report.written_ns, ready.idx, monotonic_ns());
             report.bytes += u64::from(ready.len);
             self.progress.add(ready.len as usize);
             drop(bytes);

@@ -21,9 +21,11 @@ use crate::wire::{
     PACKET_HEADER_ROOM, VFIO_HEADER_LEN,
 };
 
-/// With a channel parked, no write in flight anywhere and no packet moving, how long before
-/// "no progress possible" (a receive idling on an empty channel is not progress).
-const STALL_GRACE: Duration = Duration::from_secs(3);
+/// With every open channel parked and nothing being written, how long before "no progress
+/// possible". Only a wake-up still on its way can end that (a parked channel is retried at
+/// least every `POLL`), so this need not cover a slow peer: a channel still reading, however
+/// idle, keeps the run waiting, and the session's `--timeout` ends a peer that sends nothing.
+const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// A received payload waiting in a device's reassembly: which worker's pool it belongs to.
 #[derive(Debug)]
@@ -50,9 +52,6 @@ pub(super) struct DestShared {
     active_ops: AtomicUsize,
     /// Device writes in flight, all workers.
     writes_in_flight: AtomicUsize,
-    /// Receives in flight of a packet already begun (its payload, or the rest of its header),
-    /// all workers: each ends as soon as the source, which is sending it, goes on.
-    partial_recvs: AtomicUsize,
     progress_events: AtomicU64,
     loaded: AtomicUsize,
     done_channels: AtomicUsize,
@@ -97,7 +96,6 @@ impl DestShared {
             parked: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             active_ops: AtomicUsize::new(0),
             writes_in_flight: AtomicUsize::new(0),
-            partial_recvs: AtomicUsize::new(0),
             progress_events: AtomicU64::new(0),
             loaded: AtomicUsize::new(0),
             done_channels: AtomicUsize::new(0),
@@ -145,14 +143,16 @@ impl DestShared {
         Ok(report)
     }
 
-    /// Counts a receive about to be submitted on `channel`; `begun`: of a packet already begun
-    /// (its payload, or the rest of its header), which `check_stall` treats as progress.
-    fn recv_started(&self, channel: &mut DstChannel, begun: bool) {
+    /// Counts a receive about to be submitted.
+    fn recv_started(&self) {
         self.active_ops.fetch_add(1, Ordering::SeqCst);
-        if begun {
-            channel.partial_recv = true;
-            self.partial_recvs.fetch_add(1, Ordering::SeqCst);
-        }
+    }
+
+    /// Whether every channel that has not reached EOF, in every worker, is parked: then no
+    /// channel reads, and only a write (or a buffer ready to be written) can unpark one.
+    fn all_open_parked(&self) -> bool {
+        let parked: usize = self.parked.iter().map(|p| p.load(Ordering::SeqCst)).sum();
+        parked > 0 && parked + self.done_channels.load(Ordering::SeqCst) >= self.n_channels
     }
 
     fn any_device_can_move(&self) -> bool {
@@ -199,8 +199,6 @@ struct DstChannel {
     /// The socket, held by the ring.
     file: FileId,
     state: ChanState,
-    /// Its receive in flight is counted in `DestShared::partial_recvs`.
-    partial_recv: bool,
     hdr: Option<Box<[u8]>>,
     payload: Option<Buffer>,
     /// Bytes of the stream consumed before the current packet.
@@ -277,7 +275,6 @@ impl UringEngine {
                 index,
                 file: ring.adopt_fd(fd),
                 state: ChanState::Header { got: 0 },
-                partial_recv: false,
                 hdr: Some(vec![0u8; PACKET_HEADER_ROOM].into_boxed_slice()),
                 payload: None,
                 offset: crate::wire::INIT_PACKET_LEN as u64,
@@ -402,7 +399,7 @@ impl DestWorker<'_> {
             .expect("header buffer is home between packets");
         // Without MSG_WAITALL: one recv when the header is there (the common case), and a bad
         // device-state header is reported even if its VFIO header never follows.
-        self.shared.recv_started(channel, got > 0);
+        self.shared.recv_started();
         self.ring
             .recv_some(
                 c as u64,
@@ -421,10 +418,6 @@ impl DestWorker<'_> {
     /// next receive, a write handed out) are in place: a worker that sees nothing in flight and
     /// nothing deliverable may leave, so there must be no gap between the two.
     fn recv_done(&mut self, done: Completion) -> Result<(), DataPlaneError> {
-        let channel = &mut self.channels[done.tag as usize];
-        if std::mem::take(&mut channel.partial_recv) {
-            self.shared.partial_recvs.fetch_sub(1, Ordering::SeqCst);
-        }
         let result = self.recv_finished(done);
         self.shared.active_ops.fetch_sub(1, Ordering::SeqCst);
         result
@@ -644,7 +637,7 @@ impl DestWorker<'_> {
             .payload
             .take()
             .expect("payload buffer set when placed");
-        self.shared.recv_started(channel, true);
+        self.shared.recv_started();
         self.ring
             .recv(c as u64, channel.file, buf, info.got..info.len as usize)
             .map_err(|source| DataPlaneError::Recv {
@@ -790,11 +783,7 @@ impl DestWorker<'_> {
         {
             let mut state = self.shared.state(op.device);
             let report = &mut state.report;
-            let idx = op.idx as usize;
-            if report.written_ns.len() <= idx {
-                report.written_ns.resize(idx + 1, 0);
-            }
-            report.written_ns[idx] = now;
+            record_packet_ns(&mut report.written_ns, op.idx, now);
             report.bytes += op.len as u64;
             report.data_packets += 1;
             state.reassembly.complete(op.len as u32);
@@ -849,19 +838,22 @@ impl DestWorker<'_> {
         Ok(())
     }
 
-    /// Fails when no channel anywhere can move: a channel of this worker is parked, and no
-    /// write and no receive of a begun packet is in flight in any worker, for longer than a
-    /// wake-up can take. (A receive waiting for a packet to begin is not counted: a source
-    /// that sends nothing more on that channel would keep it waiting for ever.)
+    /// Fails when no channel anywhere can move, as the threads engine does: a channel of this
+    /// worker is parked, every other channel not at EOF (in any worker) is parked too, and no
+    /// write is in flight or ready, for longer than a wake-up can take. A channel still
+    /// receiving, even one idle between packets, could bring the idx that unparks the others,
+    /// so it keeps the run waiting; a peer that never sends it is the session's `--timeout`.
     fn check_stall(&mut self) -> Result<(), DataPlaneError> {
         let events = self.shared.progress_events.load(Ordering::SeqCst);
-        let moving = self.shared.writes_in_flight.load(Ordering::SeqCst) > 0
-            || self.shared.partial_recvs.load(Ordering::SeqCst) > 0;
-        if events != self.last_progress.0 || !self.has_parked() || moving {
+        let blocked = self.has_parked()
+            && self.shared.all_open_parked()
+            && self.shared.writes_in_flight.load(Ordering::SeqCst) == 0;
+        if events != self.last_progress.0 || !blocked {
             self.last_progress = (events, Instant::now());
             return Ok(());
         }
-        if self.last_progress.1.elapsed() < STALL_GRACE {
+        // Asked only once the grace has passed: it locks every device.
+        if self.last_progress.1.elapsed() < STALL_GRACE || self.shared.any_device_can_move() {
             return Ok(());
         }
         let mut parked: Vec<(usize, String)> = self

@@ -313,7 +313,11 @@ impl SourceWorker<'_> {
             device.read_size as u32,
         );
         device.reading = true;
-        device.report.read_issued_ns.push(monotonic_ns());
+        record_packet_ns(
+            &mut device.report.read_issued_ns,
+            device.next_idx,
+            monotonic_ns(),
+        );
         Ok((buf, device.read_size))
     }
 
@@ -424,7 +428,11 @@ impl SourceWorker<'_> {
         })?;
         if n == 0 {
             device.at_end = true;
-            device.report.read_issued_ns.pop();
+            // The read issued for next_idx found the end: no packet has that idx.
+            device
+                .report
+                .read_issued_ns
+                .truncate(device.next_idx as usize);
             self.queue_config(d);
         } else {
             device.next_idx += 1;
