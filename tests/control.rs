@@ -1325,16 +1325,30 @@ fn a_main_channel_that_goes_quiet_fails_naming_the_wait_and_the_timeout() {
         &borrowed(&b),
     );
     drop(b);
-    // The file header, then nothing.
+    // The file header, then the CONFIGURATION section a byte every 300 ms: each read sees a
+    // byte well within the 1 s timeout, but the setup as a whole must not take longer.
     let mut main = UnixStream::from(a[0].try_clone().unwrap());
     std::io::Write::write_all(&mut main, b"QEVM\0\0\0\x03").unwrap();
+    let started = Instant::now();
+    let trickler = std::thread::spawn(move || {
+        for b in b"\x07\0\0\0\x08pc-q35-10.0" {
+            std::thread::sleep(Duration::from_millis(300));
+            if std::io::Write::write_all(&mut main, std::slice::from_ref(b)).is_err() {
+                return;
+            }
+        }
+    });
     let (end, _) = wait_for(&mut d, "the migration's end", terminal);
+    let took = started.elapsed();
     let error = end.data["error"].as_str().unwrap_or_default();
     assert_eq!(end.data["status"], "failed", "{}", end.data);
     assert!(
         error.contains("timed out after 1s waiting for the CONFIGURATION section"),
         "{error}"
     );
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    drop(a);
+    trickler.join().unwrap();
 }
 
 /// The child half of the credentials test: run as another uid by `setpriv`.

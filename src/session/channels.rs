@@ -12,7 +12,7 @@
 //! cancel flag is set.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use zerocopy::IntoBytes;
 use crate::config::ChannelOrder;
 use crate::engine::Progress;
 use crate::error::ChannelError;
-use crate::session::stream::Conn;
+use crate::session::stream::{read_exact_by, Conn};
 use crate::wire::{ChannelSet, InitExpectation, MultifdInitPacket, INIT_PACKET_LEN};
 
 /// How long one peek waits before the cancel flag is looked at again.
@@ -284,16 +284,14 @@ impl<'a> Acceptor<'a> {
             peer: peer.clone(),
             source,
         })?;
+        // One deadline for the connection's whole greeting, however it trickles in.
+        let deadline = Instant::now() + self.timeout;
         let mut first = [0u8; 4];
-        peek_exact(
-            &stream,
-            &mut first,
-            Instant::now() + self.timeout,
-            self.cancel.as_deref(),
-        )
-        .map_err(|source| ChannelError::Classify {
-            peer: peer.clone(),
-            source,
+        peek_exact(&stream, &mut first, deadline, self.cancel.as_deref()).map_err(|source| {
+            ChannelError::Classify {
+                peer: peer.clone(),
+                source,
+            }
         })?;
         if first == QEVM {
             if !self.want_main {
@@ -306,12 +304,12 @@ impl<'a> Acceptor<'a> {
             return Ok(Arrival::Main);
         }
         let mut init = [0u8; INIT_PACKET_LEN];
-        stream
-            .read_exact(&mut init)
-            .map_err(|source| ChannelError::RecvInit {
+        read_exact_by(&mut stream, &mut init, deadline).map_err(|source| {
+            ChannelError::RecvInit {
                 peer: peer.clone(),
                 source,
-            })?;
+            }
+        })?;
         let id = self
             .channels
             .accept(&init)
@@ -606,6 +604,42 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("(missing: 0, 2)"), "{err}");
+    }
+
+    #[test]
+    fn an_init_packet_that_trickles_in_times_out_at_the_deadline() {
+        let (listener, addr) = bind();
+        let init = MultifdInitPacket::new(UUID, 0);
+        let bytes = init.as_bytes().to_vec();
+        let trickler = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&bytes[..8]).unwrap();
+            // A byte every 100 ms: each read would see one within a fixed 300 ms timeout.
+            for b in &bytes[8..] {
+                std::thread::sleep(Duration::from_millis(100));
+                if s.write_all(std::slice::from_ref(b)).is_err() {
+                    return;
+                }
+            }
+        });
+        let expect = InitExpectation {
+            uuid: UUID,
+            channels: 1,
+        };
+        let mut acceptor = Acceptor::new(&listener, expect, false, Duration::from_millis(300));
+        let started = Instant::now();
+        let err = acceptor.accept_next().unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, ChannelError::RecvInit { source, .. }
+                if source.kind() == io::ErrorKind::TimedOut),
+            "{err:?}"
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let text = crate::error::error_chain(&err);
+        assert!(text.contains("of 64 bytes received"), "{text}");
+        drop(acceptor);
+        trickler.join().unwrap();
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vfio::{MigState, MigrationDevice, Owner};
 
@@ -46,7 +46,7 @@ use crate::session::main_channel::{
     self, encode_result, encode_switchover_ack, uuid_text, DeviceResult, MainEvent, MainReader,
     ResultRecord, Setup,
 };
-use crate::session::stream::Conn;
+use crate::session::stream::{Conn, ReadBy};
 use crate::session::to_p2p_waypoint;
 use crate::wire::{DeviceId, InitExpectation};
 
@@ -419,10 +419,15 @@ impl<'a> DestSession<'a> {
                 };
                 self.reply = Some(main.try_clone().map_err(socket_err)?);
                 self.driver.watch(main).map_err(socket_err)?;
-                let mut main_reader = MainReader::new(main.try_clone().map_err(socket_err)?);
+                let mut main_reader = MainReader::new(ReadBy::new(
+                    main.try_clone().map_err(socket_err)?,
+                    Instant::now() + self.params.timeout,
+                ));
                 let setup = main_reader
                     .read_setup(self.devices.len())
                     .map_err(|e| SessionError::Main(e.timed_out(self.params.timeout)))?;
+                // From here the main channel waits on the source's VMM, which is not timed.
+                main_reader.inner_mut().unbounded();
                 self.check_setup(&setup)?;
                 // Sections are numbered in the source's device order, which may not be ours.
                 precopy_sections = setup

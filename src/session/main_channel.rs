@@ -453,6 +453,11 @@ impl<R: Read> MainReader<R> {
         }
     }
 
+    /// The stream it reads.
+    pub fn inner_mut(&mut self) -> &mut R {
+        &mut self.stream.inner
+    }
+
     fn record(&mut self, what: &'static str) -> Result<Owned, MainChannelError> {
         self.stream.next(what, |buf| {
             Ok(decode_record(buf)?.map(|(r, n)| (own(&r), n)))

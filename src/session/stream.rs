@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 
@@ -143,6 +143,77 @@ impl Read for Conn {
             Conn::Unix(s) => s.read(buf),
         }
     }
+}
+
+/// A connection's read side that gives up at a deadline, however slowly the peer trickles:
+/// before each read the socket's read timeout is cut to what is left, where a fixed timeout
+/// would start again with every byte that arrives.
+#[derive(Debug)]
+pub struct ReadBy {
+    conn: Conn,
+    deadline: Option<Instant>,
+}
+
+impl ReadBy {
+    pub fn new(conn: Conn, deadline: Instant) -> Self {
+        Self {
+            conn,
+            deadline: Some(deadline),
+        }
+    }
+
+    /// From now on reads wait as the socket says (the caller sets its timeout).
+    pub fn unbounded(&mut self) {
+        self.deadline = None;
+    }
+}
+
+impl Read for ReadBy {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.deadline {
+            Some(deadline) => read_until(&mut self.conn, buf, deadline),
+            None => self.conn.read(buf),
+        }
+    }
+}
+
+fn read_until(conn: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    conn.set_read_timeout(Some(left))?;
+    conn.read(buf)
+}
+
+/// Reads exactly `buf` by `deadline` (see [`ReadBy`]); the error says how much arrived.
+pub fn read_exact_by(conn: &mut Conn, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read_until(conn, &mut buf[got..], deadline) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the connection closed after {got} of {} bytes", buf.len()),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("timed out with {got} of {} bytes received", buf.len()),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Write for Conn {
