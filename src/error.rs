@@ -168,6 +168,18 @@ pub enum MainChannelError {
 }
 
 impl MainChannelError {
+    /// The peer closed or reset the connection (a socket closed with unread bytes resets).
+    pub fn peer_gone(&self) -> bool {
+        match self {
+            Self::Closed { .. } => true,
+            Self::Read { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+
     /// A read that ended because the socket's read timeout `after` passed (EAGAIN is how
     /// SO_RCVTIMEO ends a read), told as the wait it was.
     pub fn timed_out(self, after: Duration) -> Self {
@@ -256,6 +268,10 @@ pub enum SessionError {
     },
     #[error("the source ended the main channel before EOF while {step}")]
     SourceVanished { step: &'static str },
+    /// Failing is the safe answer: a source that cannot learn the outcome must not find its
+    /// devices running here as well.
+    #[error("the source closed the main channel after its EOF without waiting for the result, while {step}")]
+    SourceLeftBeforeResult { step: &'static str },
     #[error("the source ended the main channel before EOF while loading device state, and the {engine} engine failed")]
     SourceVanishedMidStream {
         engine: &'static str,

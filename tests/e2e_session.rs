@@ -543,6 +543,56 @@ fn a_destination_that_never_answers_is_a_stall_not_a_hang() {
     drop(listener);
 }
 
+/// A source that sends its EOF and closes the main channel without waiting for the result is
+/// told as that, not as one that ended "before EOF"; the destination fails (the source cannot
+/// learn the outcome, so its devices must not run here too).
+#[test]
+fn a_source_that_leaves_after_its_eof_is_named_as_such() {
+    use std::io::Write;
+    use vfio_multifd::session::main_channel::{
+        encode_completion, encode_setup, encode_switchover_start, Setup,
+    };
+    use zerocopy::IntoBytes;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = spawn_dest(
+        listener,
+        sinks(1, 64 << 10, 0),
+        EngineKind::Threads,
+        1,
+        Duration::from_secs(10),
+    );
+    let setup = Setup {
+        uuid: UUID,
+        channels: 1,
+        chunk: CHUNK as u64,
+        devices: vec![id(0)],
+        precopy: Vec::new(),
+    };
+    let mut main = std::net::TcpStream::connect(addr).unwrap();
+    main.write_all(&encode_setup(&setup).unwrap()).unwrap();
+    let mut channel = std::net::TcpStream::connect(addr).unwrap();
+    channel
+        .write_all(vfio_multifd::wire::MultifdInitPacket::new(UUID, 0).as_bytes())
+        .unwrap();
+    main.write_all(&encode_switchover_start()).unwrap();
+    main.write_all(&encode_completion(1)).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    drop(main);
+    let (result, devices) = dest.join().unwrap();
+    let err = result.unwrap_err();
+    let text = vfio_multifd::error::error_chain(&err);
+    assert!(
+        matches!(err, SessionError::SourceLeftBeforeResult { .. }),
+        "{text}"
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running]
+    );
+    drop(channel);
+}
+
 /// A destination for one 64 KiB device whose sink takes no bytes for 3 s near its end: the
 /// source's bytes are all in socket buffers by then, so it waits for the result.
 fn spawn_stalling_dest(

@@ -312,6 +312,11 @@ impl<'a> DestSession<'a> {
                         })
                     }
                     Event::Peer(Ok(MainEvent::Eof)) => eof = true,
+                    Event::Peer(Err(err)) if eof && err.peer_gone() => {
+                        return Err(SessionError::SourceLeftBeforeResult {
+                            step: "loading device state",
+                        })
+                    }
                     Event::Peer(Err(MainChannelError::Closed { .. })) => {
                         return Err(SessionError::SourceVanished {
                             step: if switchover_ns.is_some() {
@@ -331,9 +336,8 @@ impl<'a> DestSession<'a> {
                     Event::Engine(Ok(Err(source))) => {
                         let engine = self.engine.kind().name();
                         if !eof {
-                            if let Some(MainChannelError::Closed { .. }) =
-                                self.driver.peer_error_within(PEER_GRACE)
-                            {
+                            let peer = self.driver.peer_error_within(PEER_GRACE);
+                            if peer.is_some_and(|err| err.peer_gone()) {
                                 return Err(SessionError::SourceVanishedMidStream {
                                     engine,
                                     source,
