@@ -136,7 +136,13 @@ pub struct Progress {
     pub packets: AtomicU64,
     /// Set by the session to stop the engine; engines notice within one operation.
     pub cancel: AtomicBool,
+    /// Milliseconds a stopping engine may wait for its cancelled I/O before it gives up on it
+    /// (0: [`DEFAULT_CANCEL_DRAIN`]); see [`Progress::cancel_drain`].
+    cancel_drain_ms: AtomicU64,
 }
+
+/// How long a stopping engine waits for its cancelled I/O where no session set a bound.
+pub const DEFAULT_CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Progress {
     pub fn add(&self, bytes: usize) {
@@ -146,6 +152,23 @@ impl Progress {
 
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// How long a failed or cancelled engine waits for its cancelled I/O to finish before it
+    /// leaks the buffers instead (the kernel may still write them). The session waits only its
+    /// timeout for the engine after a cancel and then rolls the devices back, which must not
+    /// happen under a running engine, so the session sets this below that timeout.
+    pub fn cancel_drain(&self) -> std::time::Duration {
+        match self.cancel_drain_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_CANCEL_DRAIN,
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
+    /// Sets [`Self::cancel_drain`] (at least 1 ms).
+    pub fn set_cancel_drain(&self, drain: std::time::Duration) {
+        let ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.cancel_drain_ms.store(ms, Ordering::Relaxed);
     }
 }
 

@@ -9,7 +9,6 @@
 //! and send copies on one core.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring};
 
@@ -172,7 +171,8 @@ impl UringEngine {
         };
         let result = worker.run();
         if result.is_err() {
-            worker.ring.cancel_all(Duration::from_secs(5));
+            worker.abort_channels();
+            worker.ring.cancel_all(progress.cancel_drain());
         }
         result?;
         Ok((
@@ -192,6 +192,20 @@ impl UringEngine {
 }
 
 impl SourceWorker<'_> {
+    /// The run failed: every channel's connection is aborted before the ring drains its ops.
+    /// A SEND_ZC completes only once its socket frees the data it queued, which a stopped
+    /// destination (zero window) never lets happen and a `shutdown` does not force: without
+    /// the abort each worker waited out the drain's timeout and leaked its pool and sockets.
+    /// The channels are finished either way (`run_source` shuts them down after the workers).
+    fn abort_channels(&self) {
+        for channel in &self.channels {
+            if let Err(err) = self.ring.abort_socket(channel.file) {
+                // A Unix stream channel cannot be aborted, and has no SEND_ZC to free.
+                log::debug!("channel {}: aborting the connection: {err}", channel.index);
+            }
+        }
+    }
+
     fn run(&mut self) -> Result<(), DataPlaneError> {
         loop {
             if self.progress.cancelled() {
