@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::ops::{
-    split_user_data, user_data, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA, PART_CHAIN_SEND,
-    PART_MAIN, WAKE_USER_DATA,
+    split_user_data, user_data, with_part, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA,
+    PART_CHAIN_SEND, PART_MAIN, WAKE_USER_DATA,
 };
 use crate::pool::{BufId, Buffer, BufferPool, LentSlot};
 use crate::probe::{linked_chains_work, Feature, FeatureMask};
@@ -414,7 +414,7 @@ impl Ring {
         }
     }
 
-    fn insert(&mut self, kind: OpKind, tag: u64, buf: Option<Buffer>, pending: u8) -> (u32, u16) {
+    fn insert(&mut self, kind: OpKind, tag: u64, buf: Option<Buffer>, pending: u8) -> (u32, u32) {
         self.ops.insert(Op {
             kind,
             tag,
@@ -804,8 +804,7 @@ impl Ring {
                 .build()
                 .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
-            let chain_send = ud | u64::from(PART_CHAIN_SEND) << 48;
-            let entry = opcode::AsyncCancel::new(chain_send)
+            let entry = opcode::AsyncCancel::new(with_part(ud, PART_CHAIN_SEND))
                 .build()
                 .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
