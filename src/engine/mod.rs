@@ -18,7 +18,7 @@ pub mod uring;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::session::reassembly::ReassemblyError;
 use crate::wire::{DeviceId, WireError};
@@ -139,6 +139,10 @@ pub struct Progress {
     /// Milliseconds a stopping engine may wait for its cancelled I/O before it gives up on it
     /// (0: [`DEFAULT_CANCEL_DRAIN`]); see [`Progress::cancel_drain`].
     cancel_drain_ms: AtomicU64,
+    /// What a cancelled engine still had in flight ("channel 2: send of idx 188 of device X
+    /// outstanding 3.0 s"), for the session's stall error: the stall names no channel or
+    /// device otherwise.
+    outstanding: Mutex<Vec<String>>,
 }
 
 /// How long a stopping engine waits for its cancelled I/O where no session set a bound.
@@ -163,6 +167,19 @@ impl Progress {
             0 => DEFAULT_CANCEL_DRAIN,
             ms => std::time::Duration::from_millis(ms),
         }
+    }
+
+    /// An engine cancelled by the session says what it still had in flight.
+    pub fn report_outstanding(&self, lines: impl IntoIterator<Item = String>) {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(lines);
+    }
+
+    /// What the engine reported outstanding at its cancel (once the engine has stopped).
+    pub fn take_outstanding(&self) -> Vec<String> {
+        std::mem::take(&mut *self.outstanding.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Sets [`Self::cancel_drain`] (at least 1 ms).

@@ -177,6 +177,7 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
                         return Err(SessionError::Stalled {
                             step,
                             idle: self.timeout,
+                            outstanding: Vec::new(),
                         });
                     }
                 }

@@ -9,6 +9,7 @@
 //! and send copies on one core.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring};
 
@@ -52,6 +53,8 @@ struct InFlightSend {
     /// For a chained send: the read's result once known.
     read: Option<usize>,
     chained: bool,
+    /// When it was submitted, for the stall's account of what is outstanding.
+    since: Instant,
 }
 
 struct SrcChannel {
@@ -171,6 +174,9 @@ impl UringEngine {
         };
         let result = worker.run();
         if result.is_err() {
+            if progress.cancelled() {
+                progress.report_outstanding(worker.outstanding_sends());
+            }
             worker.abort_channels();
             worker.ring.cancel_all(progress.cancel_drain());
         }
@@ -204,6 +210,29 @@ impl SourceWorker<'_> {
                 log::debug!("channel {}: aborting the connection: {err}", channel.index);
             }
         }
+    }
+
+    /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per busy channel: what
+    /// a session that cancelled for a stall names as stuck.
+    fn outstanding_sends(&self) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter_map(|channel| {
+                let sending = channel.sending.as_ref()?;
+                let what = if sending.chained && sending.read.is_none() {
+                    "read and send"
+                } else {
+                    "send"
+                };
+                Some(format!(
+                    "channel {}: {what} of idx {} of device {} outstanding {:.1} s",
+                    channel.index,
+                    sending.idx,
+                    self.device_id(sending.device),
+                    sending.since.elapsed().as_secs_f64()
+                ))
+            })
+            .collect()
     }
 
     fn run(&mut self) -> Result<(), DataPlaneError> {
@@ -359,6 +388,7 @@ impl SourceWorker<'_> {
             len,
             read: None,
             chained: true,
+            since: Instant::now(),
         });
         Ok(())
     }
@@ -423,6 +453,7 @@ impl SourceWorker<'_> {
             len: packet.len,
             read: None,
             chained: false,
+            since: Instant::now(),
         });
         Ok(())
     }

@@ -547,6 +547,14 @@ fn a_cancelled_run_with_a_zero_copy_send_to_a_stopped_peer_stops_promptly_and_le
         engine.arena.lock().unwrap().is_some(),
         "a ring leaked its pool: its ops never finished"
     );
+    // What the session appends to its stall error: the stuck channel, packet and device.
+    let outstanding = progress.take_outstanding();
+    assert_eq!(outstanding.len(), 1, "{outstanding:?}");
+    assert!(
+        outstanding[0]
+            .starts_with("channel 0: send of idx 0 of device 0000:00:01.0/vfio/0 outstanding "),
+        "{outstanding:?}"
+    );
 }
 
 #[test]
