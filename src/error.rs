@@ -258,8 +258,14 @@ pub enum SessionError {
         got: usize,
         expected: usize,
     },
-    #[error("no progress for {idle:?} while {step}")]
-    Stalled { step: &'static str, idle: Duration },
+    #[error("no progress for {idle:?} while {step}{}", outstanding_text(.outstanding))]
+    Stalled {
+        step: &'static str,
+        idle: Duration,
+        /// What the engine still had in flight when the stall cancelled it (empty when it
+        /// was not running or had nothing in flight).
+        outstanding: Vec<String>,
+    },
     #[error("the destination failed: {message}")]
     DestinationFailed {
         message: String,
@@ -299,6 +305,44 @@ pub enum SessionError {
         first: Box<SessionError>,
         rollback: String,
     },
+}
+
+/// Outstanding ops a stall error names at most; the rest are counted.
+const OUTSTANDING_SHOWN: usize = 4;
+
+/// " (outstanding: a; b; and 3 more)", or nothing: a stall of every one of 64 channels would
+/// otherwise make one line of every one of them.
+fn outstanding_text(outstanding: &[String]) -> String {
+    if outstanding.is_empty() {
+        return String::new();
+    }
+    let shown = &outstanding[..outstanding.len().min(OUTSTANDING_SHOWN)];
+    let mut text = format!(" (outstanding: {}", shown.join("; "));
+    if outstanding.len() > shown.len() {
+        text.push_str(&format!("; and {} more", outstanding.len() - shown.len()));
+    }
+    text.push(')');
+    text
+}
+
+impl SessionError {
+    /// A stall (also one behind [`SessionError::OutcomeUnknown`]) with what the engine still
+    /// had in flight when the stall cancelled it: the channel and device that stopped moving.
+    pub fn with_outstanding(self, lines: Vec<String>) -> Self {
+        match self {
+            SessionError::Stalled { step, idle, .. } if !lines.is_empty() => {
+                SessionError::Stalled {
+                    step,
+                    idle,
+                    outstanding: lines,
+                }
+            }
+            SessionError::OutcomeUnknown { first } => SessionError::OutcomeUnknown {
+                first: Box::new(first.with_outstanding(lines)),
+            },
+            other => other,
+        }
+    }
 }
 
 /// `send` and `recv` with simulated devices.
@@ -384,4 +428,45 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         cause = next.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stall_names_what_the_engine_had_outstanding() {
+        let stall = || SessionError::Stalled {
+            step: "streaming device state",
+            idle: Duration::from_secs(5),
+            outstanding: Vec::new(),
+        };
+        assert_eq!(
+            stall().with_outstanding(Vec::new()).to_string(),
+            "no progress for 5s while streaming device state"
+        );
+        let lines: Vec<String> = (0..6).map(|c| format!("channel {c}: send")).collect();
+        assert_eq!(
+            stall().with_outstanding(lines[..2].to_vec()).to_string(),
+            "no progress for 5s while streaming device state \
+             (outstanding: channel 0: send; channel 1: send)"
+        );
+        assert!(stall()
+            .with_outstanding(lines.clone())
+            .to_string()
+            .ends_with("channel 3: send; and 2 more)"));
+        let unknown = SessionError::OutcomeUnknown {
+            first: Box::new(stall()),
+        }
+        .with_outstanding(lines[..1].to_vec());
+        let SessionError::OutcomeUnknown { first } = unknown else {
+            panic!("still an unknown outcome");
+        };
+        assert!(first
+            .to_string()
+            .ends_with("(outstanding: channel 0: send)"));
+        // Other errors are left as they are.
+        let cancelled = SessionError::Cancelled { step: "x" }.with_outstanding(lines);
+        assert_eq!(cancelled.to_string(), "cancelled while x");
+    }
 }

@@ -722,3 +722,72 @@ fn nobody_listening_is_a_clear_error() {
         done.stderr
     );
 }
+
+/// A destination frozen (SIGSTOP) mid-stream, with SEND_ZC in use: one 64 MiB chunk per
+/// channel, each channel's first send a real zero-copy one even on loopback, whose
+/// notification waits for data a zero window never lets go. The source must stall, stop its
+/// engine within its timeout and roll back: before the channels were aborted on failure, each
+/// worker waited 5 s + 5 s for those sends, the session gave up on the engine ("did not stop
+/// within") and rolled back under it, and the rings leaked their buffers.
+#[test]
+fn a_frozen_destination_with_zero_copy_sends_in_flight_stops_the_source_within_its_timeout() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let common = [
+        "--devices",
+        "1",
+        "--size",
+        "512MiB",
+        "--channels",
+        "8",
+        "--chunk",
+        "64MiB",
+        "--timeout",
+        "3",
+    ];
+    let mut recv_args = vec!["recv", "--listen", "127.0.0.1:0", "--events"];
+    recv_args.extend_from_slice(&common);
+    let mut recv = spawn(&recv_args, &[]);
+    let listening: Value = serde_json::from_str(&recv.line()).expect("LISTENING event");
+    let addr = listening["data"]["addr"].as_str().unwrap().to_string();
+    let mut send_args = vec!["send", "--connect", addr.as_str(), "--events"];
+    send_args.extend_from_slice(&common);
+    let send = spawn(&send_args, &[]);
+    let recv_pid = Pid::from_raw(recv.child.id() as i32);
+    // Frozen at the first progress with bytes read: the first chunks are on the sockets.
+    let mut early = Vec::new();
+    loop {
+        let line = send.line();
+        let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        early.push(line);
+        if event["event"] == "PROGRESS" && event["data"]["bytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            event["event"] != "REPORT",
+            "ended before streaming: {early:?}"
+        );
+    }
+    kill(recv_pid, Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let mut send = send.finish();
+    let after = stopped.elapsed();
+    kill(recv_pid, Signal::SIGCONT).unwrap();
+    recv.child.kill().unwrap();
+    recv.child.wait().unwrap();
+    send.stdout.splice(0..0, early);
+    let report = send.report();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["devices"][0]["state"], "RUNNING", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("no progress for 3s"), "{error}");
+    assert!(error.contains("(outstanding: channel "), "{error}");
+    for bad in ["did not stop within", "did not finish after cancel"] {
+        assert!(!send.stderr.contains(bad), "{bad}: {}", send.stderr);
+    }
+    // The stall's 3 s, then the engine's stop and the rollback (they took 5 s + 5 s).
+    assert!(
+        after < Duration::from_secs(6),
+        "exited {after:?} after the stop"
+    );
+}

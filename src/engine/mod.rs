@@ -18,7 +18,7 @@ pub mod uring;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::session::reassembly::ReassemblyError;
 use crate::wire::{DeviceId, WireError};
@@ -136,7 +136,17 @@ pub struct Progress {
     pub packets: AtomicU64,
     /// Set by the session to stop the engine; engines notice within one operation.
     pub cancel: AtomicBool,
+    /// Milliseconds a stopping engine may wait for its cancelled I/O before it gives up on it
+    /// (0: [`DEFAULT_CANCEL_DRAIN`]); see [`Progress::cancel_drain`].
+    cancel_drain_ms: AtomicU64,
+    /// What a cancelled engine still had in flight ("channel 2: send of idx 188 of device X
+    /// outstanding 3.0 s"), for the session's stall error: the stall names no channel or
+    /// device otherwise.
+    outstanding: Mutex<Vec<String>>,
 }
+
+/// How long a stopping engine waits for its cancelled I/O where no session set a bound.
+pub const DEFAULT_CANCEL_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Progress {
     pub fn add(&self, bytes: usize) {
@@ -146,6 +156,36 @@ impl Progress {
 
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// How long a failed or cancelled engine waits for its cancelled I/O to finish before it
+    /// leaks the buffers instead (the kernel may still write them). The session waits only its
+    /// timeout for the engine after a cancel and then rolls the devices back, which must not
+    /// happen under a running engine, so the session sets this below that timeout.
+    pub fn cancel_drain(&self) -> std::time::Duration {
+        match self.cancel_drain_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_CANCEL_DRAIN,
+            ms => std::time::Duration::from_millis(ms),
+        }
+    }
+
+    /// An engine cancelled by the session says what it still had in flight.
+    pub fn report_outstanding(&self, lines: impl IntoIterator<Item = String>) {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(lines);
+    }
+
+    /// What the engine reported outstanding at its cancel (once the engine has stopped).
+    pub fn take_outstanding(&self) -> Vec<String> {
+        std::mem::take(&mut *self.outstanding.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Sets [`Self::cancel_drain`] (at least 1 ms).
+    pub fn set_cancel_drain(&self, drain: std::time::Duration) {
+        let ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.cancel_drain_ms.store(ms, Ordering::Relaxed);
     }
 }
 

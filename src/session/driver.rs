@@ -48,6 +48,10 @@ pub struct Driver<P, R> {
 
 impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
     pub fn new(progress: Arc<Progress>, timeout: Duration) -> Self {
+        // `join_engine` waits `timeout` after a cancel: the engine's workers get half of it to
+        // drain their cancelled I/O (never more than the default), the rest covers noticing
+        // the cancel (one poll) and winding down.
+        progress.set_cancel_drain((timeout / 2).min(crate::engine::DEFAULT_CANCEL_DRAIN));
         let (tx, rx) = mpsc::channel();
         Self {
             tx,
@@ -173,6 +177,7 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
                         return Err(SessionError::Stalled {
                             step,
                             idle: self.timeout,
+                            outstanding: Vec::new(),
                         });
                     }
                 }

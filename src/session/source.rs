@@ -231,6 +231,9 @@ impl<'a> SourceSession<'a> {
                 // session is what ends such a read, and waiting longer would leave the
                 // device stopped.
                 self.driver.cancel();
+                // The engine has stopped (or been given up on): what it had in flight names
+                // the channel and device a stall is stuck on.
+                let err = err.with_outstanding(self.driver.progress.take_outstanding());
                 let skip: Vec<bool> = (0..self.devices.len())
                     .map(|i| self.vmm_driven(i))
                     .collect();

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::ops::{
-    split_user_data, user_data, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA, PART_CHAIN_SEND,
-    PART_MAIN, WAKE_USER_DATA,
+    split_user_data, user_data, with_part, Completion, Op, OpKind, OpTable, CANCEL_USER_DATA,
+    PART_CHAIN_SEND, PART_MAIN, WAKE_USER_DATA,
 };
 use crate::pool::{BufId, Buffer, BufferPool, LentSlot};
 use crate::probe::{linked_chains_work, Feature, FeatureMask};
@@ -111,6 +111,9 @@ pub struct Ring {
     send_zc: bool,
     setup: &'static str,
     notes: Vec<String>,
+    /// A [`Ring::cancel_all`] ran out of time: `Drop` only reaps what has finished since
+    /// instead of waiting its own [`DRAIN_TIMEOUT`] again for ops already given up on.
+    drain_gave_up: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -226,6 +229,7 @@ impl Ring {
             send_zc: !config.forbid.contains(Feature::SendZc) && supported(opcode::SendZc::CODE),
             setup,
             notes,
+            drain_gave_up: false,
         };
         for note in &ring.notes {
             log::warn!("{note}");
@@ -347,6 +351,36 @@ impl Ring {
         self.ops.live()
     }
 
+    /// Aborts the TCP connection of socket `file` (`connect` to `AF_UNSPEC`: the kernel's
+    /// `tcp_disconnect`): the data still queued on it is dropped and the peer gets a reset.
+    /// For a run that failed, before [`Self::cancel_all`]: a SEND_ZC's notification posts only
+    /// once the socket frees the data it queued, which never happens while a stopped peer
+    /// advertises a zero window, and neither `shutdown` nor `SO_LINGER` 0 frees it (a
+    /// cancelled SEND_ZC on such a socket was still outstanding after 3 s; after this, 8 ms).
+    /// The fd stays open, held by the ring as before. Fails on what is not an inet socket
+    /// (`EINVAL` on a Unix stream, which has no SEND_ZC to free; `ENOTSOCK` on a file).
+    pub fn abort_socket(&self, file: FileId) -> io::Result<()> {
+        let fd = self.fd(file).0;
+        let addr = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        // SAFETY: `addr` is a live `sockaddr` and the length passed is its size; the kernel
+        // only reads it during the call. `fd` is one of `files`, open while the ring is.
+        let done = unsafe {
+            libc::connect(
+                fd,
+                &addr,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        if done == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn buf_range(&mut self, buf: &Buffer, range: &Range<usize>) -> *mut u8 {
         let (base, len) = match buf {
             Buffer::Pool(id) => (self.pool.token_ptr(id), self.pool.slot_size()),
@@ -380,7 +414,7 @@ impl Ring {
         }
     }
 
-    fn insert(&mut self, kind: OpKind, tag: u64, buf: Option<Buffer>, pending: u8) -> (u32, u16) {
+    fn insert(&mut self, kind: OpKind, tag: u64, buf: Option<Buffer>, pending: u8) -> (u32, u32) {
         self.ops.insert(Op {
             kind,
             tag,
@@ -762,21 +796,26 @@ impl Ring {
 
     /// Cancels every in-flight op and waits until each has completed (their completions are
     /// discarded and buffers go back to the pool). Returns false if some did not finish in time.
+    /// With ops in flight it reaps at least once, so a zero `timeout` still collects what has
+    /// already finished.
     pub fn cancel_all(&mut self, timeout: Duration) -> bool {
         for ud in self.ops.live_user_data() {
             let entry = opcode::AsyncCancel::new(ud)
                 .build()
                 .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
-            let chain_send = ud | u64::from(PART_CHAIN_SEND) << 48;
-            let entry = opcode::AsyncCancel::new(chain_send)
+            let entry = opcode::AsyncCancel::new(with_part(ud, PART_CHAIN_SEND))
                 .build()
                 .user_data(CANCEL_USER_DATA);
             let _ = self.push(&[entry]);
         }
         let deadline = Instant::now() + timeout;
-        while self.ops.live() > 0 && Instant::now() < deadline {
-            if self.wait(1, Some(Duration::from_millis(50))).is_err() {
+        while self.ops.live() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self
+                .wait(1, Some(left.min(Duration::from_millis(50))))
+                .is_err()
+            {
                 break;
             }
             while let Some(done) = self.ready.pop_front() {
@@ -784,14 +823,26 @@ impl Ring {
                     self.pool.put(id);
                 }
             }
+            if left.is_zero() {
+                break;
+            }
         }
-        self.ops.live() == 0
+        let drained = self.ops.live() == 0;
+        self.drain_gave_up = !drained;
+        drained
     }
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        let drained = self.ops.live() == 0 || self.cancel_all(DRAIN_TIMEOUT);
+        // After a cancel_all that gave up, only what has finished since is reaped: waiting the
+        // full timeout again doubled a failed run's stop (5 s + 5 s per worker).
+        let timeout = if self.drain_gave_up {
+            Duration::ZERO
+        } else {
+            DRAIN_TIMEOUT
+        };
+        let drained = self.ops.live() == 0 || self.cancel_all(timeout);
         // SAFETY: `ring` is not used again (this is drop). Closed first, so the pool it
         // registered and the files its SQEs named outlive it.
         unsafe { ManuallyDrop::drop(&mut self.ring) };

@@ -298,3 +298,90 @@ fn a_file_id_of_another_ring_is_refused() {
     let buf = mine.take().unwrap();
     let _ = mine.recv(1, file, Buffer::Pool(buf), 0..1);
 }
+
+/// A SEND_ZC of 64 MiB to a peer that never reads (a stopped destination): far more than the
+/// two sockets' buffers hold, so the send and its notification stay outstanding. `None` where
+/// the kernel has no SEND_ZC.
+fn stuck_zero_copy_send() -> Option<(Ring, vfio_multifd_uring::FileId, std::net::TcpStream)> {
+    let mut ring = ring(FeatureMask::empty());
+    if !ring.send_zc() {
+        println!("skipping: no SEND_ZC on this kernel");
+        return None;
+    }
+    let (tx, rx) = tcp_pair();
+    let tx = ring.adopt_fd(tx.into());
+    let len = 64 << 20;
+    let buf = vec![7u8; len].into_boxed_slice();
+    ring.send(1, tx, Buffer::Heap(buf), 0..len, true).unwrap();
+    for _ in 0..4 {
+        ring.wait(1, Some(Duration::from_millis(50))).unwrap();
+        assert!(ring.next_completion().is_none(), "the peer reads nothing");
+    }
+    assert_eq!(ring.in_flight(), 1);
+    Some((ring, tx, rx))
+}
+
+#[test]
+fn a_zero_copy_send_to_a_peer_that_never_reads_drains_once_its_socket_is_aborted() {
+    let Some((mut ring, tx, _rx)) = stuck_zero_copy_send() else {
+        return;
+    };
+    // The premise: cancelling is not enough, the notification waits for the queued data.
+    assert!(
+        !ring.cancel_all(Duration::from_millis(200)),
+        "a cancelled SEND_ZC to a zero window finished without an abort: the kernel frees \
+         its data on cancel now, and this test no longer holds one in flight"
+    );
+    ring.abort_socket(tx).unwrap();
+    let start = std::time::Instant::now();
+    assert!(
+        ring.cancel_all(Duration::from_secs(3)),
+        "the abort frees the queued data, so the notification posts"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "drained after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(ring.in_flight(), 0);
+}
+
+#[test]
+fn dropping_a_ring_whose_cancel_gave_up_does_not_wait_again() {
+    let Some((mut ring, _tx, _rx)) = stuck_zero_copy_send() else {
+        return;
+    };
+    assert!(!ring.cancel_all(Duration::from_millis(200)));
+    let start = std::time::Instant::now();
+    // Leaks the send's buffer and socket (the kernel still holds the pages): a test process.
+    drop(ring);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the drop waited {:?} for ops its cancel_all had given up on",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn aborting_a_unix_socket_fails_without_closing_it() {
+    let mut ring = ring(FeatureMask::empty());
+    let (tx, mut rx) = UnixStream::pair().unwrap();
+    let tx = ring.adopt_fd(tx.into());
+    assert!(
+        ring.abort_socket(tx).is_err(),
+        "connect(AF_UNSPEC) is TCP's"
+    );
+    // Still connected: the ring's send arrives.
+    ring.send(
+        1,
+        tx,
+        Buffer::Heap(vec![9u8; 3].into_boxed_slice()),
+        0..3,
+        false,
+    )
+    .unwrap();
+    assert_eq!(wait_for(&mut ring, OpKind::Send).result.unwrap(), 3);
+    let mut got = [0u8; 3];
+    rx.read_exact(&mut got).unwrap();
+    assert_eq!(got, [9; 3]);
+}

@@ -297,7 +297,8 @@ impl UringEngine {
         };
         let result = worker.run();
         if result.is_err() {
-            worker.ring.cancel_all(Duration::from_secs(5));
+            worker.abort_channels();
+            worker.ring.cancel_all(progress.cancel_drain());
         }
         // Hand back buffers still queued in reassembly that belong to this worker: none are
         // left on success; on failure the pool is dropped with the ring.
@@ -312,6 +313,19 @@ impl UringEngine {
 }
 
 impl DestWorker<'_> {
+    /// The run failed: every channel's connection is aborted before the ring drains its ops,
+    /// as the source does. Nothing here waits on a socket's queue (receives cancel at once),
+    /// but the source's sends fail now, on the reset, and whatever zero-copy sends it has in
+    /// flight to this side get their notifications, instead of waiting for these fds to close.
+    fn abort_channels(&self) {
+        for channel in &self.channels {
+            if let Err(err) = self.ring.abort_socket(channel.file) {
+                // A Unix stream channel cannot be aborted; `run_dest` shuts it down.
+                log::debug!("channel {}: aborting the connection: {err}", channel.index);
+            }
+        }
+    }
+
     fn run(&mut self) -> Result<(), DataPlaneError> {
         for c in 0..self.channels.len() {
             self.recv_header(c)?;

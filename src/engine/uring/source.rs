@@ -9,7 +9,7 @@
 //! and send copies on one core.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::Instant;
 
 use ::uring::{Buffer, BufferPool, Completion, FileId, OpKind, Ring};
 
@@ -53,6 +53,8 @@ struct InFlightSend {
     /// For a chained send: the read's result once known.
     read: Option<usize>,
     chained: bool,
+    /// When it was submitted, for the stall's account of what is outstanding.
+    since: Instant,
 }
 
 struct SrcChannel {
@@ -172,7 +174,11 @@ impl UringEngine {
         };
         let result = worker.run();
         if result.is_err() {
-            worker.ring.cancel_all(Duration::from_secs(5));
+            if progress.cancelled() {
+                progress.report_outstanding(worker.outstanding_sends());
+            }
+            worker.abort_channels();
+            worker.ring.cancel_all(progress.cancel_drain());
         }
         result?;
         Ok((
@@ -192,6 +198,43 @@ impl UringEngine {
 }
 
 impl SourceWorker<'_> {
+    /// The run failed: every channel's connection is aborted before the ring drains its ops.
+    /// A SEND_ZC completes only once its socket frees the data it queued, which a stopped
+    /// destination (zero window) never lets happen and a `shutdown` does not force: without
+    /// the abort each worker waited out the drain's timeout and leaked its pool and sockets.
+    /// The channels are finished either way (`run_source` shuts them down after the workers).
+    fn abort_channels(&self) {
+        for channel in &self.channels {
+            if let Err(err) = self.ring.abort_socket(channel.file) {
+                // A Unix stream channel cannot be aborted, and has no SEND_ZC to free.
+                log::debug!("channel {}: aborting the connection: {err}", channel.index);
+            }
+        }
+    }
+
+    /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per busy channel: what
+    /// a session that cancelled for a stall names as stuck.
+    fn outstanding_sends(&self) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter_map(|channel| {
+                let sending = channel.sending.as_ref()?;
+                let what = if sending.chained && sending.read.is_none() {
+                    "read and send"
+                } else {
+                    "send"
+                };
+                Some(format!(
+                    "channel {}: {what} of idx {} of device {} outstanding {:.1} s",
+                    channel.index,
+                    sending.idx,
+                    self.device_id(sending.device),
+                    sending.since.elapsed().as_secs_f64()
+                ))
+            })
+            .collect()
+    }
+
     fn run(&mut self) -> Result<(), DataPlaneError> {
         loop {
             if self.progress.cancelled() {
@@ -349,6 +392,7 @@ impl SourceWorker<'_> {
             len,
             read: None,
             chained: true,
+            since: Instant::now(),
         });
         Ok(())
     }
@@ -413,6 +457,7 @@ impl SourceWorker<'_> {
             len: packet.len,
             read: None,
             chained: false,
+            since: Instant::now(),
         });
         Ok(())
     }

@@ -485,6 +485,78 @@ fn source_only_speed() {
     }
 }
 
+/// A destination that stopped reading (SIGSTOPped, so a zero window) while a SEND_ZC is in
+/// flight: the notification comes only once the socket frees the data it queued. Cancelled,
+/// the run must still stop well within the drain bound (it took 10 s, the drain's 5 s in the
+/// worker and 5 more in the ring's drop, and leaked the pool), and give the arena back.
+#[test]
+fn a_cancelled_run_with_a_zero_copy_send_to_a_stopped_peer_stops_promptly_and_leaks_nothing() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::time::Instant;
+    let chunk = 8 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Before the connection, which takes the listener's (the window its SYN-ACK offers
+    // included): the window stays a few KiB, and one chunk can never leave the source.
+    setsockopt(&listener, sockopt::RcvBuf, &4096).unwrap();
+    let channel = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    setsockopt(&channel, sockopt::SndBuf, &4096).unwrap();
+    // Never read: the stopped destination.
+    let (_peer, _) = listener.accept().unwrap();
+    // One channel's first send: a real zero-copy one even on loopback (the engine goes plain
+    // only after a notification says the kernel copied).
+    let engine = UringEngine::new(EngineConfig {
+        pool_buffers: 2,
+        ..config(1, chunk)
+    })
+    .unwrap();
+    let progress = Arc::new(Progress::default());
+    let device = SourceDevice {
+        id: DeviceId::new("0000:00:01.0/vfio", 0).unwrap(),
+        data_fd: tmpfs_file(&content(0, 2 * chunk)).into(),
+        read_size: chunk,
+        config: Vec::new(),
+    };
+    let (result, stopped_after) = std::thread::scope(|s| {
+        let canceller = s.spawn(|| {
+            // The first chunk is read, so its linked send is on the socket.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while progress.bytes.load(Ordering::Relaxed) == 0 {
+                assert!(Instant::now() < deadline, "the first read never finished");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            progress.cancel.store(true, Ordering::Relaxed);
+            Instant::now()
+        });
+        let result = engine.run_source(SourcePlan {
+            devices: vec![device],
+            channels: vec![OwnedFd::from(channel)],
+            progress: progress.clone(),
+        });
+        (result, canceller.join().unwrap().elapsed())
+    });
+    assert!(
+        matches!(result, Err(DataPlaneError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(
+        stopped_after < Duration::from_secs(2),
+        "the cancelled run took {stopped_after:?} to stop"
+    );
+    assert!(
+        engine.arena.lock().unwrap().is_some(),
+        "a ring leaked its pool: its ops never finished"
+    );
+    // What the session appends to its stall error: the stuck channel, packet and device.
+    let outstanding = progress.take_outstanding();
+    assert_eq!(outstanding.len(), 1, "{outstanding:?}");
+    assert!(
+        outstanding[0]
+            .starts_with("channel 0: send of idx 0 of device 0000:00:01.0/vfio/0 outstanding "),
+        "{outstanding:?}"
+    );
+}
+
 #[test]
 fn a_tiny_queued_bytes_limit_backpressures_instead_of_failing() {
     let config = EngineConfig {
