@@ -1010,25 +1010,32 @@ fn dest_channel_closed_early(kind: EngineKind) {
 /// (channel 0 runs ahead, idx 0 comes late on channel 1) still all arrive: the destination
 /// stops reading channel 0 instead of failing.
 fn dest_backpressure_out_of_order(kind: EngineKind) {
+    idx_zero_late(kind, 2000, 8000, 1000, Duration::from_millis(100));
+}
+
+/// Channel 0 sends idx 1.. of `len` bytes in `chunk`-byte packets and closes, held back by
+/// `limit`; after `gap`, channel 1 sends idx 0 and the config. Every byte must arrive.
+fn idx_zero_late(kind: EngineKind, limit: u64, len: usize, chunk: usize, gap: Duration) {
     let config = EngineConfig {
-        max_queued_bytes: 2000,
+        max_queued_bytes: limit,
         ..test_config()
     };
     let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
         return;
     };
     let id = d.ids[0].clone();
-    let data = pattern(3, 8000);
-    for (idx, chunk) in data.chunks(1000).enumerate().skip(1) {
-        d.send(0, &packet(&id, idx as u32, false, chunk));
+    let data = pattern(3, len);
+    let packets = data.chunks(chunk).count() as u32;
+    for (idx, piece) in data.chunks(chunk).enumerate().skip(1) {
+        d.send(0, &packet(&id, idx as u32, false, piece));
     }
     d.close(0);
-    thread::sleep(Duration::from_millis(100));
-    d.send(1, &packet(&id, 0, false, &data[..1000]));
-    d.send(1, &packet(&id, 8, true, b"config"));
+    thread::sleep(gap);
+    d.send(1, &packet(&id, 0, false, &data[..chunk]));
+    d.send(1, &packet(&id, packets, true, b"config"));
     d.close(1);
     let report = d.loaded(&data, b"config");
-    assert_eq!(report.devices[0].data_packets, 8);
+    assert_eq!(report.devices[0].data_packets, packets);
 }
 
 /// Each device keeps to its own queued-bytes limit (QEMU 10.1's is a per-device property):
@@ -1192,25 +1199,7 @@ fn dest_slow_packet_is_not_a_stall(kind: EngineKind) {
 /// sends nothing for 4 s (longer than the uring engine's former 3 s stall grace) and has not
 /// begun a packet. It could still deliver, so the run must wait for it and complete.
 fn dest_idle_channel_is_not_a_stall(kind: EngineKind) {
-    let config = EngineConfig {
-        max_queued_bytes: 1000,
-        ..test_config()
-    };
-    let Some(mut d) = RawDest::start(kind, 2, 1, config) else {
-        return;
-    };
-    let id = d.ids[0].clone();
-    let data = pattern(7, 2100);
-    for (idx, chunk) in data.chunks(100).enumerate().skip(1) {
-        d.send(0, &packet(&id, idx as u32, false, chunk));
-    }
-    d.close(0);
-    thread::sleep(Duration::from_secs(4));
-    d.send(1, &packet(&id, 0, false, &data[..100]));
-    d.send(1, &packet(&id, 21, true, b"config"));
-    d.close(1);
-    let report = d.loaded(&data, b"config");
-    assert_eq!(report.devices[0].data_packets, 21);
+    idx_zero_late(kind, 1000, 2100, 100, Duration::from_secs(4));
 }
 
 /// Every open channel holds a packet its device has no room for and the device's next idx is
