@@ -381,10 +381,12 @@ impl Ring {
         }
     }
 
-    fn buf_range(&mut self, buf: &Buffer, range: &Range<usize>) -> *mut u8 {
+    /// Takes `buf` mutably: the kernel may write through the pointer (a receive into a heap
+    /// box must not come from a shared borrow).
+    fn buf_range(&mut self, buf: &mut Buffer, range: &Range<usize>) -> *mut u8 {
         let (base, len) = match buf {
             Buffer::Pool(id) => (self.pool.token_ptr(id), self.pool.slot_size()),
-            Buffer::Heap(heap) => (heap.as_ptr().cast_mut(), heap.len()),
+            Buffer::Heap(heap) => (heap.as_mut_ptr(), heap.len()),
             Buffer::Lent(slot) => (slot.ptr(), slot.size()),
         };
         assert!(
@@ -429,11 +431,11 @@ impl Ring {
         &mut self,
         kind: OpKind,
         tag: u64,
-        buf: Buffer,
+        mut buf: Buffer,
         build: impl FnOnce(*mut u8, Option<u16>) -> squeue::Entry,
         range: Range<usize>,
     ) -> io::Result<()> {
-        let ptr = self.buf_range(&buf, &range);
+        let ptr = self.buf_range(&mut buf, &range);
         let fixed = match &buf {
             Buffer::Pool(id) if self.fixed_buffers => Some(id.index()),
             _ => None,
@@ -570,12 +572,12 @@ impl Ring {
         &mut self,
         tag: u64,
         sock: FileId,
-        buf: Buffer,
+        mut buf: Buffer,
         range: Range<usize>,
         zc: bool,
     ) -> io::Result<()> {
         let zc = zc && self.send_zc;
-        let ptr = self.buf_range(&buf, &range);
+        let ptr = self.buf_range(&mut buf, &range);
         let entry = self.send_entry(self.fd(sock), ptr, range.len() as u32, &buf, zc);
         let (index, generation) = self.insert(OpKind::Send, tag, Some(buf), 1);
         let entry = entry.user_data(user_data(index, generation, PART_CHAIN_SEND));
@@ -630,9 +632,9 @@ impl Ring {
             "linked chains are forbidden on this ring"
         );
         let zc = zc && self.send_zc;
-        let buf = Buffer::Pool(buf);
-        let read_ptr = self.buf_range(&buf, &read);
-        let send_ptr = self.buf_range(&buf, &send);
+        let mut buf = Buffer::Pool(buf);
+        let read_ptr = self.buf_range(&mut buf, &read);
+        let send_ptr = self.buf_range(&mut buf, &send);
         let (index, generation) = self.insert(OpKind::ChainRead, tag, None, 2);
         let fd = self.fd(src);
         let sock = self.fd(sock);
