@@ -135,19 +135,19 @@ pub enum MainChannelError {
     TimedOut { what: &'static str, after: Duration },
     #[error("the peer closed the main channel while {what} was expected")]
     Closed { what: &'static str },
-    #[error("main channel: malformed {what} at stream offset {offset}")]
+    #[error("malformed {what} at stream offset {offset}")]
     Wire {
         what: &'static str,
         offset: u64,
         #[source]
         source: WireError,
     },
-    #[error("main channel: {what} (the record at stream offset {offset})")]
+    #[error("{what} (the record at stream offset {offset})")]
     Malformed { what: String, offset: u64 },
     /// A well-formed message in the wrong step of the protocol.
-    #[error("main channel: {what}")]
+    #[error("{what}")]
     Unexpected { what: String },
-    #[error("main channel: {what} is {len} bytes, above the {max}-byte limit")]
+    #[error("{what} is {len} bytes, above the {max}-byte limit")]
     TooLong {
         what: &'static str,
         len: usize,
@@ -159,7 +159,7 @@ pub enum MainChannelError {
         #[source]
         source: io::Error,
     },
-    #[error("main channel: decoding the {what} JSON")]
+    #[error("decoding the {what} JSON")]
     Json {
         what: &'static str,
         #[source]
@@ -433,6 +433,14 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_main_channel_error_says_main_channel_once() {
+        let err = SessionError::Main(MainChannelError::Unexpected {
+            what: "SWITCHOVER_START twice".into(),
+        });
+        assert_eq!(error_chain(&err), "main channel: SWITCHOVER_START twice");
+    }
 
     #[test]
     fn a_stall_names_what_the_engine_had_outstanding() {
