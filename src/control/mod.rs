@@ -730,7 +730,7 @@ impl Server {
             .and_then(|a| a.get("fds"))
             .and_then(Value::as_array)
             .is_some_and(|names| !names.is_empty());
-        let fds_missing_in = self.conn.as_mut().map(|conn| {
+        let fds_missing_in = self.conn.as_mut().and_then(|conn| {
             if names_fds && line.fds.is_empty() {
                 conn.fds_missing_in = Some(line.end_read);
             }
@@ -746,9 +746,9 @@ impl Server {
                 id,
             );
         }
-        if line.fds_read.is_some() && line.fds_read == fds_missing_in.flatten() {
-            // The kernel hands a message's fds to its last line: they were sent for the earlier
-            // line that names fds and got none, not for this one.
+        if line.fds_read.is_some() && line.fds_read == fds_missing_in {
+            // A read's fds go to the last line they came with (`lines`): these were sent for
+            // the earlier line of that read that names fds and got none, not for this one.
             return error_reply(
                 Refusal::new(
                     "these fds came in one message with an earlier line that names fds: send \

@@ -336,8 +336,10 @@ impl<'a> DestSession<'a> {
                     Event::Engine(Ok(Err(source))) => {
                         let engine = self.engine.kind().name();
                         if !eof {
-                            let peer = self.driver.peer_error_within(PEER_GRACE);
-                            if peer.is_some_and(|err| err.peer_gone()) {
+                            let gone = self.driver.linger_for_peer(PEER_GRACE, |report| {
+                                report.err().filter(MainChannelError::peer_gone)
+                            });
+                            if gone.is_some() {
                                 return Err(SessionError::SourceVanishedMidStream {
                                     engine,
                                     source,

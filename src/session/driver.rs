@@ -188,38 +188,26 @@ impl<P: Send + 'static, R: Send + 'static> Driver<P, R> {
         }
     }
 
-    /// Waits up to `limit` for a peer message that `pick` accepts, dropping other events:
-    /// after a local failure, the peer's account is often the better one.
+    /// Waits up to `limit` for what the peer's reader reports that `pick` accepts, dropping
+    /// other events: after a local failure, the peer's account is often the better one (its
+    /// result message, or its reader's failure when the peer died: a peer that dies closes
+    /// its main channel and its data channels at once, and the data plane often notices
+    /// first). The reader's failure is its last report, so the wait ends there.
     pub fn linger_for_peer<T>(
         &self,
         limit: Duration,
-        mut pick: impl FnMut(P) -> Option<T>,
+        mut pick: impl FnMut(Result<P, MainChannelError>) -> Option<T>,
     ) -> Option<T> {
         let deadline = Instant::now() + limit;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.rx.recv_timeout(left) {
                 Ok(Event::Peer(Ok(message))) => {
-                    if let Some(found) = pick(message) {
+                    if let Some(found) = pick(Ok(message)) {
                         return Some(found);
                     }
                 }
-                Ok(Event::Peer(Err(_))) => return None,
+                Ok(Event::Peer(Err(err))) => return pick(Err(err)),
                 Ok(Event::Engine(_) | Event::Vmm(_) | Event::Precopy(_)) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    /// Waits up to `limit` for the peer's reader to fail, dropping other events: a peer that
-    /// died closes its main channel and its data channels at once, and the data plane often
-    /// notices first.
-    pub fn peer_error_within(&self, limit: Duration) -> Option<MainChannelError> {
-        let deadline = Instant::now() + limit;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.rx.recv_timeout(left) {
-                Ok(Event::Peer(Err(err))) => return Some(err),
-                Ok(_) => {}
                 Err(_) => return None,
             }
         }

@@ -738,7 +738,7 @@ impl<'a> SourceSession<'a> {
                 let peer = self
                     .driver
                     .linger_for_peer(PEER_ACCOUNT_GRACE, |m| match m {
-                        ReturnMessage::Result(r) if !r.ok => {
+                        Ok(ReturnMessage::Result(r)) if !r.ok => {
                             let location = r.location;
                             r.error.map(|message| (message, location))
                         }
