@@ -8,7 +8,7 @@ use std::time::Duration;
 use uring::{Feature, FeatureMask};
 
 use crate::cli::{ChannelOrderArg, Command, DemoArgs, MigrationArgs, RecvArgs, SendArgs};
-use crate::engine::{EngineConfig, EngineKind};
+use crate::engine::{EngineConfig, EngineKind, QUEUE_CAP_TOTAL_BYTES};
 use crate::error::ConfigError;
 use crate::wire::{parse_uuid, VFIO_HEADER_LEN};
 
@@ -361,6 +361,7 @@ impl MigrationConfig {
             pool_buffers,
             max_packet_size: (chunk + VFIO_HEADER_LEN) as u32,
             max_queued_bytes,
+            max_total_queued_bytes: QUEUE_CAP_TOTAL_BYTES,
             forbid,
             sequential_devices: args.sequential_devices,
         };

@@ -1074,6 +1074,107 @@ fn dest_queued_bytes_limit_per_device(kind: EngineKind) {
     assert!((6000..=6004).contains(&free_peak), "{free_peak}");
 }
 
+/// All devices together keep to the process-wide cap (4000 bytes here), each with no limit of
+/// its own, and hitting it is backpressure, not a failure: channel 0 carries idx 1..=3 of each
+/// of 8 devices (24000 bytes out of order), and only later channel 1 each device's idx 0 and
+/// config, device 0's once every other device's data is written. Device 0's early packets fill
+/// 3000 bytes until then, so every other device holds at most 1000 bytes out of order plus its
+/// next idx (2000), where without the cap each held all four of its packets (4000). The threads
+/// engine's cap; the uring engine is bounded by its pool instead.
+fn dest_queued_bytes_limit_process_wide(kind: EngineKind) {
+    const DEVICES: usize = 8;
+    let config = EngineConfig {
+        max_total_queued_bytes: 4000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::with_limits(kind, 2, &[None; DEVICES], config) else {
+        return;
+    };
+    let ids = d.ids.clone();
+    let data: Vec<Vec<u8>> = (0..DEVICES).map(|i| pattern(20 + i as u64, 4000)).collect();
+    for (id, data) in ids.iter().zip(&data) {
+        for (idx, chunk) in data.chunks(1000).enumerate().skip(1) {
+            d.send(0, &packet(id, idx as u32, false, chunk));
+        }
+    }
+    d.close(0);
+    thread::sleep(Duration::from_millis(100));
+    let send_first_and_config = |d: &mut RawDest, i: usize| {
+        d.send(1, &packet(&ids[i], 0, false, &data[i][..1000]));
+        d.send(1, &packet(&ids[i], 4, true, b"conf"));
+    };
+    for i in 1..DEVICES {
+        send_first_and_config(&mut d, i);
+    }
+    let others = (DEVICES as u64 - 1) * 4000;
+    let deadline = Instant::now() + TIMEOUT;
+    while d.progress.bytes.load(Ordering::Relaxed) < others {
+        assert!(Instant::now() < deadline, "devices 1.. were never written");
+        thread::sleep(Duration::from_millis(10));
+    }
+    send_first_and_config(&mut d, 0);
+    d.close(1);
+    let (result, received) = d.finish();
+    let report = result.unwrap_or_else(|e| panic!("{e} ({e:?})"));
+    assert!(received == data, "bytes differ");
+    for (i, device) in report.devices.iter().enumerate().skip(1) {
+        assert_eq!(device.config, b"conf");
+        assert!(
+            device.peak_queued_bytes <= 2000,
+            "device {i} held {} bytes at once",
+            device.peak_queued_bytes
+        );
+    }
+    // Its config packet waits for room until its idx 0 is written.
+    assert_eq!(report.devices[0].peak_queued_bytes, 4000);
+}
+
+/// Every open channel holds a packet that only the process-wide cap keeps out, and no device
+/// can write: channel 0 fills the cap (4000 bytes) with idx 1 of devices 0..=3 and holds idx 1
+/// of device 4 with device 0's idx 0 behind it; channel 1 holds idx 1 of device 5 with device
+/// 1's idx 0 behind it. The error says it is the process-wide cap, not a device's limit.
+fn dest_stall_names_the_process_wide_cap(kind: EngineKind) {
+    let config = EngineConfig {
+        max_total_queued_bytes: 4000,
+        ..test_config()
+    };
+    let Some(mut d) = RawDest::with_limits(kind, 2, &[None; 6], config) else {
+        return;
+    };
+    let ids = d.ids.clone();
+    let chunk = [2u8; 1000];
+    for id in &ids[..5] {
+        d.send(0, &packet(id, 1, false, &chunk));
+    }
+    d.send(0, &packet(&ids[0], 0, false, &chunk));
+    d.close(0);
+    // Let channel 0 fill the cap before channel 1 has anything.
+    thread::sleep(Duration::from_millis(100));
+    d.send(1, &packet(&ids[5], 1, false, &chunk));
+    d.send(1, &packet(&ids[1], 0, false, &chunk));
+    d.close(1);
+    let err = d.error();
+    assert!(matches!(err, DataPlaneError::Stalled { .. }), "{err:?}");
+    assert_names(
+        &err,
+        &[
+            &format!("channel 0 holds idx 1 (1000 bytes) of device {}", ids[4]),
+            &format!("channel 1 holds idx 1 (1000 bytes) of device {}", ids[5]),
+            "held by the process-wide cap, not the device's limit: 4000 of max 4000 bytes queued by all devices",
+        ],
+    );
+}
+
+#[test]
+fn threads_dest_queued_bytes_limit_process_wide() {
+    dest_queued_bytes_limit_process_wide(EngineKind::Threads);
+}
+
+#[test]
+fn threads_dest_stall_names_the_process_wide_cap() {
+    dest_stall_names_the_process_wide_cap(EngineKind::Threads);
+}
+
 /// A peer's bytes, mutated at random, never panic or hang a destination: each of 150 runs (two
 /// devices of three data packets and a config packet over two channels, one mutation of one
 /// channel's stream: a bit flip, a BE u32 set to a boundary value, a truncation, a duplicated

@@ -58,6 +58,12 @@ pub struct EngineConfig {
     /// Beyond it the destination stops reading the channel instead of failing. A device's own
     /// [`DestDevice::max_queued_bytes`] replaces it.
     pub max_queued_bytes: u64,
+    /// Bytes of VFIO data (counted as for `max_queued_bytes`) all devices of a destination run
+    /// may queue together in the threads engine, [`QUEUE_CAP_TOTAL_BYTES`] by default. Beyond it
+    /// the threads engine stops reading the channel, as for a device's own limit. The uring
+    /// engine does not apply it: its pool bounds it, except packets bigger than a slot (a
+    /// `max_packet_size` above `chunk_size`), which it holds on the heap, bounded per device.
+    pub max_total_queued_bytes: u64,
     /// io_uring features the engine must not use (forced fallbacks).
     pub forbid: ::uring::FeatureMask,
     /// Save devices one after another instead of all at once: how QEMU before 10.0 (and 10.x
@@ -74,6 +80,7 @@ impl Default for EngineConfig {
             pool_buffers: 32,
             max_packet_size: (64 << 20) + crate::wire::VFIO_HEADER_LEN as u32,
             max_queued_bytes: u64::MAX,
+            max_total_queued_bytes: QUEUE_CAP_TOTAL_BYTES,
             forbid: ::uring::FeatureMask::empty(),
             sequential_devices: false,
         }
@@ -87,6 +94,14 @@ pub const QUEUE_CAP_BYTES: u64 = 256 << 20;
 /// Out-of-order packets one destination device may queue at most in either engine: what
 /// bounds packets without data.
 pub const QUEUE_CAP_PACKETS: usize = 4096;
+/// Bytes all devices of one destination run may queue together in the threads engine, by
+/// default ([`EngineConfig::max_total_queued_bytes`]): [`QUEUE_CAP_BYTES`] alone lets a peer make
+/// a destination of 256 devices hold 64 GiB. 1 GiB (4 x [`QUEUE_CAP_BYTES`]) still lets four
+/// devices fill their own cap at once, while a well-behaved source, whose channels run a few
+/// packets apart, queues about channels x packet size (64 channels of QEMU's 1 MiB packets:
+/// 64 MiB). As for a device's cap, a device's next packet in order is admitted regardless
+/// (it is written at once), so each device may add one packet to it.
+pub const QUEUE_CAP_TOTAL_BYTES: u64 = 4 * QUEUE_CAP_BYTES;
 
 impl EngineConfig {
     /// The queued-bytes limit a destination engine applies to `device`: its own limit, else

@@ -24,9 +24,10 @@
 //! Where QEMU 10.1 fails on its queued-buffers limit, a receiver here keeps the packet it read
 //! and stops reading its channel until the device has written something (memory: per device,
 //! at most `max_queued_bytes`, and never more than [`QUEUE_CAP_BYTES`] in [`QUEUE_CAP_PACKETS`]
-//! packets, queued, plus one packet held per channel). When every open
-//! channel waits like that and no waited-on device can write, no progress is possible and the run
-//! fails with [`DataPlaneError::Stalled`] instead of hanging.
+//! packets, queued; all devices together at most `max_total_queued_bytes`
+//! ([`QUEUE_CAP_TOTAL_BYTES`]); plus one packet held per channel). When every open channel waits
+//! like that and no device whose write would let one go on can write, no progress is possible
+//! and the run fails with [`DataPlaneError::Stalled`] instead of hanging.
 //!
 //! Stream offsets in errors count from the start of the channel, init packet included.
 //!
@@ -52,7 +53,7 @@ use crate::wire::{
 };
 
 /// The caps both engines apply (see [`EngineConfig::queued_bytes_limit`]).
-pub use super::{QUEUE_CAP_BYTES, QUEUE_CAP_PACKETS};
+pub use super::{QUEUE_CAP_BYTES, QUEUE_CAP_PACKETS, QUEUE_CAP_TOTAL_BYTES};
 
 /// How often a waiting run looks at [`Progress::cancel`].
 const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -157,7 +158,8 @@ impl Engine for ThreadsEngine {
             progress,
         } = plan;
         // Whatever the queued-bytes limit and whatever the peer sends, a device queues at most
-        // QUEUE_CAP_BYTES in QUEUE_CAP_PACKETS packets, as in the uring engine.
+        // QUEUE_CAP_BYTES in QUEUE_CAP_PACKETS packets, as in the uring engine, and all devices
+        // together at most max_total_queued_bytes.
         let shared = DestShared {
             channels: &channels,
             devices: devices
@@ -169,6 +171,8 @@ impl Engine for ThreadsEngine {
                 })
                 .collect(),
             status: Mutex::new(vec![ChanStatus::Reading; channels.len()]),
+            total: Mutex::new(TotalQueued::default()),
+            max_total_queued_bytes: self.config.max_total_queued_bytes,
             channels_closed: AtomicBool::new(false),
             max_packet_size: self.config.max_packet_size,
             abort: Abort::default(),
@@ -708,11 +712,25 @@ enum ChanStatus {
     Closed,
 }
 
+/// The process-wide side of the queued bytes.
+#[derive(Default)]
+struct TotalQueued {
+    /// The sum of every device's `Reassembly::queued_bytes`. Changed only under the mutex of the
+    /// device whose bytes they are, so a check holding every device's mutex sees them agree.
+    bytes: u64,
+    /// Receivers asleep on their device's condvar until all devices together have room: while
+    /// there are any, a device that frees bytes wakes every device.
+    waiters: usize,
+}
+
 struct DestShared<'a> {
     channels: &'a [OwnedFd],
     devices: Vec<DevSlot<'a>>,
     /// What each receiver is doing; taken before any device mutex, never after.
     status: Mutex<Vec<ChanStatus>>,
+    /// What all devices queue together; taken after a device mutex, never before.
+    total: Mutex<TotalQueued>,
+    max_total_queued_bytes: u64,
     /// Every channel reached a clean EOF: nothing more will arrive.
     channels_closed: AtomicBool,
     max_packet_size: u32,
@@ -894,7 +912,8 @@ impl DestShared<'_> {
             if self.abort.failed() {
                 return None;
             }
-            match state.admit(idx, config, len) {
+            // None: the device has no room. Some: it has, but all devices together have not.
+            let total_full = match state.admit(idx, config, len) {
                 Err(source) => {
                     drop(state);
                     self.fail(DataPlaneError::Reassembly {
@@ -906,43 +925,69 @@ impl DestShared<'_> {
                     return None;
                 }
                 Ok(Admission::Accept) => {
-                    state.insert(idx, config, len, packet);
-                    drop(state);
-                    slot.cv.notify_all();
-                    if waited {
-                        lock(&self.status)[n] = ChanStatus::Reading;
+                    let mut total = lock(&self.total);
+                    let room = total.bytes + u64::from(len) <= self.max_total_queued_bytes;
+                    if state.is_next(idx) || room {
+                        total.bytes += u64::from(len);
+                        drop(total);
+                        state.insert(idx, config, len, packet);
+                        drop(state);
+                        slot.cv.notify_all();
+                        if waited {
+                            lock(&self.status)[n] = ChanStatus::Reading;
+                        }
+                        return Some(());
                     }
-                    return Some(());
+                    Some(total)
                 }
-                Ok(Admission::Wait) if !checked => {
-                    // Lock order: status before any device.
-                    drop(state);
-                    waited = true;
-                    let mut status = lock(&self.status);
-                    status[n] = ChanStatus::Waiting {
-                        device,
-                        idx,
-                        config,
-                        len,
-                    };
-                    if self.check_stall(&status) {
-                        return None;
-                    }
-                    drop(status);
-                    checked = true;
-                    state = lock(&slot.state);
+                Ok(Admission::Wait) => None,
+            };
+            if !checked {
+                // Lock order: status before any device.
+                drop(total_full);
+                drop(state);
+                waited = true;
+                let mut status = lock(&self.status);
+                status[n] = ChanStatus::Waiting {
+                    device,
+                    idx,
+                    config,
+                    len,
+                };
+                if self.check_stall(&status) {
+                    return None;
                 }
-                Ok(Admission::Wait) => {
+                drop(status);
+                checked = true;
+                state = lock(&slot.state);
+                continue;
+            }
+            match total_full {
+                None => state = wait(&slot.cv, state),
+                Some(mut total) => {
+                    // Counted before the device mutex is let go, so no freeing write is missed.
+                    total.waiters += 1;
+                    drop(total);
                     state = wait(&slot.cv, state);
-                    // The device changed: whether the run can still progress must be asked again.
-                    checked = false;
+                    lock(&self.total).waiters -= 1;
                 }
             }
+            // Something changed: whether the run can still progress must be asked again.
+            checked = false;
         }
     }
 
-    /// With the status lock held: fails the run when every open channel holds a packet its
-    /// device has no room for and none of those devices can write. Returns true if it did.
+    /// A device whose mutex the caller holds no longer queues `len` bytes. True when receivers
+    /// wait for room under the process-wide cap: the caller must then wake every device.
+    fn release_total(&self, len: u32) -> bool {
+        let mut total = lock(&self.total);
+        total.bytes = total.bytes.saturating_sub(u64::from(len));
+        total.waiters > 0
+    }
+
+    /// With the status lock held: fails the run when every open channel holds a packet there is
+    /// no room for and no write that would make room can happen: for a device's own limit, that
+    /// device cannot write; for the process-wide cap, no device can. Returns true if it did.
     fn check_stall(&self, status: &[ChanStatus]) -> bool {
         let mut waiting = Vec::new();
         for (channel, s) in status.iter().enumerate() {
@@ -960,21 +1005,43 @@ impl DestShared<'_> {
         if waiting.is_empty() {
             return false;
         }
+        // Every device at once, in index order (nothing else holds two): the process-wide total
+        // changes only under a device's mutex, so it and every device agree.
+        let states: Vec<_> = self.devices.iter().map(|slot| lock(&slot.state)).collect();
+        let total = lock(&self.total).bytes;
+        let any_can_write = states.iter().any(|s| can_write(s));
         let mut detail = Vec::new();
         for &(channel, device, idx, config, len) in &waiting {
-            let slot = &self.devices[device];
-            let state = lock(&slot.state);
-            if can_write(&state) || state.admit(idx, config, len) != Ok(Admission::Wait) {
+            let state = &states[device];
+            if can_write(state) {
                 return false;
             }
+            let queued = match state.admit(idx, config, len) {
+                Ok(Admission::Wait) => format!(
+                    "{} of max {} bytes queued",
+                    state.queued_bytes(),
+                    state.max_queued_bytes()
+                ),
+                Ok(Admission::Accept)
+                    if !state.is_next(idx)
+                        && total + u64::from(len) > self.max_total_queued_bytes
+                        && !any_can_write =>
+                {
+                    format!(
+                        "held by the process-wide cap, not the device's limit: {total} of max {} bytes queued by all devices, {} by this one",
+                        self.max_total_queued_bytes,
+                        state.queued_bytes()
+                    )
+                }
+                _ => return false,
+            };
             detail.push(format!(
-                "channel {channel} holds idx {idx} ({len} bytes) of device {} whose next idx {} has not arrived ({} of max {} bytes queued)",
-                slot.id,
+                "channel {channel} holds idx {idx} ({len} bytes) of device {} whose next idx {} has not arrived ({queued})",
+                self.devices[device].id,
                 state.next_idx(),
-                state.queued_bytes(),
-                state.max_queued_bytes()
             ));
         }
+        drop(states);
         let closed: Vec<String> = status
             .iter()
             .enumerate()
@@ -1024,10 +1091,14 @@ impl DestShared<'_> {
                 report.data_packets = ready.idx;
                 let mut state = lock(&slot.state);
                 state.complete(ready.len);
+                let wake_all = self.release_total(ready.len);
                 report.loaded_ns = monotonic_ns();
                 report.peak_queued_bytes = state.peak_queued_bytes();
                 drop(state);
                 slot.cv.notify_all();
+                if wake_all {
+                    self.wake_devices();
+                }
                 return Some(report);
             }
             if let Err(source) = write_all(device.data_fd.as_fd(), &bytes[VFIO_HEADER_LEN..]) {
@@ -1043,8 +1114,14 @@ impl DestShared<'_> {
             report.bytes += u64::from(ready.len);
             self.progress.add(ready.len as usize);
             drop(bytes);
-            lock(&slot.state).complete(ready.len);
+            let mut state = lock(&slot.state);
+            state.complete(ready.len);
+            let wake_all = self.release_total(ready.len);
+            drop(state);
             slot.cv.notify_all();
+            if wake_all {
+                self.wake_devices();
+            }
         }
     }
 }
