@@ -1511,6 +1511,56 @@ fn source_cancel(kind: EngineKind) {
     );
 }
 
+/// A destination that stops reading (frozen) leaves a send that never completes; the run the
+/// session then cancels for its stall says which channel's send of which packet is stuck and
+/// for how long (what the session appends to its stall error).
+fn source_cancel_names_the_stuck_send(kind: EngineKind) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Small socket buffers: a few packets fill them.
+    setsockopt(&listener, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
+    let channel = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+    setsockopt(&channel, sockopt::SndBuf, &4096).expect("SO_SNDBUF");
+    // Never read: the frozen destination.
+    let (_frozen, _) = listener.accept().expect("accept");
+    let id = device_id(0);
+    let progress = Arc::new(Progress::default());
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: id.clone(),
+            data_fd: memfd_with(&pattern(1, 4 << 20)),
+            read_size: 64 << 10,
+            config: vec![],
+        }],
+        channels: vec![OwnedFd::from(channel)],
+        progress: progress.clone(),
+    };
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    let deadline = Instant::now() + TIMEOUT;
+    while progress.bytes.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the first read never finished");
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(300));
+    progress.cancel.store(true, Ordering::Relaxed);
+    let err = await_side(&rx, &[], "run_source").unwrap_err();
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    let outstanding = progress.take_outstanding();
+    assert_eq!(outstanding.len(), 1, "{outstanding:?}");
+    let line = &outstanding[0];
+    let secs: f64 = line
+        .strip_prefix("channel 0: send of idx ")
+        .and_then(|rest| rest.split_once(&format!(" of device {id} outstanding ")))
+        .and_then(|(idx, secs)| idx.parse::<u32>().ok().and(secs.strip_suffix(" s")))
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"));
+    assert!(secs >= 0.2, "{line:?}: stuck since before the 300 ms wait");
+}
+
 /// The destination goes away: the source fails naming the channel, device and idx.
 fn source_peer_gone(kind: EngineKind) {
     let config = test_config();
@@ -1752,6 +1802,7 @@ per_engine!(
     source_short_send_is_an_error,
     dest_cancel,
     source_cancel,
+    source_cancel_names_the_stuck_send,
     source_peer_gone,
     source_read_error,
     source_read_error_on_a_lone_device,

@@ -40,7 +40,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Scope, ScopedJoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
@@ -86,9 +86,11 @@ impl Engine for ThreadsEngine {
         } = plan;
         let shared = SourceShared {
             channels: &channels,
+            devices: &devices,
             queue: Mutex::new(SendQueue {
                 slots: (0..channels.len()).map(|_| None).collect(),
                 busy: vec![false; channels.len()],
+                sending: (0..channels.len()).map(|_| None).collect(),
                 next: 0,
                 done: false,
             }),
@@ -437,11 +439,20 @@ struct Job {
     packet: Vec<u8>,
 }
 
+/// A packet a sender took from its slot and has not finished writing.
+struct Sending {
+    device: usize,
+    idx: u32,
+    since: Instant,
+}
+
 /// `multifd_send_state`: one job slot per channel, guarded by the global send mutex.
 struct SendQueue {
     slots: Vec<Option<Job>>,
     /// `pending_job`: the channel holds a job, or is still writing the last one.
     busy: Vec<bool>,
+    /// Per channel, the packet its sender is writing: what a cancelled run names as stuck.
+    sending: Vec<Option<Sending>>,
     /// Where the next round-robin scan starts (after the last channel used).
     next: usize,
     /// Every job was queued: senders stop once their slot is empty.
@@ -450,6 +461,7 @@ struct SendQueue {
 
 struct SourceShared<'a> {
     channels: &'a [OwnedFd],
+    devices: &'a [SourceDevice],
     queue: Mutex<SendQueue>,
     /// Some channel became idle.
     idle: Condvar,
@@ -478,7 +490,13 @@ impl Drop for TurnGuard<'_, '_> {
 
 impl Side for SourceShared<'_> {
     fn fail(&self, err: DataPlaneError) {
+        let cancelled = matches!(err, DataPlaneError::Cancelled);
         if self.abort.record(err) {
+            if cancelled {
+                // Before the shutdown ends the sends: a session that cancelled for a stall
+                // names the channel and packet that stopped moving.
+                self.progress.report_outstanding(self.outstanding_sends());
+            }
             shutdown_all(self.channels);
         }
         drop(lock(&self.queue));
@@ -499,6 +517,26 @@ struct SenderResult {
 }
 
 impl SourceShared<'_> {
+    /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per channel writing a
+    /// packet (as the uring engine says it).
+    fn outstanding_sends(&self) -> Vec<String> {
+        let queue = lock(&self.queue);
+        queue
+            .sending
+            .iter()
+            .enumerate()
+            .filter_map(|(n, sending)| {
+                let sending = sending.as_ref()?;
+                Some(format!(
+                    "channel {n}: send of idx {} of device {} outstanding {:.1} s",
+                    sending.idx,
+                    self.devices[sending.device].id,
+                    sending.since.elapsed().as_secs_f64()
+                ))
+            })
+            .collect()
+    }
+
     /// `multifd_send()`: waits for an idle channel, puts the job in its slot. False when the
     /// run failed meanwhile.
     fn queue_job(&self, job: Job) -> bool {
@@ -614,6 +652,11 @@ impl SourceShared<'_> {
                         return None;
                     }
                     if let Some(job) = queue.slots[n].take() {
+                        queue.sending[n] = Some(Sending {
+                            device: job.device,
+                            idx: job.idx,
+                            since: Instant::now(),
+                        });
                         break job;
                     }
                     if queue.done {
@@ -645,7 +688,10 @@ impl SourceShared<'_> {
             report.packets += 1;
             last = Some((job.device, job.idx));
             drop(job);
-            lock(&self.queue).busy[n] = false;
+            let mut queue = lock(&self.queue);
+            queue.busy[n] = false;
+            queue.sending[n] = None;
+            drop(queue);
             self.idle.notify_one();
         }
     }
