@@ -458,7 +458,7 @@ pub fn run_recv(config: &RecvConfig) -> Result<SideReport, StandaloneError> {
     };
     let cpu_start = metrics::process_cpu_seconds();
     let result = DestSession::new(
-        &listener,
+        listener,
         params,
         &mut devices,
         engine.clone(),

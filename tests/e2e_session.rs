@@ -4,7 +4,8 @@
 // Test helpers unwrap too: a failed step is a failed test (clippy allows it only in #[test] fns).
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -20,7 +21,8 @@ use vfio_multifd::error::SessionError;
 use vfio_multifd::session::dest::{DestInput, DestOutcome, DestParams, DestSession};
 use vfio_multifd::session::link::{ControlLink, Notice, Phase, VmmCommand};
 use vfio_multifd::session::source::{SourceInput, SourceParams, SourceSession};
-use vfio_multifd::wire::DeviceId;
+use vfio_multifd::wire::{DeviceId, MultifdInitPacket};
+use zerocopy::IntoBytes;
 
 const UUID: [u8; 16] = *b"session-test-uid";
 const CHUNK: usize = 256 << 10;
@@ -104,7 +106,7 @@ fn spawn_dest(
             timeout,
         };
         let result = DestSession::new(
-            &listener,
+            listener,
             params,
             &mut devices,
             engine(kind),
@@ -192,6 +194,77 @@ fn success_leaves_source_devices_stopped_and_destination_devices_running() {
             assert_eq!(report.read_issued_ns.len(), packets);
         }
     }
+}
+
+/// A second source pointed at a destination that has all its channels (its channel 1 again) is
+/// told no at once, not left in the listen backlog until the migration ends, and the migration
+/// it would have joined completes.
+#[test]
+fn an_extra_connection_is_refused_while_the_migration_goes_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let dest = spawn_dest(
+        listener,
+        sinks(2, 1_500_000, 0),
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let progress = Arc::new(Progress::default());
+    let source = {
+        let progress = progress.clone();
+        // About 3 s at this speed: longer than the extra connection may be left waiting.
+        let mut devices = sources(2, 1_500_000, Some(500_000));
+        thread::spawn(move || {
+            let outcome =
+                SourceSession::new(params, &mut devices, engine(EngineKind::Threads), progress)
+                    .run();
+            (outcome, devices)
+        })
+    };
+    // Device bytes flow only once every channel is connected.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while progress.bytes.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the migration did not start");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let bound = Duration::from_secs(2);
+    let started = Instant::now();
+    match TcpStream::connect_timeout(&addr, bound) {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
+        Ok(mut extra) => {
+            // A reset may already fail this write; the read below says so too.
+            let _ = extra.write_all(MultifdInitPacket::new(UUID, 1).as_bytes());
+            extra.set_read_timeout(Some(bound)).unwrap();
+            match extra.read(&mut [0u8; 1]) {
+                Ok(0) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                other => panic!("the extra connection was left waiting: {other:?}"),
+            }
+        }
+    }
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert!(
+        !source.is_finished(),
+        "turned away by the migration's end, not by the destination refusing it"
+    );
+    let (outcome, devices) = source.join().unwrap();
+    assert!(outcome.unwrap().result.ok);
+    let (dest_result, dest_devices) = dest.join().unwrap();
+    dest_result.unwrap();
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Stop; 2]
+    );
+    assert_eq!(
+        states(dest_devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running; 2]
+    );
 }
 
 /// A device that logs every state a session asks of it, in one log shared by all devices.

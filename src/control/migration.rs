@@ -676,7 +676,7 @@ fn run(
                 timeout,
             };
             let session = DestSession::controlled(
-                listener.as_ref(),
+                listener,
                 params,
                 &mut inputs,
                 engine,
@@ -723,8 +723,7 @@ fn run(
         }
     };
     // Every device, data_fd, socket and listener of this migration is closed by now (the
-    // inputs and the link went with the session); only then is the VMM told.
-    drop(listener);
+    // inputs, the link and the listener went with the session); only then is the VMM told.
     finish(
         shared,
         result,

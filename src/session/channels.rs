@@ -10,6 +10,9 @@
 //! Every wait ends: connects and reads carry the session timeout, the accept loop has a
 //! deadline that moves forward whenever a connection arrives, and it stops when the session's
 //! cancel flag is set.
+//!
+//! A migration's listener serves that migration only: once every channel is here it is closed
+//! ([`stop_listening`]), so a connection beyond them is refused rather than left waiting.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -17,13 +20,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::config::ChannelOrder;
 use crate::engine::Progress;
 use crate::error::ChannelError;
 use crate::session::stream::{read_exact_by, Conn};
-use crate::wire::{ChannelSet, InitExpectation, MultifdInitPacket, INIT_PACKET_LEN};
+use crate::wire::{ChannelSet, InitExpectation, MultifdInitPacket, INIT_PACKET_LEN, MULTIFD_MAGIC};
 
 /// How long one peek waits before the cancel flag is looked at again.
 const PEEK_SLICE: Duration = Duration::from_millis(100);
@@ -374,6 +377,70 @@ impl<'a> Acceptor<'a> {
         debug_assert!(self.complete());
         (self.main, self.slots.into_iter().flatten().collect())
     }
+}
+
+/// A connection turned away because the migration already had all its channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnedAway {
+    pub peer: SocketAddr,
+    /// What its first bytes said it is, when they had already arrived.
+    pub claimed: Option<Arrival>,
+}
+
+/// Closes the listener of a migration that has all its channels, so that the kernel refuses a
+/// later connect (a second source pointed at this port) instead of leaving it in the backlog
+/// for the rest of the migration. The connections already queued are accepted first, so that
+/// each is logged, and closed unread, which resets them.
+pub fn stop_listening(listener: TcpListener, channels: u8) -> Vec<TurnedAway> {
+    let mut turned_away = Vec::new();
+    // Nothing is waited for here: only what is already queued is looked at.
+    if let Err(e) = listener.set_nonblocking(true) {
+        log::warn!("closing the migration listener without a look at its queue: {e}");
+        return turned_away;
+    }
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let claimed = claimed_by(&stream);
+                let claim = match claimed {
+                    Some(Arrival::Main) => " (it claims to be the main channel)".to_string(),
+                    Some(Arrival::Multifd(id)) => format!(" (it claims multifd channel {id})"),
+                    None => String::new(),
+                };
+                log::warn!(
+                    "refusing an extra connection from {peer}{claim}: the main channel and all \
+                     {channels} multifd channels are already connected"
+                );
+                turned_away.push(TurnedAway { peer, claimed });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                log::warn!(
+                    "turning away extra connections: {e}; closing the listener resets the rest"
+                );
+                break;
+            }
+        }
+    }
+    turned_away
+}
+
+/// The main channel or the multifd channel an extra connection's first bytes claim, if they
+/// are there already (an extra connection is not waited for).
+fn claimed_by(stream: &TcpStream) -> Option<Arrival> {
+    let mut first = [0u8; INIT_PACKET_LEN];
+    stream.set_nonblocking(true).ok()?;
+    let n = stream.peek(&mut first).ok()?;
+    if first[..n].starts_with(&QEVM) {
+        return Some(Arrival::Main);
+    }
+    let init = MultifdInitPacket::read_from_bytes(first.get(..n)?).ok()?;
+    (init.magic.get() == MULTIFD_MAGIC).then_some(Arrival::Multifd(init.id))
 }
 
 /// Peeks until `buf` is full: the bytes stay in the socket for the reader that follows.
@@ -731,6 +798,62 @@ mod tests {
         cancel.join().unwrap();
         assert!(matches!(err, ChannelError::Classify { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// What the connecting side of a turned-away connection sees within `bound`.
+    fn refused_within(stream: &mut TcpStream, bound: Duration) -> Result<(), String> {
+        use std::io::Read;
+        stream.set_read_timeout(Some(bound)).unwrap();
+        match stream.read(&mut [0u8; 1]) {
+            Ok(0) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("still open after {bound:?}: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn connections_beyond_the_expected_ones_are_refused_and_named() {
+        let (listener, addr) = bind();
+        let _channel = raw_init(addr, UUID, 0);
+        accept_all(&listener, 1, false).unwrap();
+        // A second source: its channel 0 again, then its main channel.
+        let mut extra = raw_init(addr, UUID, 0);
+        let mut extra_main = TcpStream::connect(addr).unwrap();
+        extra_main.write_all(b"QEVM\0\0\0\x03").unwrap();
+        let mut silent = TcpStream::connect(addr).unwrap();
+        // The three are queued once their bytes are readable on this side.
+        std::thread::sleep(Duration::from_millis(100));
+        let turned_away = stop_listening(listener, 1);
+        let peers = [&extra, &extra_main, &silent].map(|s| s.local_addr().unwrap());
+        assert_eq!(
+            turned_away,
+            vec![
+                TurnedAway {
+                    peer: peers[0],
+                    claimed: Some(Arrival::Multifd(0)),
+                },
+                TurnedAway {
+                    peer: peers[1],
+                    claimed: Some(Arrival::Main),
+                },
+                TurnedAway {
+                    peer: peers[2],
+                    claimed: None,
+                },
+            ]
+        );
+        for stream in [&mut extra, &mut extra_main, &mut silent] {
+            refused_within(stream, Duration::from_secs(2)).unwrap();
+        }
+        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 
     #[test]

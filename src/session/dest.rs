@@ -37,7 +37,7 @@ use crate::engine::{monotonic_ns, DestDevice, DestPlan, DestReport, Engine, Engi
 use crate::error::error_chain;
 use crate::error::{MainChannelError, SessionError};
 use crate::metrics;
-use crate::session::channels::{Acceptor, Arrival};
+use crate::session::channels::{self, Acceptor, Arrival};
 use crate::session::driver::{Driver, Event};
 use crate::session::link::{
     locate, Commander, ControlLink, DeviceNumbers, EngineNumbers, Notice, Phase,
@@ -132,8 +132,9 @@ impl State {
 
 /// A standalone destination: one migration from a `send` helper.
 pub struct DestSession<'a> {
-    /// None when a VMM passed the channels.
-    listener: Option<&'a TcpListener>,
+    /// None when a VMM passed the channels, and once every channel is here: it is closed then,
+    /// so that an extra connection is refused instead of waiting for the migration to end.
+    listener: Option<TcpListener>,
     params: DestParams,
     devices: &'a mut [DestInput],
     engine: Arc<dyn Engine>,
@@ -151,7 +152,7 @@ pub struct DestSession<'a> {
 
 impl<'a> DestSession<'a> {
     pub fn new(
-        listener: &'a TcpListener,
+        listener: TcpListener,
         params: DestParams,
         devices: &'a mut [DestInput],
         engine: Arc<dyn Engine>,
@@ -162,7 +163,7 @@ impl<'a> DestSession<'a> {
 
     /// A destination a VMM drives: channels accepted on `listener`, or passed in the link.
     pub fn controlled(
-        listener: Option<&'a TcpListener>,
+        listener: Option<TcpListener>,
         params: DestParams,
         devices: &'a mut [DestInput],
         engine: Arc<dyn Engine>,
@@ -173,7 +174,7 @@ impl<'a> DestSession<'a> {
     }
 
     fn with_link(
-        listener: Option<&'a TcpListener>,
+        listener: Option<TcpListener>,
         params: DestParams,
         devices: &'a mut [DestInput],
         engine: Arc<dyn Engine>,
@@ -386,7 +387,7 @@ impl<'a> DestSession<'a> {
             channels: self.params.channels,
         };
         let passed = self.link.as_mut().and_then(|l| l.passed.take());
-        let mut acceptor = match (passed, self.listener) {
+        let mut acceptor = match (passed, self.listener.as_ref()) {
             (Some(passed), _) => {
                 let mut sockets = vec![passed.main];
                 sockets.extend(passed.multifd);
@@ -445,6 +446,9 @@ impl<'a> DestSession<'a> {
             }
         }
         let (main, multifd) = acceptor.finish();
+        if let Some(listener) = self.listener.take() {
+            channels::stop_listening(listener, self.params.channels);
+        }
         let mut main = main.expect("complete() includes the main channel");
         let mut reader = reader.expect("the setup was read when the main channel arrived");
         let socket_err = |source| {

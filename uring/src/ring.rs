@@ -427,6 +427,19 @@ impl Ring {
         })
     }
 
+    /// Undoes [`Self::insert`] for an op whose SQEs never reached the SQ (a push fails whole):
+    /// no completion will bring its buffer back, so its pool slot goes back to the pool here (a
+    /// heap box is freed).
+    fn forget_unpushed(&mut self, index: u32) {
+        if let Some(Op {
+            buf: Some(Buffer::Pool(id)),
+            ..
+        }) = self.ops.remove(index)
+        {
+            self.pool.put(id);
+        }
+    }
+
     fn submit_single(
         &mut self,
         kind: OpKind,
@@ -444,7 +457,7 @@ impl Ring {
         let (index, generation) = self.insert(kind, tag, Some(buf), 1);
         let entry = entry.user_data(user_data(index, generation, PART_MAIN));
         if let Err(err) = self.push(&[entry]) {
-            self.ops.remove(index);
+            self.forget_unpushed(index);
             return Err(err);
         }
         Ok(())
@@ -582,7 +595,7 @@ impl Ring {
         let (index, generation) = self.insert(OpKind::Send, tag, Some(buf), 1);
         let entry = entry.user_data(user_data(index, generation, PART_CHAIN_SEND));
         if let Err(err) = self.push(&[entry]) {
-            self.ops.remove(index);
+            self.forget_unpushed(index);
             return Err(err);
         }
         Ok(())
@@ -653,7 +666,7 @@ impl Ring {
             op.buf = Some(buf);
         }
         if let Err(err) = self.push(&[read_entry, send_entry]) {
-            self.ops.remove(index);
+            self.forget_unpushed(index);
             return Err(err);
         }
         Ok(())
@@ -873,6 +886,65 @@ mod tests {
 
     /// `io_uring_enter` flag: wait for completions (and run deferred task work).
     const ENTER_GETEVENTS: u32 = 1;
+
+    /// A failed submit of a full SQ fails the push, and the op's pool slot must come back: no
+    /// completion will return it. The pool has one slot, so each attempt needs it back.
+    #[test]
+    fn a_push_that_fails_gives_its_slot_back_to_the_pool() {
+        // The seccomp filter stays with the thread that installs it: a thread of its own.
+        std::thread::spawn(|| {
+            let mut ring = Ring::new(
+                &RingConfig {
+                    entries: 4,
+                    forbid: FeatureMask::empty(),
+                },
+                BufferPool::new(1, 4096).expect("pool"),
+            )
+            .expect("ring");
+            let zero = ring.adopt_fd(std::fs::File::open("/dev/zero").expect("/dev/zero").into());
+            let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+            let sock = ring.adopt_fd(sock.into());
+            crate::seccomp::deny_io_uring_enter_on_this_thread(libc::EBUSY)
+                .expect("installing the seccomp filter");
+            let nop = opcode::Nop::new().build().user_data(CANCEL_USER_DATA);
+            // SAFETY: a NOP references no memory.
+            while unsafe { ring.ring.submission().push(&nop) }.is_ok() {}
+
+            type Attempt = Box<dyn Fn(&mut Ring, BufId) -> io::Result<()>>;
+            let mut attempts: Vec<(&str, Attempt)> = vec![
+                (
+                    "read",
+                    Box::new(move |ring, id| ring.read(1, zero, Buffer::Pool(id), 0..4096)),
+                ),
+                (
+                    "send",
+                    Box::new(move |ring, id| ring.send(2, sock, Buffer::Pool(id), 0..4096, false)),
+                ),
+            ];
+            if ring.linked_chains() {
+                attempts.push((
+                    "read_then_send",
+                    Box::new(move |ring, id| {
+                        ring.read_then_send(3, zero, sock, id, 0..4096, 0..4096, false)
+                    }),
+                ));
+            }
+            for (what, attempt) in &attempts {
+                let id = ring
+                    .take()
+                    .unwrap_or_else(|| panic!("before {what}: the pool's slot was lost"));
+                let err = attempt(&mut ring, id).expect_err(what);
+                assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{what}: {err}");
+                assert_eq!(ring.free_slots(), 1, "{what}: the slot is back");
+                assert_eq!(ring.ops.live(), 0, "{what}: no op left in the table");
+            }
+            let id = ring.take().expect("the slot is reusable");
+            ring.slot_mut(&id)[0] = 1;
+            ring.put(id);
+        })
+        .join()
+        .expect("the test thread");
+    }
 
     #[test]
     fn a_wake_reaped_while_the_sq_is_full_rearms_on_a_later_wait() {

@@ -1,11 +1,15 @@
 //! A real seccomp filter that refuses `io_uring_setup` with a chosen errno, as a container
 //! runtime's profile does (Docker's default returns EPERM; a kernel without io_uring, ENOSYS).
-//! Used to prove the fallback path on a kernel that has io_uring.
+//! Used to prove the fallback path on a kernel that has io_uring; its tests also fail
+//! `io_uring_enter` on one thread, to fail a submit.
 
 use std::io;
 
 /// `io_uring_setup` is 425 in the unified syscall table (x86_64, aarch64, and others).
 const NR_IO_URING_SETUP: u32 = 425;
+/// `io_uring_enter`, next to it.
+#[cfg(test)]
+const NR_IO_URING_ENTER: u32 = 426;
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -33,6 +37,18 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 /// Installs, for every thread of this process and its future children, a filter under which
 /// `io_uring_setup` fails with `errno`. Irreversible for the process.
 pub fn deny_io_uring_setup(errno: i32) -> io::Result<()> {
+    deny(NR_IO_URING_SETUP, errno, SECCOMP_FILTER_FLAG_TSYNC)
+}
+
+/// Makes `io_uring_enter` fail with `errno` on the calling thread only (and threads it starts
+/// later), so that a test can fail a submit without touching the rest of the test process.
+/// Irreversible for the thread.
+#[cfg(test)]
+pub(crate) fn deny_io_uring_enter_on_this_thread(errno: i32) -> io::Result<()> {
+    deny(NR_IO_URING_ENTER, errno, 0)
+}
+
+fn deny(nr: u32, errno: i32, flags: libc::c_ulong) -> io::Result<()> {
     let ld_w_abs = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     let jeq_k = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     let ret_k = (libc::BPF_RET | libc::BPF_K) as u16;
@@ -41,7 +57,7 @@ pub fn deny_io_uring_setup(errno: i32) -> io::Result<()> {
         jump(jeq_k, AUDIT_ARCH, 1, 0),
         stmt(ret_k, SECCOMP_RET_ALLOW),
         stmt(ld_w_abs, 0), // seccomp_data.nr
-        jump(jeq_k, NR_IO_URING_SETUP, 0, 1),
+        jump(jeq_k, nr, 0, 1),
         stmt(ret_k, SECCOMP_RET_ERRNO | (errno as u32 & 0xffff)),
         stmt(ret_k, SECCOMP_RET_ALLOW),
     ];
@@ -59,7 +75,7 @@ pub fn deny_io_uring_setup(errno: i32) -> io::Result<()> {
         libc::syscall(
             libc::SYS_seccomp,
             SECCOMP_SET_MODE_FILTER,
-            SECCOMP_FILTER_FLAG_TSYNC,
+            flags,
             &fprog as *const libc::sock_fprog,
         )
     };
