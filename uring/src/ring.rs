@@ -398,6 +398,17 @@ impl Ring {
     }
 
     fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        // However often the SQ is emptied, an op with more entries than it holds never fits.
+        let capacity = self.ring.params().sq_entries() as usize;
+        if entries.len() > capacity {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "an op of {} entries cannot fit a submission queue of {capacity}",
+                    entries.len()
+                ),
+            ));
+        }
         loop {
             // SAFETY: every entry's buffer is owned by the op table entry inserted before this
             // push (a slot of the ring's own pool, which cannot be swapped out or freed before
@@ -944,6 +955,42 @@ mod tests {
         })
         .join()
         .expect("the test thread");
+    }
+
+    /// A linked read-then-send is two entries: on a one-entry ring it can never be pushed, and
+    /// emptying the SQ again and again must not stand in for saying so.
+    #[test]
+    fn an_op_larger_than_the_submission_queue_is_refused_not_retried() {
+        // On a thread of its own, so that the old endless retry fails the test instead of
+        // hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ring = Ring::new(
+                &RingConfig {
+                    entries: 1,
+                    forbid: FeatureMask::empty(),
+                },
+                BufferPool::new(1, 4096).expect("pool"),
+            )
+            .expect("ring");
+            if ring.linked_chains() {
+                let zero =
+                    ring.adopt_fd(std::fs::File::open("/dev/zero").expect("/dev/zero").into());
+                let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+                let sock = ring.adopt_fd(sock.into());
+                let id = ring.take().expect("the pool's slot");
+                let err = ring
+                    .read_then_send(1, zero, sock, id, 0..4096, 0..4096, false)
+                    .expect_err("two entries on a one-entry SQ");
+                assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+                assert_eq!(ring.free_slots(), 1, "the slot is back");
+                assert_eq!(ring.ops.live(), 0, "no op left in the table");
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the push returned within 10 s");
     }
 
     #[test]
