@@ -1511,6 +1511,88 @@ fn source_cancel(kind: EngineKind) {
     );
 }
 
+/// A device whose save never produces data (a driver stuck in STOP_COPY: its data_fd read
+/// blocks) must not keep a cancelled run waiting for it.
+fn source_cancel_with_a_silent_device(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (src, _dst_kept_open) = channel_pairs(2);
+    let (silent, _writer_kept_open) = vfio::fd::pipe().unwrap();
+    let progress = Arc::new(Progress::default());
+    let plan = SourcePlan {
+        devices: vec![SourceDevice {
+            id: device_id(0),
+            data_fd: silent,
+            read_size: 64 << 10,
+            config: vec![1, 2, 3],
+        }],
+        channels: src,
+        progress: progress.clone(),
+    };
+    let rx = spawn_side("test-source", move || engine.run_source(plan));
+    thread::sleep(Duration::from_millis(300));
+    progress.cancel.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let err = await_side(&rx, &[], "run_source").unwrap_err();
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A device whose load stops taking data (its data_fd write blocks) must not keep a cancelled
+/// destination waiting for it.
+fn dest_cancel_with_a_stuck_device(kind: EngineKind) {
+    let config = test_config();
+    let Some(engine) = engine_or_skip(kind, &config) else {
+        return;
+    };
+    let (mut feeds, dst) = channel_streams(1);
+    let id = device_id(0);
+    // Nobody reads the pipe: once its buffer is full, every write to it blocks.
+    let (_reader_kept_open, stuck) = vfio::fd::pipe().unwrap();
+    let progress = Arc::new(Progress::default());
+    let plan = DestPlan {
+        devices: vec![DestDevice {
+            id: id.clone(),
+            data_fd: stuck,
+            max_queued_bytes: None,
+        }],
+        channels: dst.into_iter().map(OwnedFd::from).collect(),
+        progress: progress.clone(),
+    };
+    let rx = spawn_side("test-dest", move || engine.run_dest(plan));
+    let mut feed = feeds.remove(0);
+    let packets: Vec<Vec<u8>> = pattern(7, 4 << 20)
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(idx, chunk)| packet(&id, idx as u32, false, chunk))
+        .collect();
+    // Its own thread: the engine may stop reading the channel once the device is stuck.
+    let _feeder = thread::spawn(move || {
+        for p in packets {
+            if feed.write_all(&p).is_err() {
+                break;
+            }
+        }
+        feed
+    });
+    thread::sleep(Duration::from_millis(500));
+    progress.cancel.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let err = await_side(&rx, &[], "run_dest").unwrap_err();
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+}
+
 /// A destination that stops reading (frozen) leaves a send that never completes; the run the
 /// session then cancels for its stall says which channel's send of which packet is stuck and
 /// for how long (what the session appends to its stall error).
@@ -1768,6 +1850,8 @@ macro_rules! per_engine {
 }
 
 per_engine!(
+    source_cancel_with_a_silent_device,
+    dest_cancel_with_a_stuck_device,
     sequential_devices,
     matrix_1ch_1dev,
     matrix_1ch_4dev,

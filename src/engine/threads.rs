@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
+use vfio::interrupt::IoThread;
 
 use super::*;
 use crate::session::reassembly::{Admission, Reassembly};
@@ -98,6 +99,7 @@ impl Engine for ThreadsEngine {
             slot_ready: (0..channels.len()).map(|_| Condvar::new()).collect(),
             abort: Abort::default(),
             savers: Live::default(),
+            savers_io: DeviceThreads::default(),
             senders: Live::default(),
             progress: &progress,
             turn: self.config.sequential_devices.then(|| Mutex::new(0)),
@@ -122,6 +124,7 @@ impl Engine for ThreadsEngine {
                     let guard = shared.savers.enter(shared);
                     spawn(s, shared, format!("save-{i}"), move || {
                         let _guard = guard;
+                        let _interruptible = shared.savers_io.enter();
                         shared.save_thread(i, device)
                     })
                 })
@@ -179,6 +182,7 @@ impl Engine for ThreadsEngine {
             max_packet_size: self.config.max_packet_size,
             abort: Abort::default(),
             live: Live::default(),
+            loaders_io: DeviceThreads::default(),
             progress: &progress,
         };
         let shared = &shared;
@@ -199,6 +203,7 @@ impl Engine for ThreadsEngine {
                     let guard = shared.live.enter(shared);
                     spawn(s, shared, format!("load-{i}"), move || {
                         let _guard = guard;
+                        let _interruptible = shared.loaders_io.enter();
                         shared.load_thread(i, device)
                     })
                 })
@@ -272,6 +277,59 @@ impl Abort {
 /// Stops every thread of a side: record the error, shut the channels, wake every waiter.
 trait Side: Sync {
     fn fail(&self, err: DataPlaneError);
+    /// The run failed: every thread is on its way out, once its device call returns.
+    fn failed(&self) -> bool;
+    /// The side's save or load threads, which a shutdown of the channels does not reach.
+    fn device_threads(&self) -> &DeviceThreads;
+}
+
+/// Save and load threads: a data_fd read or write can block for good (a driver stuck in
+/// STOP_COPY or RESUMING, a pipe nobody drains), and unlike a socket's, nothing but a signal
+/// ends it. A failed run interrupts them until they have left.
+#[derive(Default)]
+struct DeviceThreads {
+    /// Slots of threads inside [`DeviceThreads::enter`]'s guard; `None` once left.
+    threads: Mutex<Vec<Option<IoThread>>>,
+}
+
+/// Registers the calling thread from [`DeviceThreads::enter`] until dropped.
+struct DeviceThreadGuard<'a> {
+    owner: &'a DeviceThreads,
+    slot: Option<usize>,
+}
+
+impl DeviceThreads {
+    fn enter(&self) -> DeviceThreadGuard<'_> {
+        let slot = match IoThread::current() {
+            Ok(thread) => {
+                let mut threads = lock(&self.threads);
+                threads.push(Some(thread));
+                Some(threads.len() - 1)
+            }
+            Err(e) => {
+                log::warn!(
+                    "{ENGINE} engine: a stuck device read or write cannot be interrupted: {e}"
+                );
+                None
+            }
+        };
+        DeviceThreadGuard { owner: self, slot }
+    }
+
+    /// Ends the blocking device call each registered thread is in, if any.
+    fn interrupt_all(&self) {
+        for thread in lock(&self.threads).iter().flatten() {
+            thread.interrupt();
+        }
+    }
+}
+
+impl Drop for DeviceThreadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            lock(&self.owner.threads)[slot] = None;
+        }
+    }
 }
 
 fn shutdown_all(channels: &[OwnedFd]) {
@@ -311,6 +369,11 @@ impl Live {
                 side.fail(DataPlaneError::Cancelled);
                 count = lock(&self.count);
                 continue;
+            }
+            if side.failed() {
+                // Again at every poll: a thread between calls when the signal came may have
+                // entered its blocking call since.
+                side.device_threads().interrupt_all();
             }
             count = self
                 .cv
@@ -379,23 +442,25 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-/// One read, retried on EINTR.
-fn read_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+/// One read of a device, retried on EINTR until the run failed (then it is the interrupt of
+/// [`DeviceThreads`]).
+fn read_device(fd: BorrowedFd<'_>, buf: &mut [u8], abort: &Abort) -> io::Result<usize> {
     loop {
         match nix::unistd::read(fd, buf) {
-            Err(Errno::EINTR) => {}
+            Err(Errno::EINTR) if !abort.failed() => {}
             other => return other.map_err(io::Error::from),
         }
     }
 }
 
-/// Writes all of `buf`, looping on partial writes (QEMU's load thread does the same).
-fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf` to a device, looping on partial writes (QEMU's load thread does the
+/// same); EINTR as in [`read_device`].
+fn write_device(fd: BorrowedFd<'_>, mut buf: &[u8], abort: &Abort) -> io::Result<()> {
     while !buf.is_empty() {
         match nix::unistd::write(fd, buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
-            Err(Errno::EINTR) => {}
+            Err(Errno::EINTR) if !abort.failed() => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -469,6 +534,8 @@ struct SourceShared<'a> {
     slot_ready: Vec<Condvar>,
     abort: Abort,
     savers: Live,
+    /// The save threads, for a failed run to interrupt a stuck data_fd read.
+    savers_io: DeviceThreads,
     senders: Live,
     progress: &'a Progress,
     /// With `sequential_devices`: the device whose save thread may run now.
@@ -508,6 +575,14 @@ impl Side for SourceShared<'_> {
         for cv in &self.slot_ready {
             cv.notify_all();
         }
+    }
+
+    fn failed(&self) -> bool {
+        self.abort.failed()
+    }
+
+    fn device_threads(&self) -> &DeviceThreads {
+        &self.savers_io
     }
 }
 
@@ -585,7 +660,11 @@ impl SourceShared<'_> {
                 return None;
             }
             let issued = monotonic_ns();
-            let n = match read_once(device.data_fd.as_fd(), &mut buf[VFIO_HEADER_LEN..]) {
+            let n = match read_device(
+                device.data_fd.as_fd(),
+                &mut buf[VFIO_HEADER_LEN..],
+                &self.abort,
+            ) {
                 Ok(n) => n,
                 Err(source) => {
                     self.fail(DataPlaneError::ReadDevice {
@@ -782,6 +861,8 @@ struct DestShared<'a> {
     max_packet_size: u32,
     abort: Abort,
     live: Live,
+    /// The load threads, for a failed run to interrupt a stuck data_fd write.
+    loaders_io: DeviceThreads,
     progress: &'a Progress,
 }
 
@@ -791,6 +872,14 @@ impl Side for DestShared<'_> {
             shutdown_all(self.channels);
         }
         self.wake_devices();
+    }
+
+    fn failed(&self) -> bool {
+        self.abort.failed()
+    }
+
+    fn device_threads(&self) -> &DeviceThreads {
+        &self.loaders_io
     }
 }
 
@@ -1147,7 +1236,11 @@ impl DestShared<'_> {
                 }
                 return Some(report);
             }
-            if let Err(source) = write_all(device.data_fd.as_fd(), &bytes[VFIO_HEADER_LEN..]) {
+            if let Err(source) = write_device(
+                device.data_fd.as_fd(),
+                &bytes[VFIO_HEADER_LEN..],
+                &self.abort,
+            ) {
                 self.fail(DataPlaneError::WriteDevice {
                     device: slot.id.clone(),
                     idx: ready.idx,

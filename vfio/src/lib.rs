@@ -40,6 +40,7 @@ use std::os::fd::OwnedFd;
 pub mod device;
 pub mod error;
 pub mod fd;
+pub mod interrupt;
 mod os;
 pub mod planner;
 pub mod sim;
