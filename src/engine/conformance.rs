@@ -1542,6 +1542,16 @@ fn source_cancel_with_a_silent_device(kind: EngineKind) {
         "cancel took {:?}",
         started.elapsed()
     );
+    // The stall's account names the stuck read: "device X: read of idx 0 ..." (threads) or
+    // "channel N: read and send of idx 0 of device X ..." (uring, whose reads are chained).
+    let outstanding = progress.take_outstanding();
+    let id = device_id(0).to_string();
+    assert!(
+        outstanding
+            .iter()
+            .any(|line| line.contains("read") && line.contains("idx 0") && line.contains(&id)),
+        "{outstanding:?}"
+    );
 }
 
 /// A device whose load stops taking data (its data_fd write blocks) must not keep a cancelled

@@ -99,6 +99,7 @@ impl Engine for ThreadsEngine {
             slot_ready: (0..channels.len()).map(|_| Condvar::new()).collect(),
             abort: Abort::default(),
             savers: Live::default(),
+            reading: devices.iter().map(|_| DeviceRead::default()).collect(),
             savers_io: DeviceThreads::default(),
             senders: Live::default(),
             progress: &progress,
@@ -511,6 +512,14 @@ struct Sending {
     since: Instant,
 }
 
+/// A save thread's data_fd read in progress.
+#[derive(Default)]
+struct DeviceRead {
+    idx: std::sync::atomic::AtomicU32,
+    /// When it was issued (monotonic ns), 0 when none is.
+    since_ns: AtomicU64,
+}
+
 /// `multifd_send_state`: one job slot per channel, guarded by the global send mutex.
 struct SendQueue {
     slots: Vec<Option<Job>>,
@@ -534,6 +543,8 @@ struct SourceShared<'a> {
     slot_ready: Vec<Condvar>,
     abort: Abort,
     savers: Live,
+    /// Per device, the data_fd read its save thread is in: what a cancelled run names as stuck.
+    reading: Vec<DeviceRead>,
     /// The save threads, for a failed run to interrupt a stuck data_fd read.
     savers_io: DeviceThreads,
     senders: Live,
@@ -562,7 +573,7 @@ impl Side for SourceShared<'_> {
             if cancelled {
                 // Before the shutdown ends the sends: a session that cancelled for a stall
                 // names the channel and packet that stopped moving.
-                self.progress.report_outstanding(self.outstanding_sends());
+                self.progress.report_outstanding(self.outstanding());
             }
             shutdown_all(self.channels);
         }
@@ -593,10 +604,11 @@ struct SenderResult {
 
 impl SourceShared<'_> {
     /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per channel writing a
-    /// packet (as the uring engine says it).
-    fn outstanding_sends(&self) -> Vec<String> {
+    /// packet (as the uring engine says it), then "device X: read of idx 4 outstanding 3.0 s",
+    /// one per save thread in a data_fd read.
+    fn outstanding(&self) -> Vec<String> {
         let queue = lock(&self.queue);
-        queue
+        let sends = queue
             .sending
             .iter()
             .enumerate()
@@ -609,7 +621,21 @@ impl SourceShared<'_> {
                     sending.since.elapsed().as_secs_f64()
                 ))
             })
-            .collect()
+            .collect::<Vec<_>>();
+        drop(queue);
+        let now = monotonic_ns();
+        let reads = self.reading.iter().enumerate().filter_map(|(i, reading)| {
+            let since = reading.since_ns.load(Ordering::Acquire);
+            (since != 0).then(|| {
+                format!(
+                    "device {}: read of idx {} outstanding {:.1} s",
+                    self.devices[i].id,
+                    reading.idx.load(Ordering::Acquire),
+                    now.saturating_sub(since) as f64 / 1e9
+                )
+            })
+        });
+        sends.into_iter().chain(reads).collect()
     }
 
     /// `multifd_send()`: waits for an idle channel, puts the job in its slot. False when the
@@ -660,11 +686,16 @@ impl SourceShared<'_> {
                 return None;
             }
             let issued = monotonic_ns();
-            let n = match read_device(
+            let reading = &self.reading[i];
+            reading.idx.store(idx, Ordering::Release);
+            reading.since_ns.store(issued.max(1), Ordering::Release);
+            let read = read_device(
                 device.data_fd.as_fd(),
                 &mut buf[VFIO_HEADER_LEN..],
                 &self.abort,
-            ) {
+            );
+            reading.since_ns.store(0, Ordering::Release);
+            let n = match read {
                 Ok(n) => n,
                 Err(source) => {
                     self.fail(DataPlaneError::ReadDevice {

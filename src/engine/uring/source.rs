@@ -28,7 +28,8 @@ struct SrcDevice {
     read_size: usize,
     config: Option<Vec<u8>>,
     next_idx: u32,
-    reading: bool,
+    /// A read of `next_idx` is in flight, since then (for the stall's account).
+    reading: Option<Instant>,
     /// A short read cancelled its linked send: the packet must be queued for resending before
     /// this device's next read, so each channel carries each device's idx in order.
     resend_pending: bool,
@@ -141,7 +142,7 @@ impl UringEngine {
                 file: ring.adopt_fd(d.data_fd),
                 config: Some(d.config),
                 next_idx: 0,
-                reading: false,
+                reading: None,
                 resend_pending: false,
                 at_end: false,
                 report: SourceDeviceReport::default(),
@@ -212,27 +213,43 @@ impl SourceWorker<'_> {
         }
     }
 
-    /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per busy channel: what
-    /// a session that cancelled for a stall names as stuck.
+    /// "channel 2: send of idx 188 of device X outstanding 3.0 s", one per busy channel, then
+    /// "device X: read of idx 4 outstanding 3.0 s" for a read not linked to a send (a reader
+    /// lending to senders, or no linked chains): what a session that cancelled for a stall
+    /// names as stuck.
     fn outstanding_sends(&self) -> Vec<String> {
-        self.channels
-            .iter()
-            .filter_map(|channel| {
-                let sending = channel.sending.as_ref()?;
-                let what = if sending.chained && sending.read.is_none() {
-                    "read and send"
-                } else {
-                    "send"
-                };
-                Some(format!(
-                    "channel {}: {what} of idx {} of device {} outstanding {:.1} s",
-                    channel.index,
-                    sending.idx,
-                    self.device_id(sending.device),
-                    sending.since.elapsed().as_secs_f64()
-                ))
+        let sends = self.channels.iter().filter_map(|channel| {
+            let sending = channel.sending.as_ref()?;
+            let what = if sending.chained && sending.read.is_none() {
+                "read and send"
+            } else {
+                "send"
+            };
+            Some(format!(
+                "channel {}: {what} of idx {} of device {} outstanding {:.1} s",
+                channel.index,
+                sending.idx,
+                self.device_id(sending.device),
+                sending.since.elapsed().as_secs_f64()
+            ))
+        });
+        let chained_read = |d: usize| {
+            self.channels.iter().any(|c| {
+                c.sending
+                    .as_ref()
+                    .is_some_and(|s| s.device == d && s.chained && s.read.is_none())
             })
-            .collect()
+        };
+        let reads = self.devices.iter().enumerate().filter_map(|(d, device)| {
+            let since = device.reading.filter(|_| !chained_read(d))?;
+            Some(format!(
+                "device {}: read of idx {} outstanding {:.1} s",
+                device.id,
+                device.next_idx,
+                since.elapsed().as_secs_f64()
+            ))
+        });
+        sends.chain(reads).collect()
     }
 
     fn run(&mut self) -> Result<(), DataPlaneError> {
@@ -312,7 +329,7 @@ impl SourceWorker<'_> {
         for i in 0..n {
             let d = (self.next_device + i) % n;
             let device = &self.devices[d];
-            if device.reading
+            if device.reading.is_some()
                 || device.resend_pending
                 || device.at_end
                 || current.is_some_and(|c| c != d)
@@ -355,7 +372,7 @@ impl SourceWorker<'_> {
             false,
             device.read_size as u32,
         );
-        device.reading = true;
+        device.reading = Some(Instant::now());
         record_packet_ns(
             &mut device.report.read_issued_ns,
             device.next_idx,
@@ -465,7 +482,7 @@ impl SourceWorker<'_> {
     /// A read of `n` bytes finished for device `d`: account it; 0 ends the device.
     fn read_done(&mut self, d: usize, result: io::Result<usize>) -> Result<usize, DataPlaneError> {
         let device = &mut self.devices[d];
-        device.reading = false;
+        device.reading = None;
         let n = result.map_err(|source| DataPlaneError::ReadDevice {
             device: device.id.clone(),
             idx: device.next_idx,
