@@ -504,6 +504,48 @@ fn a_source_device_read_error_is_reported_as_ours_not_the_destinations() {
     }
 }
 
+/// A data_fd that says EAGAIN mid-stream (an O_NONBLOCK mlx5 data_fd with nothing saved yet)
+/// is waited for, not failed, with either engine: every byte arrives, in order.
+#[test]
+fn a_source_device_saying_eagain_mid_stream_is_waited_for_with_either_engine() {
+    for kind in [EngineKind::Uring, EngineKind::Threads] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let params = source_params(&listener, 2, Duration::from_secs(30));
+        let dest = spawn_dest(
+            listener,
+            sinks(1, 2 << 20, 0),
+            kind,
+            2,
+            Duration::from_secs(30),
+        );
+        let mut devices = sources(1, 2 << 20, None);
+        let not_ready = SimSource::with_fault(
+            &id(0).to_string(),
+            spec(0, 2 << 20, None),
+            Fault::NotReady {
+                at: 700 << 10,
+                reads: 5,
+            },
+        )
+        .unwrap();
+        devices[0].device = Box::new(not_ready);
+        let result = SourceSession::new(
+            params,
+            &mut devices,
+            engine(kind),
+            Arc::new(Progress::default()),
+        )
+        .run();
+        let (dest_result, _) = dest.join().unwrap();
+        if let Err(err) = &result {
+            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
+        }
+        if let Err(err) = &dest_result {
+            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
+        }
+    }
+}
+
 #[test]
 fn borrowed_destination_devices_are_named_not_reset() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

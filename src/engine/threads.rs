@@ -389,6 +389,16 @@ fn read_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Waits up to 50 ms for `fd` to become readable. A file that always polls readable but says
+/// EAGAIN (no `.poll`) is slowed to one retry a millisecond instead of spinning.
+fn wait_readable(fd: BorrowedFd<'_>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    if matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Writes all of `buf`, looping on partial writes (QEMU's load thread does the same).
 fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
@@ -587,6 +597,13 @@ impl SourceShared<'_> {
             let issued = monotonic_ns();
             let n = match read_once(device.data_fd.as_fd(), &mut buf[VFIO_HEADER_LEN..]) {
                 Ok(n) => n,
+                // An O_NONBLOCK data_fd (a VMM may pass one; mlx5 honours it) with nothing
+                // saved yet: wait for it, as io_uring does for the other engine. Bounded, so
+                // the loop sees a failure of the run.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    wait_readable(device.data_fd.as_fd());
+                    continue;
+                }
                 Err(source) => {
                     self.fail(DataPlaneError::ReadDevice {
                         device: device.id.clone(),
