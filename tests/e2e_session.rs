@@ -546,6 +546,90 @@ fn a_source_device_saying_eagain_mid_stream_is_waited_for_with_either_engine() {
     }
 }
 
+/// A sink whose resuming data_fd is O_NONBLOCK, as an event-loop VMM may hand it over.
+struct NonBlockingSink(SimSink);
+
+impl MigrationDevice for NonBlockingSink {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn owner(&self) -> Owner {
+        self.0.owner()
+    }
+    fn migration_flags(&self) -> Result<MigrationFlags, VfioError> {
+        self.0.migration_flags()
+    }
+    fn state(&self) -> Result<MigState, VfioError> {
+        self.0.state()
+    }
+    fn set_state(&mut self, target: MigState) -> Result<Option<OwnedFd>, VfioError> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fd = self.0.set_state(target)?;
+        if let Some(fd) = &fd {
+            let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+            fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).unwrap();
+        }
+        Ok(fd)
+    }
+    fn precopy_info(&self) -> Result<PrecopyInfo, VfioError> {
+        self.0.precopy_info()
+    }
+    fn stop_copy_size(&self) -> Result<u64, VfioError> {
+        self.0.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), VfioError> {
+        self.0.reset()
+    }
+    fn load_done_ns(&self) -> Option<u64> {
+        self.0.load_done_ns()
+    }
+}
+
+/// A resuming data_fd that is O_NONBLOCK and says EAGAIN while the device's buffer is full (a
+/// pipe drained at the device's pace) is waited for, not failed, with either engine.
+#[test]
+fn a_destination_device_saying_eagain_is_waited_for_with_either_engine() {
+    for kind in [EngineKind::Uring, EngineKind::Threads] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let params = source_params(&listener, 2, Duration::from_secs(30));
+        let size = 4 << 20;
+        let mut paced = spec(0, size, None);
+        paced.speed = Some(DeviceSpeed {
+            save_bytes_per_sec: 0,
+            load_bytes_per_sec: 16 << 20,
+            per_read_latency: Duration::ZERO,
+        });
+        let sink = SimSink::new(&id(0).to_string(), paced).unwrap();
+        let dest = spawn_dest(
+            listener,
+            vec![DestInput {
+                id: id(0),
+                device: Box::new(NonBlockingSink(sink)),
+                expected_config: Some(config_blob(&spec(0, size, None))),
+                max_queued_bytes: None,
+            }],
+            kind,
+            2,
+            Duration::from_secs(30),
+        );
+        let mut devices = sources(1, size, None);
+        let result = SourceSession::new(
+            params,
+            &mut devices,
+            engine(kind),
+            Arc::new(Progress::default()),
+        )
+        .run();
+        let (dest_result, _) = dest.join().unwrap();
+        if let Err(err) = &dest_result {
+            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
+        }
+        if let Err(err) = &result {
+            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
+        }
+    }
+}
+
 #[test]
 fn borrowed_destination_devices_are_named_not_reset() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

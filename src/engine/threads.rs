@@ -389,23 +389,27 @@ fn read_once(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Waits up to 50 ms for `fd` to become readable. A file that always polls readable but says
-/// EAGAIN (no `.poll`) is slowed to one retry a millisecond instead of spinning.
-fn wait_readable(fd: BorrowedFd<'_>) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+/// Waits up to 50 ms for an O_NONBLOCK `fd` that said EAGAIN to be ready for `events`. A file
+/// that always polls ready but says EAGAIN (no `.poll`) is slowed to one retry a millisecond
+/// instead of spinning.
+fn wait_ready(fd: BorrowedFd<'_>, events: nix::poll::PollFlags) {
+    use nix::poll::{poll, PollFd, PollTimeout};
+    let mut fds = [PollFd::new(fd, events)];
     if matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
         thread::sleep(Duration::from_millis(1));
     }
 }
 
-/// Writes all of `buf`, looping on partial writes (QEMU's load thread does the same).
-fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf`, looping on partial writes (QEMU's load thread does the same). An
+/// O_NONBLOCK data_fd (a VMM may pass one) that says EAGAIN is waited for until `failed`
+/// says the run is over.
+fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], failed: impl Fn() -> bool) -> io::Result<()> {
     while !buf.is_empty() {
         match nix::unistd::write(fd, buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) if !failed() => wait_ready(fd, nix::poll::PollFlags::POLLOUT),
             Err(e) => return Err(e.into()),
         }
     }
@@ -601,7 +605,7 @@ impl SourceShared<'_> {
                 // saved yet: wait for it, as io_uring does for the other engine. Bounded, so
                 // the loop sees a failure of the run.
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    wait_readable(device.data_fd.as_fd());
+                    wait_ready(device.data_fd.as_fd(), nix::poll::PollFlags::POLLIN);
                     continue;
                 }
                 Err(source) => {
@@ -1164,7 +1168,10 @@ impl DestShared<'_> {
                 }
                 return Some(report);
             }
-            if let Err(source) = write_all(device.data_fd.as_fd(), &bytes[VFIO_HEADER_LEN..]) {
+            let written = write_all(device.data_fd.as_fd(), &bytes[VFIO_HEADER_LEN..], || {
+                self.abort.failed()
+            });
+            if let Err(source) = written {
                 self.fail(DataPlaneError::WriteDevice {
                     device: slot.id.clone(),
                     idx: ready.idx,
