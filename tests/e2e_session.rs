@@ -630,6 +630,79 @@ fn a_destination_device_saying_eagain_is_waited_for_with_either_engine() {
     }
 }
 
+/// Precopy data, which the destination writes from its main-channel reader, waits for an
+/// O_NONBLOCK resuming data_fd that says EAGAIN too (here under a VMM-driven source whose
+/// helper-driven device streams precopy).
+#[test]
+fn precopy_data_waits_for_a_destination_device_saying_eagain() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let size = 4 << 20;
+    let mut device_spec = spec(0, size, None);
+    device_spec.precopy_initial = 3 << 20;
+    let mut paced = device_spec;
+    paced.speed = Some(DeviceSpeed {
+        save_bytes_per_sec: 0,
+        load_bytes_per_sec: 16 << 20,
+        per_read_latency: Duration::ZERO,
+    });
+    let sink = SimSink::new(&id(0).to_string(), paced).unwrap();
+    let dest = spawn_dest(
+        listener,
+        vec![DestInput {
+            id: id(0),
+            device: Box::new(NonBlockingSink(sink)),
+            expected_config: Some(config_blob(&device_spec)),
+            max_queued_bytes: None,
+        }],
+        EngineKind::Threads,
+        2,
+        Duration::from_secs(30),
+    );
+    let source = SimSource::new(&id(0).to_string(), device_spec).unwrap();
+    let mut devices = vec![SourceInput {
+        id: id(0),
+        config: source.config_blob(),
+        device: Box::new(source),
+        precopy_fd: None,
+    }];
+    let (notices, notice_rx) = mpsc::channel();
+    let link = ControlLink {
+        vmm_driven: vec![false],
+        data_fds: vec![None],
+        precopy: vec![true],
+        passed: None,
+        precopy_bytes: Arc::new(AtomicU64::new(0)),
+        notify: Box::new(move |n: Notice| {
+            let _ = notices.send(n);
+        }),
+    };
+    let session = SourceSession::new(
+        params,
+        &mut devices,
+        engine(EngineKind::Threads),
+        Arc::new(Progress::default()),
+    )
+    .with_control(link);
+    let commander = session.commander();
+    let vmm = thread::spawn(move || {
+        while let Ok(notice) = notice_rx.recv() {
+            if matches!(notice, Notice::SwitchoverAck) {
+                commander.send(VmmCommand::SwitchoverStart { updates: vec![] });
+            }
+        }
+    });
+    let result = session.run();
+    let (dest_result, _) = dest.join().unwrap();
+    vmm.join().unwrap();
+    if let Err(err) = &dest_result {
+        panic!("{}", vfio_multifd::error::error_chain(err));
+    }
+    if let Err(err) = &result {
+        panic!("{}", vfio_multifd::error::error_chain(err));
+    }
+}
+
 #[test]
 fn borrowed_destination_devices_are_named_not_reset() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
