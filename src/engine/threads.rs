@@ -454,14 +454,27 @@ fn read_device(fd: BorrowedFd<'_>, buf: &mut [u8], abort: &Abort) -> io::Result<
     }
 }
 
+/// Waits up to 50 ms for an O_NONBLOCK `fd` that said EAGAIN to be ready for `events`. A file
+/// that always polls ready but says EAGAIN (no `.poll`) is slowed to one retry a millisecond
+/// instead of spinning.
+fn wait_ready(fd: BorrowedFd<'_>, events: nix::poll::PollFlags) {
+    use nix::poll::{poll, PollFd, PollTimeout};
+    let mut fds = [PollFd::new(fd, events)];
+    if matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Writes all of `buf` to a device, looping on partial writes (QEMU's load thread does the
-/// same); EINTR as in [`read_device`].
+/// same); EINTR as in [`read_device`]. An O_NONBLOCK data_fd (a VMM may pass one) that says
+/// EAGAIN is waited for until the run has failed.
 fn write_device(fd: BorrowedFd<'_>, mut buf: &[u8], abort: &Abort) -> io::Result<()> {
     while !buf.is_empty() {
         match nix::unistd::write(fd, buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(Errno::EINTR) if !abort.failed() => {}
+            Err(Errno::EAGAIN) if !abort.failed() => wait_ready(fd, nix::poll::PollFlags::POLLOUT),
             Err(e) => return Err(e.into()),
         }
     }
@@ -688,15 +701,30 @@ impl SourceShared<'_> {
             let issued = monotonic_ns();
             let reading = &self.reading[i];
             reading.idx.store(idx, Ordering::Release);
-            reading.since_ns.store(issued.max(1), Ordering::Release);
+            // Kept across EAGAIN retries: the account counts from the first try.
+            let _ = reading.since_ns.compare_exchange(
+                0,
+                issued.max(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
             let read = read_device(
                 device.data_fd.as_fd(),
                 &mut buf[VFIO_HEADER_LEN..],
                 &self.abort,
             );
-            reading.since_ns.store(0, Ordering::Release);
+            if !matches!(&read, Err(e) if e.raw_os_error() == Some(libc::EAGAIN)) {
+                reading.since_ns.store(0, Ordering::Release);
+            }
             let n = match read {
                 Ok(n) => n,
+                // An O_NONBLOCK data_fd (a VMM may pass one; mlx5 honours it) with nothing
+                // saved yet: wait for it, as io_uring does for the other engine. Bounded, so
+                // the loop sees a failure of the run.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    wait_ready(device.data_fd.as_fd(), nix::poll::PollFlags::POLLIN);
+                    continue;
+                }
                 Err(source) => {
                     self.fail(DataPlaneError::ReadDevice {
                         device: device.id.clone(),

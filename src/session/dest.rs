@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -524,6 +524,7 @@ impl<'a> DestSession<'a> {
         } else {
             Some(plan)
         };
+        let cancel = self.driver.progress.clone();
         self.driver.spawn_reader("main-channel", move || {
             let mut sink = |section: u32, data: &[u8]| -> Result<(), MainChannelError> {
                 let Some((id, file)) = precopy_fds.get_mut(&section) else {
@@ -531,11 +532,12 @@ impl<'a> DestSession<'a> {
                         what: format!("precopy data for section {section} after SWITCHOVER_START"),
                     });
                 };
-                file.write_all(data)
-                    .map_err(|source| MainChannelError::PrecopyWrite {
+                write_precopy(file, data, &|| cancel.cancelled()).map_err(|source| {
+                    MainChannelError::PrecopyWrite {
                         device: id.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 precopy_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 Ok(())
             };
@@ -719,6 +721,28 @@ impl<'a> DestSession<'a> {
             cpu_s,
         }))
     }
+}
+
+/// Writes all of `data` into a resuming data_fd. One that is O_NONBLOCK (a VMM may hand one
+/// over) and says EAGAIN while the device's buffer is full is waited for, as the engines
+/// wait, until the session is cancelled.
+fn write_precopy(file: &mut File, mut data: &[u8], cancelled: &dyn Fn() -> bool) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    while !data.is_empty() {
+        match file.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !cancelled() => {
+                let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLOUT)];
+                // Readiness or not, the next write (or the cancel check) tells.
+                let _ = poll(&mut fds, PollTimeout::from(50u8));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// -> RESUMING; the resuming data_fd.
