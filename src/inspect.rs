@@ -1457,7 +1457,9 @@ fn find_pattern_from(
             .get(from..)
             .and_then(|tail| tail.windows(pattern.len()).position(|w| w == pattern))
         {
-            return Ok(Some(from + i));
+            // A match past the limit counts as none: a body of look-alikes, each rejected by
+            // the record after it, would otherwise keep the whole file in memory.
+            return Ok((from + i <= MAX_OPAQUE_BODY).then_some(from + i));
         }
         from = from.max(avail.len().saturating_sub(pattern.len() - 1));
         if avail.len() > MAX_OPAQUE_BODY || !input.more()? {
@@ -1633,5 +1635,87 @@ fn fmt_idx_list(count: u64, listed: &[u32]) -> String {
         "none".to_owned()
     } else {
         format!("{count} {:?}", &listed[..listed.len().min(16)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file removed on drop.
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A device body past [`MAX_OPAQUE_BODY`] made of footer look-alikes, each followed by a
+    /// SECTION_PART of an unknown section, laid so that every 1 MiB read ends inside such a
+    /// PART: each candidate needs "more bytes" to be judged, so the walk read on without limit
+    /// and held the whole body (a 200 MiB capture took 211 MB).
+    #[test]
+    fn footer_look_alikes_past_the_body_limit_keep_the_buffer_bounded() {
+        let path = std::env::temp_dir().join(format!(
+            "vfio-multifd-inspect-look-alikes-{}",
+            std::process::id()
+        ));
+        let file = TempFile(path);
+        let mut s = Vec::new();
+        main_stream::encode_file_header(&mut s);
+        Record::SectionFull(SectionHeader {
+            section_id: 5,
+            idstr: b"timer",
+            instance_id: 0,
+            version_id: 1,
+        })
+        .encode(&mut s);
+        let mut candidate = vec![QEMU_VM_SECTION_FOOTER];
+        candidate.extend_from_slice(&5u32.to_be_bytes());
+        candidate.push(QEMU_VM_SECTION_PART);
+        candidate.extend_from_slice(&0x63u32.to_be_bytes());
+        candidate.resize(16, 0xff);
+        // Each read ends 7 bytes into a candidate, inside its PART record.
+        while (READ_CHUNK - s.len()) % candidate.len() != 7 {
+            s.push(0xff);
+        }
+        let body_len = MAX_OPAQUE_BODY + 32 * READ_CHUNK;
+        s.reserve(body_len);
+        while s.len() < body_len {
+            s.extend_from_slice(&candidate);
+        }
+        std::fs::write(&file.0, &s).expect("writing the capture");
+        drop(s);
+
+        let mut input = Input::open(&file.0, MAX_OPAQUE_BODY).expect("opens");
+        let mut ch = ChannelReport {
+            file: file.0.display().to_string(),
+            kind: "main",
+            ..ChannelReport::default()
+        };
+        let mut ctx = Ctx {
+            limits: PacketLimits::default(),
+            expect: None,
+            seen_ids: [false; 256],
+            devices: BTreeMap::new(),
+            errors: Vec::new(),
+            errors_not_listed: 0,
+            main_channels: 0,
+            text: None,
+        };
+        walk_main(&mut input, &mut ch, &mut ctx).expect("decodes");
+        assert_eq!(ctx.errors.len(), 1, "{:?}", ctx.errors);
+        assert_eq!(
+            ctx.errors[0].field,
+            Some("section footer"),
+            "{:?}",
+            ctx.errors
+        );
+        assert!(
+            input.buf.len() <= MAX_OPAQUE_BODY + 2 * READ_CHUNK,
+            "{} bytes buffered for a {MAX_OPAQUE_BODY}-byte body limit",
+            input.buf.len()
+        );
     }
 }
