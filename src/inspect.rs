@@ -173,9 +173,11 @@ pub struct MainSummary {
     pub sections: Vec<SectionSummary>,
     /// How many of each command came (the listing has their order).
     pub commands: BTreeMap<&'static str, u64>,
-    /// RAM_SAVE_FLAG_MEM_SIZE total and the block list.
+    /// RAM_SAVE_FLAG_MEM_SIZE total and the block list (the first [`MAX_LISTED_BLOCKS`]).
     pub ram_total: Option<u64>,
     pub ram_blocks: Vec<RamBlockSummary>,
+    /// Blocks of the MEM_SIZE item past those listed.
+    pub ram_blocks_not_listed: u64,
     pub ram_multifd_flushes: u64,
     pub ram_eos: u64,
     /// Pages sent on the main channel itself (none with multifd, normally).
@@ -249,6 +251,9 @@ pub const MAX_LISTED_ERRORS: usize = 1000;
 const MAX_DEVICES: usize = 4096;
 /// Distinct sections tracked on a main channel (a VM has hundreds).
 const MAX_SECTIONS: usize = 65536;
+/// RAM blocks of a MEM_SIZE item listed (a VM has tens); the rest are counted. Zero-length
+/// blocks of one-byte names are 10 bytes each on the wire and about 60 listed.
+pub const MAX_LISTED_BLOCKS: usize = 4096;
 /// Items named on one line of a RAM or VFIO section body; the rest are counted.
 const MAX_LISTED_ITEMS: usize = 64;
 /// Bytes of one section body searched for its footer before giving up.
@@ -1198,6 +1203,7 @@ enum OwnedRam {
     MemSize {
         total: u64,
         blocks: Vec<(String, u64)>,
+        not_listed: u64,
     },
     Zero,
     Page,
@@ -1225,8 +1231,10 @@ fn walk_ram_body(
                         RamItem::MemSize { total, blocks } => OwnedRam::MemSize {
                             total,
                             blocks: ram_blocks(blocks)
+                                .take(MAX_LISTED_BLOCKS)
                                 .map(|(n, l)| (String::from_utf8_lossy(n).into_owned(), l))
                                 .collect(),
+                            not_listed: ram_blocks(blocks).skip(MAX_LISTED_BLOCKS).count() as u64,
                         },
                         RamItem::Zero { .. } => OwnedRam::Zero,
                         RamItem::Page { .. } => OwnedRam::Page,
@@ -1253,8 +1261,14 @@ fn walk_ram_body(
             }
         };
         match item {
-            OwnedRam::MemSize { total, blocks } => {
-                items.push(|| format!("MEM_SIZE {total} ({} blocks)", blocks.len()));
+            OwnedRam::MemSize {
+                total,
+                blocks,
+                not_listed,
+            } => {
+                let count = blocks.len() as u64 + not_listed;
+                items.push(|| format!("MEM_SIZE {total} ({count} blocks)"));
+                main.ram_blocks_not_listed = not_listed;
                 main.ram_total = Some(total);
                 main.ram_blocks = blocks
                     .into_iter()
@@ -1457,7 +1471,9 @@ fn find_pattern_from(
             .get(from..)
             .and_then(|tail| tail.windows(pattern.len()).position(|w| w == pattern))
         {
-            return Ok(Some(from + i));
+            // A match past the limit counts as none: a body of look-alikes, each rejected by
+            // the record after it, would otherwise keep the whole file in memory.
+            return Ok((from + i <= MAX_OPAQUE_BODY).then_some(from + i));
         }
         from = from.max(avail.len().saturating_sub(pattern.len() - 1));
         if avail.len() > MAX_OPAQUE_BODY || !input.more()? {
@@ -1633,5 +1649,137 @@ fn fmt_idx_list(count: u64, listed: &[u32]) -> String {
         "none".to_owned()
     } else {
         format!("{count} {:?}", &listed[..listed.len().min(16)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file removed on drop.
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A device body past [`MAX_OPAQUE_BODY`] made of footer look-alikes, each followed by a
+    /// SECTION_PART of an unknown section, laid so that every 1 MiB read ends inside such a
+    /// PART: each candidate needs "more bytes" to be judged, so the walk read on without limit
+    /// and held the whole body (a 200 MiB capture took 211 MB).
+    #[test]
+    fn footer_look_alikes_past_the_body_limit_keep_the_buffer_bounded() {
+        let path = std::env::temp_dir().join(format!(
+            "vfio-multifd-inspect-look-alikes-{}",
+            std::process::id()
+        ));
+        let file = TempFile(path);
+        let mut s = Vec::new();
+        main_stream::encode_file_header(&mut s);
+        Record::SectionFull(SectionHeader {
+            section_id: 5,
+            idstr: b"timer",
+            instance_id: 0,
+            version_id: 1,
+        })
+        .encode(&mut s);
+        let mut candidate = vec![QEMU_VM_SECTION_FOOTER];
+        candidate.extend_from_slice(&5u32.to_be_bytes());
+        candidate.push(QEMU_VM_SECTION_PART);
+        candidate.extend_from_slice(&0x63u32.to_be_bytes());
+        candidate.resize(16, 0xff);
+        // Each read ends 7 bytes into a candidate, inside its PART record.
+        while (READ_CHUNK - s.len()) % candidate.len() != 7 {
+            s.push(0xff);
+        }
+        let body_len = MAX_OPAQUE_BODY + 32 * READ_CHUNK;
+        s.reserve(body_len);
+        while s.len() < body_len {
+            s.extend_from_slice(&candidate);
+        }
+        std::fs::write(&file.0, &s).expect("writing the capture");
+        drop(s);
+
+        let mut input = Input::open(&file.0, MAX_OPAQUE_BODY).expect("opens");
+        let mut ch = ChannelReport {
+            file: file.0.display().to_string(),
+            kind: "main",
+            ..ChannelReport::default()
+        };
+        let mut ctx = Ctx {
+            limits: PacketLimits::default(),
+            expect: None,
+            seen_ids: [false; 256],
+            devices: BTreeMap::new(),
+            errors: Vec::new(),
+            errors_not_listed: 0,
+            main_channels: 0,
+            text: None,
+        };
+        walk_main(&mut input, &mut ch, &mut ctx).expect("decodes");
+        assert_eq!(ctx.errors.len(), 1, "{:?}", ctx.errors);
+        assert_eq!(
+            ctx.errors[0].field,
+            Some("section footer"),
+            "{:?}",
+            ctx.errors
+        );
+        assert!(
+            input.buf.len() <= MAX_OPAQUE_BODY + 2 * READ_CHUNK,
+            "{} bytes buffered for a {MAX_OPAQUE_BODY}-byte body limit",
+            input.buf.len()
+        );
+    }
+
+    /// A MEM_SIZE item of millions of zero-length blocks (valid: their lengths add up to the
+    /// total) lists the first MAX_LISTED_BLOCKS and counts the rest: each listed block cost
+    /// about 6 bytes of memory per byte of capture (460 MB for a 60 MiB one) and a line of
+    /// JSON.
+    #[test]
+    fn a_mem_size_of_millions_of_blocks_lists_the_first_and_counts_the_rest() {
+        let path = std::env::temp_dir().join(format!(
+            "vfio-multifd-inspect-mem-size-{}",
+            std::process::id()
+        ));
+        let file = TempFile(path);
+        let blocks = 3 * MAX_LISTED_BLOCKS;
+        let mut s = Vec::new();
+        main_stream::encode_file_header(&mut s);
+        Record::SectionStart(SectionHeader {
+            section_id: 2,
+            idstr: b"ram",
+            instance_id: 0,
+            version_id: 4,
+        })
+        .encode(&mut s);
+        main_stream::encode_ram_word(4096, main_stream::RAM_SAVE_FLAG_MEM_SIZE, &mut s);
+        for _ in 1..blocks {
+            main_stream::encode_ram_block(b"a", 0, &mut s);
+        }
+        main_stream::encode_ram_block(b"b", 4096, &mut s);
+        main_stream::encode_ram_word(0, main_stream::RAM_SAVE_FLAG_EOS, &mut s);
+        Record::Footer { section_id: 2 }.encode(&mut s);
+        Record::Eof.encode(&mut s);
+        std::fs::write(&file.0, &s).expect("writing the capture");
+
+        let report = inspect_files(&InspectArgs {
+            files: vec![file.0.clone()],
+            json: true,
+            summary: true,
+            uuid: None,
+            channels: None,
+            max_packet_size: PacketLimits::default().max_packet_size,
+        })
+        .expect("decodes");
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let main = report.channels[0].main.as_ref().expect("a main channel");
+        assert_eq!(main.ram_total, Some(4096));
+        assert_eq!(main.ram_blocks.len(), MAX_LISTED_BLOCKS);
+        assert_eq!(
+            main.ram_blocks_not_listed,
+            (blocks - MAX_LISTED_BLOCKS) as u64
+        );
     }
 }

@@ -232,7 +232,7 @@ impl Report {
             scenario: &self.scenario,
             total_bytes: self.scenario.shape.total_bytes(),
             warmup_rounds: 1,
-            order: "alternating (forward, reversed, ...) across rounds",
+            order: "alternating across rounds: the warm-up forward, then the counted repeats reversed, forward, reversed, ...",
             machine: &self.machine,
             physical_floor: self.scenario.shape.physical_floor_ms(),
             definitions: DEFINITIONS.iter().copied().collect(),

@@ -66,7 +66,9 @@ pub struct SideReport {
     /// [`pair_metrics`] requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_ns: Option<u64>,
-    /// CPU seconds of the whole process over its session (getrusage(RUSAGE_SELF) deltas).
+    /// CPU seconds of the whole process from its switchover (source: SWITCHOVER_START sent;
+    /// destination: read) until its engine is done (getrusage(RUSAGE_SELF) deltas); set-up
+    /// before it is not counted.
     pub cpu_s: f64,
     pub verified: bool,
     /// io_uring workers that ran (the helpers' uring engine only).

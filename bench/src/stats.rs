@@ -189,7 +189,8 @@ impl RowSummary {
     }
 }
 
-/// Metrics compared between rows, and whether lower is better.
+/// Metrics compared between rows, with their column names (lower is better for all but
+/// throughput; the goals carry their own comparison).
 pub const RATIO_METRICS: [(&str, &str); 4] = [
     ("downtime_ms", "downtime"),
     ("throughput_gib_s", "throughput"),
