@@ -455,14 +455,16 @@ fn read_device(fd: BorrowedFd<'_>, buf: &mut [u8], abort: &Abort) -> io::Result<
 }
 
 /// Waits up to 50 ms for an O_NONBLOCK `fd` that said EAGAIN to be ready for `events`. A file
-/// that always polls ready but says EAGAIN (no `.poll`) is slowed to one retry a millisecond
-/// instead of spinning.
+/// that polls ready at once although it just said EAGAIN has no `.poll` of its own: it is
+/// retried once a millisecond instead of spun on.
 fn wait_ready(fd: BorrowedFd<'_>, events: nix::poll::PollFlags) {
     use nix::poll::{poll, PollFd, PollTimeout};
     let mut fds = [PollFd::new(fd, events)];
-    if matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+    if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
         thread::sleep(Duration::from_millis(1));
+        return;
     }
+    let _ = poll(&mut fds, PollTimeout::from(50u8));
 }
 
 /// Writes all of `buf` to a device, looping on partial writes (QEMU's load thread does the
