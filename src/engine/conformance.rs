@@ -1480,18 +1480,18 @@ fn dest_cancel(kind: EngineKind) {
     );
 }
 
-/// A destination that never reads: the source blocks on full sockets until cancelled.
-fn source_cancel(kind: EngineKind) {
+/// Runs the source of one device reading `data_fd` on two channels whose peer never reads,
+/// cancels it after 300 ms and returns the run's error once it stopped (within 5 s) and the
+/// progress it reported to.
+fn cancelled_source(kind: EngineKind, data_fd: OwnedFd) -> Option<(DataPlaneError, Arc<Progress>)> {
     let config = test_config();
-    let Some(engine) = engine_or_skip(kind, &config) else {
-        return;
-    };
+    let engine = engine_or_skip(kind, &config)?;
     let (src, _dst_kept_open) = channel_pairs(2);
     let progress = Arc::new(Progress::default());
     let plan = SourcePlan {
         devices: vec![SourceDevice {
             id: device_id(0),
-            data_fd: memfd_with(&pattern(1, 64 << 20)),
+            data_fd,
             read_size: 64 << 10,
             config: vec![1, 2, 3],
         }],
@@ -1500,48 +1500,42 @@ fn source_cancel(kind: EngineKind) {
     };
     let rx = spawn_side("test-source", move || engine.run_source(plan));
     thread::sleep(Duration::from_millis(300));
+    Some((cancelled_within_5s(&rx, &progress, "run_source"), progress))
+}
+
+/// Sets `progress`'s cancel and waits for the run's error: it must come within 5 s.
+fn cancelled_within_5s<T: std::fmt::Debug>(
+    rx: &mpsc::Receiver<Result<T, DataPlaneError>>,
+    progress: &Progress,
+    what: &str,
+) -> DataPlaneError {
     progress.cancel.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let err = await_side(&rx, &[], "run_source").unwrap_err();
-    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
+    let err = await_side(rx, &[], what).unwrap_err();
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "cancel took {:?}",
         started.elapsed()
     );
+    err
+}
+
+/// A destination that never reads: the source blocks on full sockets until cancelled.
+fn source_cancel(kind: EngineKind) {
+    let Some((err, _)) = cancelled_source(kind, memfd_with(&pattern(1, 64 << 20))) else {
+        return;
+    };
+    assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
 }
 
 /// A device whose save never produces data (a driver stuck in STOP_COPY: its data_fd read
 /// blocks) must not keep a cancelled run waiting for it.
 fn source_cancel_with_a_silent_device(kind: EngineKind) {
-    let config = test_config();
-    let Some(engine) = engine_or_skip(kind, &config) else {
+    let (silent, _writer_kept_open) = vfio::fd::pipe().unwrap();
+    let Some((err, progress)) = cancelled_source(kind, silent) else {
         return;
     };
-    let (src, _dst_kept_open) = channel_pairs(2);
-    let (silent, _writer_kept_open) = vfio::fd::pipe().unwrap();
-    let progress = Arc::new(Progress::default());
-    let plan = SourcePlan {
-        devices: vec![SourceDevice {
-            id: device_id(0),
-            data_fd: silent,
-            read_size: 64 << 10,
-            config: vec![1, 2, 3],
-        }],
-        channels: src,
-        progress: progress.clone(),
-    };
-    let rx = spawn_side("test-source", move || engine.run_source(plan));
-    thread::sleep(Duration::from_millis(300));
-    progress.cancel.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let err = await_side(&rx, &[], "run_source").unwrap_err();
     assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "cancel took {:?}",
-        started.elapsed()
-    );
     // The stall's account names the stuck read: "device X: read of idx 0 ..." (threads) or
     // "channel N: read and send of idx 0 of device X ..." (uring, whose reads are chained).
     let outstanding = progress.take_outstanding();
@@ -1554,29 +1548,46 @@ fn source_cancel_with_a_silent_device(kind: EngineKind) {
     );
 }
 
-/// A device whose load stops taking data (its data_fd write blocks) must not keep a cancelled
-/// destination waiting for it.
-fn dest_cancel_with_a_stuck_device(kind: EngineKind) {
+/// A destination run of device 0 writing to `data_fd`, on `channels` channels: what feeds
+/// them, the run's progress and its result.
+struct OneDeviceDest {
+    feeds: Vec<TcpStream>,
+    progress: Arc<Progress>,
+    rx: mpsc::Receiver<Result<DestReport, DataPlaneError>>,
+}
+
+fn one_device_dest(kind: EngineKind, channels: usize, data_fd: OwnedFd) -> Option<OneDeviceDest> {
     let config = test_config();
-    let Some(engine) = engine_or_skip(kind, &config) else {
-        return;
-    };
-    let (mut feeds, dst) = channel_streams(1);
-    let id = device_id(0);
-    // Nobody reads the pipe: once its buffer is full, every write to it blocks.
-    let (_reader_kept_open, stuck) = vfio::fd::pipe().unwrap();
+    let engine = engine_or_skip(kind, &config)?;
+    let (feeds, dst) = channel_streams(channels);
     let progress = Arc::new(Progress::default());
     let plan = DestPlan {
         devices: vec![DestDevice {
-            id: id.clone(),
-            data_fd: stuck,
+            id: device_id(0),
+            data_fd,
             max_queued_bytes: None,
         }],
         channels: dst.into_iter().map(OwnedFd::from).collect(),
         progress: progress.clone(),
     };
     let rx = spawn_side("test-dest", move || engine.run_dest(plan));
-    let mut feed = feeds.remove(0);
+    Some(OneDeviceDest {
+        feeds,
+        progress,
+        rx,
+    })
+}
+
+/// A device whose load stops taking data (its data_fd write blocks) must not keep a cancelled
+/// destination waiting for it.
+fn dest_cancel_with_a_stuck_device(kind: EngineKind) {
+    // Nobody reads the pipe: once its buffer is full, every write to it blocks.
+    let (_reader_kept_open, stuck) = vfio::fd::pipe().unwrap();
+    let Some(mut d) = one_device_dest(kind, 1, stuck) else {
+        return;
+    };
+    let id = device_id(0);
+    let mut feed = d.feeds.remove(0);
     let packets: Vec<Vec<u8>> = pattern(7, 4 << 20)
         .chunks(1 << 20)
         .enumerate()
@@ -1592,15 +1603,8 @@ fn dest_cancel_with_a_stuck_device(kind: EngineKind) {
         feed
     });
     thread::sleep(Duration::from_millis(500));
-    progress.cancel.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let err = await_side(&rx, &[], "run_dest").unwrap_err();
+    let err = cancelled_within_5s(&d.rx, &d.progress, "run_dest");
     assert!(matches!(err, DataPlaneError::Cancelled), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "cancel took {:?}",
-        started.elapsed()
-    );
 }
 
 /// A destination that stops reading (frozen) leaves a send that never completes; the run the
@@ -1730,28 +1734,15 @@ fn fails_reading(kind: EngineKind, t: Transfer, unreadable: usize) {
 /// A destination data_fd that cannot be written: the error names the device, idx 0 and the
 /// channel the packet came on.
 fn dest_write_error(kind: EngineKind) {
-    let config = test_config();
-    let Some(engine) = engine_or_skip(kind, &config) else {
+    let (read_end, _write_end) = vfio::fd::pipe().unwrap();
+    let Some(mut d) = one_device_dest(kind, 2, read_end) else {
         return;
     };
-    let (mut feeds, dst) = channel_streams(2);
     let id = device_id(0);
-    let (read_end, _write_end) = vfio::fd::pipe().unwrap();
-    let progress = Arc::new(Progress::default());
-    let plan = DestPlan {
-        devices: vec![DestDevice {
-            id: id.clone(),
-            data_fd: read_end,
-            max_queued_bytes: None,
-        }],
-        channels: dst.into_iter().map(OwnedFd::from).collect(),
-        progress: progress.clone(),
-    };
-    let rx = spawn_side("test-dest", move || engine.run_dest(plan));
-    feeds[1]
+    d.feeds[1]
         .write_all(&packet(&id, 0, false, b"cannot land"))
         .unwrap();
-    let err = await_side(&rx, &[&progress], "run_dest").unwrap_err();
+    let err = await_side(&d.rx, &[&d.progress], "run_dest").unwrap_err();
     match &err {
         DataPlaneError::WriteDevice {
             device,
