@@ -898,23 +898,30 @@ mod tests {
     /// `io_uring_enter` flag: wait for completions (and run deferred task work).
     const ENTER_GETEVENTS: u32 = 1;
 
+    /// A ring of `entries` SQ entries with a pool of one 4 KiB slot, holding /dev/zero to read
+    /// and one end of a socket pair (returned with it) to send on.
+    fn one_slot_ring(entries: u32) -> (Ring, FileId, FileId, std::os::unix::net::UnixStream) {
+        let mut ring = Ring::new(
+            &RingConfig {
+                entries,
+                forbid: FeatureMask::empty(),
+            },
+            BufferPool::new(1, 4096).expect("pool"),
+        )
+        .expect("ring");
+        let zero = ring.adopt_fd(std::fs::File::open("/dev/zero").expect("/dev/zero").into());
+        let (sock, peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let sock = ring.adopt_fd(sock.into());
+        (ring, zero, sock, peer)
+    }
+
     /// A failed submit of a full SQ fails the push, and the op's pool slot must come back: no
     /// completion will return it. The pool has one slot, so each attempt needs it back.
     #[test]
     fn a_push_that_fails_gives_its_slot_back_to_the_pool() {
         // The seccomp filter stays with the thread that installs it: a thread of its own.
         std::thread::spawn(|| {
-            let mut ring = Ring::new(
-                &RingConfig {
-                    entries: 4,
-                    forbid: FeatureMask::empty(),
-                },
-                BufferPool::new(1, 4096).expect("pool"),
-            )
-            .expect("ring");
-            let zero = ring.adopt_fd(std::fs::File::open("/dev/zero").expect("/dev/zero").into());
-            let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-            let sock = ring.adopt_fd(sock.into());
+            let (mut ring, zero, sock, _peer) = one_slot_ring(4);
             crate::seccomp::deny_io_uring_enter_on_this_thread(libc::EBUSY)
                 .expect("installing the seccomp filter");
             let nop = opcode::Nop::new().build().user_data(CANCEL_USER_DATA);
@@ -965,19 +972,8 @@ mod tests {
         // hanging it.
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut ring = Ring::new(
-                &RingConfig {
-                    entries: 1,
-                    forbid: FeatureMask::empty(),
-                },
-                BufferPool::new(1, 4096).expect("pool"),
-            )
-            .expect("ring");
+            let (mut ring, zero, sock, _peer) = one_slot_ring(1);
             if ring.linked_chains() {
-                let zero =
-                    ring.adopt_fd(std::fs::File::open("/dev/zero").expect("/dev/zero").into());
-                let (sock, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-                let sock = ring.adopt_fd(sock.into());
                 let id = ring.take().expect("the pool's slot");
                 let err = ring
                     .read_then_send(1, zero, sock, id, 0..4096, 0..4096, false)
