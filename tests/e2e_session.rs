@@ -20,7 +20,7 @@ use vfio_multifd::engine::{self, DataPlaneError, Engine, EngineConfig, EngineKin
 use vfio_multifd::error::SessionError;
 use vfio_multifd::session::dest::{DestInput, DestOutcome, DestParams, DestSession};
 use vfio_multifd::session::link::{ControlLink, Notice, Phase, VmmCommand};
-use vfio_multifd::session::source::{SourceInput, SourceParams, SourceSession};
+use vfio_multifd::session::source::{SourceInput, SourceOutcome, SourceParams, SourceSession};
 use vfio_multifd::wire::{DeviceId, MultifdInitPacket};
 use zerocopy::IntoBytes;
 
@@ -450,39 +450,56 @@ fn destination_rejection_returns_source_devices_to_running() {
     );
 }
 
+/// A migration of `n` simulated devices of `size` bytes over 2 channels with `kind` on both
+/// sides, device `faulty` failing as `fault` says: the source's result, its devices and the
+/// destination's result.
+fn migrate_with_a_faulty_source(
+    kind: EngineKind,
+    n: u32,
+    size: u64,
+    faulty: u32,
+    fault: Fault,
+) -> (
+    Result<SourceOutcome, SessionError>,
+    Vec<SourceInput>,
+    Result<DestOutcome, SessionError>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let params = source_params(&listener, 2, Duration::from_secs(30));
+    let dest = spawn_dest(
+        listener,
+        sinks(n, size, 0),
+        kind,
+        2,
+        Duration::from_secs(30),
+    );
+    let mut devices = sources(n, size, None);
+    let device =
+        SimSource::with_fault(&id(faulty).to_string(), spec(faulty, size, None), fault).unwrap();
+    devices[faulty as usize].device = Box::new(device);
+    let result = SourceSession::new(
+        params,
+        &mut devices,
+        engine(kind),
+        Arc::new(Progress::default()),
+    )
+    .run();
+    let (dest_result, _) = dest.join().unwrap();
+    (result, devices, dest_result)
+}
+
 /// A source device whose data_fd fails (EIO, mid-stream) is named as the cause, with both
 /// engines: the destination's "every channel closed" that follows it is only its consequence.
 #[test]
 fn a_source_device_read_error_is_reported_as_ours_not_the_destinations() {
     for kind in [EngineKind::Uring, EngineKind::Threads] {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let params = source_params(&listener, 2, Duration::from_secs(30));
-        let dest = spawn_dest(
-            listener,
-            sinks(2, 1 << 20, 0),
-            kind,
-            2,
-            Duration::from_secs(30),
-        );
-        let mut devices = sources(2, 1 << 20, None);
-        let faulty = SimSource::with_fault(
-            &id(1).to_string(),
-            spec(1, 1 << 20, None),
-            Fault::Errno {
-                at: 300 << 10,
-                errno: libc::EIO,
-            },
-        )
-        .unwrap();
-        devices[1].device = Box::new(faulty);
-        let err = SourceSession::new(
-            params,
-            &mut devices,
-            engine(kind),
-            Arc::new(Progress::default()),
-        )
-        .run()
-        .unwrap_err();
+        let fault = Fault::Errno {
+            at: 300 << 10,
+            errno: libc::EIO,
+        };
+        let (result, devices, dest_result) =
+            migrate_with_a_faulty_source(kind, 2, 1 << 20, 1, fault);
+        let err = result.unwrap_err();
         let text = vfio_multifd::error::error_chain(&err);
         assert!(
             matches!(
@@ -499,7 +516,6 @@ fn a_source_device_read_error_is_reported_as_ours_not_the_destinations() {
             states(devices.iter().map(|d| d.device.as_ref())),
             vec![MigState::Running; 2]
         );
-        let (dest_result, _) = dest.join().unwrap();
         assert!(dest_result.is_err());
     }
 }
@@ -509,34 +525,11 @@ fn a_source_device_read_error_is_reported_as_ours_not_the_destinations() {
 #[test]
 fn a_source_device_saying_eagain_mid_stream_is_waited_for_with_either_engine() {
     for kind in [EngineKind::Uring, EngineKind::Threads] {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let params = source_params(&listener, 2, Duration::from_secs(30));
-        let dest = spawn_dest(
-            listener,
-            sinks(1, 2 << 20, 0),
-            kind,
-            2,
-            Duration::from_secs(30),
-        );
-        let mut devices = sources(1, 2 << 20, None);
-        let not_ready = SimSource::with_fault(
-            &id(0).to_string(),
-            spec(0, 2 << 20, None),
-            Fault::NotReady {
-                at: 700 << 10,
-                reads: 5,
-            },
-        )
-        .unwrap();
-        devices[0].device = Box::new(not_ready);
-        let result = SourceSession::new(
-            params,
-            &mut devices,
-            engine(kind),
-            Arc::new(Progress::default()),
-        )
-        .run();
-        let (dest_result, _) = dest.join().unwrap();
+        let fault = Fault::NotReady {
+            at: 700 << 10,
+            reads: 5,
+        };
+        let (result, _, dest_result) = migrate_with_a_faulty_source(kind, 1, 2 << 20, 0, fault);
         if let Err(err) = &result {
             panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
         }
