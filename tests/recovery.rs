@@ -147,6 +147,17 @@ fn spawn_dest(
     })
 }
 
+/// Device 0's sink, `spec`'s, that stops taking data for `duration` after `at` bytes.
+fn stalling_sink(name: &str, spec: SimSpec, at: u64, duration: Duration) -> DestInput {
+    let device = SimSink::with_fault(name, spec, Fault::Stall { at, duration }).unwrap();
+    DestInput {
+        id: id(0),
+        device: Box::new(device),
+        expected_config: Some(config_blob(&spec)),
+        max_queued_bytes: None,
+    }
+}
+
 fn params(listener: &TcpListener, channels: u8, timeout: Duration) -> SourceParams {
     SourceParams {
         connect: listener.local_addr().unwrap(),
@@ -268,25 +279,11 @@ fn a_destination_cancelled_while_loading_loses_nothing() {
         let base = open_fds();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = params(&listener, 2, Duration::from_secs(20));
-        let sink_spec = specs[0];
-        let slow = SimSink::with_fault(
-            "slow-sink",
-            sink_spec,
-            Fault::Stall {
-                at: 1 << 20,
-                duration: Duration::from_secs(3),
-            },
-        )
-        .unwrap();
+        let slow = stalling_sink("slow-sink", specs[0], 1 << 20, Duration::from_secs(3));
         let dest_progress = Arc::new(Progress::default());
         let dest = spawn_dest(
             listener,
-            vec![DestInput {
-                id: id(0),
-                device: Box::new(slow),
-                expected_config: Some(config_blob(&sink_spec)),
-                max_queued_bytes: None,
-            }],
+            vec![slow],
             kind,
             2,
             Duration::from_secs(20),
@@ -338,23 +335,10 @@ fn a_cancel_after_eof_before_the_result_stops_and_keeps_the_state() {
         let base = open_fds();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = params(&listener, 2, Duration::from_secs(20));
-        let slow = SimSink::with_fault(
-            "stalling-sink",
-            specs[0],
-            Fault::Stall {
-                at: 60 << 10,
-                duration: Duration::from_secs(2),
-            },
-        )
-        .unwrap();
+        let slow = stalling_sink("stalling-sink", specs[0], 60 << 10, Duration::from_secs(2));
         let dest = spawn_dest(
             listener,
-            vec![DestInput {
-                id: id(0),
-                device: Box::new(slow),
-                expected_config: Some(config_blob(&specs[0])),
-                max_queued_bytes: None,
-            }],
+            vec![slow],
             kind,
             2,
             Duration::from_secs(20),
@@ -507,19 +491,14 @@ fn a_destination_cancelled_in_precopy_loses_nothing() {
         let dest_progress = Arc::new(Progress::default());
         let mut dest_sinks = sinks(&specs);
         // A slow sink: precopy bytes pile up in the destination's main-channel reader.
-        dest_sinks[0].device = Box::new(
-            SimSink::with_fault(
-                "slow-precopy-sink",
-                SimSpec {
-                    speed: None,
-                    ..specs[0]
-                },
-                Fault::Stall {
-                    at: 1 << 20,
-                    duration: Duration::from_secs(2),
-                },
-            )
-            .unwrap(),
+        dest_sinks[0] = stalling_sink(
+            "slow-precopy-sink",
+            SimSpec {
+                speed: None,
+                ..specs[0]
+            },
+            1 << 20,
+            Duration::from_secs(2),
         );
         let dest = spawn_dest(
             listener,
