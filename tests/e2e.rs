@@ -742,15 +742,29 @@ fn a_frozen_destination_with_zero_copy_sends_in_flight_stops_the_source_within_i
         "8",
         "--chunk",
         "64MiB",
-        "--timeout",
-        "3",
     ];
-    let mut recv_args = vec!["recv", "--listen", "127.0.0.1:0", "--events"];
+    // The destination waits for the source as long as a loaded machine may need to start it
+    // (filling its 512 MiB device first): its 3 s were once over before the source connected.
+    let mut recv_args = vec![
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--events",
+        "--timeout",
+        "60",
+    ];
     recv_args.extend_from_slice(&common);
     let mut recv = spawn(&recv_args, &[]);
     let listening: Value = serde_json::from_str(&recv.line()).expect("LISTENING event");
     let addr = listening["data"]["addr"].as_str().unwrap().to_string();
-    let mut send_args = vec!["send", "--connect", addr.as_str(), "--events"];
+    let mut send_args = vec![
+        "send",
+        "--connect",
+        addr.as_str(),
+        "--events",
+        "--timeout",
+        "3",
+    ];
     send_args.extend_from_slice(&common);
     let send = spawn(&send_args, &[]);
     let recv_pid = Pid::from_raw(recv.child.id() as i32);
