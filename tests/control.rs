@@ -898,6 +898,15 @@ fn bad_input_gets_an_error_and_the_helper_keeps_serving() {
         &[pipe_r.as_fd()],
         "VFIO device fd",
     );
+    // A character device answers ioctls, so only a vfio-dev major may pass.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    refused_with(
+        &mut c,
+        "add-device",
+        json!({ "idstr": "x", "mode": "device", "fds": ["device"] }),
+        &[null.as_fd()],
+        "found character device 1:3 (not vfio-dev",
+    );
     refused_with(
         &mut c,
         "add-device",

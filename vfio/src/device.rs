@@ -234,6 +234,7 @@ pub struct VfioDevice {
 
 impl VfioDevice {
     fn new(name: String, fd: OwnedFd, owner: Owner, keep: Keep) -> Result<VfioDevice, VfioError> {
+        sys::check_device(fd.as_fd())?;
         let flags = sys::mig_flags(fd.as_fd())
             .map_err(|e| VfioError::io(&name, "VFIO_DEVICE_FEATURE GET MIGRATION", e))?;
         let flags = MigrationFlags(flags);
@@ -254,8 +255,8 @@ impl VfioDevice {
     }
 
     /// A device fd the VMM lent: we keep a dup (F_DUPFD_CLOEXEC), never reset, detach or close
-    /// the VMM's device; dropping this closes only the dup. Fails unless the fd answers
-    /// `VFIO_DEVICE_FEATURE` GET MIGRATION.
+    /// the VMM's device; dropping this closes only the dup. Fails unless the fd passes
+    /// [`crate::fd::check_device_fd`] and then answers `VFIO_DEVICE_FEATURE` GET MIGRATION.
     pub fn borrowed(name: impl Into<String>, fd: BorrowedFd<'_>) -> Result<VfioDevice, VfioError> {
         let name = name.into();
         let dup = fd
@@ -295,6 +296,7 @@ impl VfioDevice {
     ) -> Result<VfioDevice, VfioError> {
         let name = name.into();
         let fd = open_rw(cdev).map_err(|e| VfioError::io(&name, "opening the VFIO cdev", e))?;
+        sys::check_device(fd.as_fd())?;
         sys::bind_iommufd(fd.as_fd(), iommufd.fd.as_fd())
             .map_err(|e| VfioError::io(&name, "VFIO_DEVICE_BIND_IOMMUFD", e))?;
         sys::attach_iommufd_pt(fd.as_fd(), iommufd.ioas)
@@ -843,10 +845,27 @@ mod tests {
     }
 
     #[test]
-    fn a_non_vfio_fd_is_refused_with_enotty() {
+    fn a_non_vfio_fd_is_refused_before_any_ioctl() {
         let memfd = os::memfd(c"not-vfio").unwrap();
         let err = VfioDevice::borrowed("x", memfd.as_fd()).unwrap_err();
-        assert_eq!(err.errno(), Some(libc::ENOTTY));
+        assert!(matches!(err, VfioError::BadFd { .. }), "{err}");
+        assert!(err.to_string().contains("/memfd:not-vfio"), "{err}");
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let err = VfioDevice::from_fd("null", null, Owner::Vmm).unwrap_err();
+        assert!(err.to_string().contains("character device 1:3"), "{err}");
+        // A fake group is no device either, though the fake kernel knows it.
+        let dir = std::env::temp_dir().join(format!("vfio-fake-notdev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        fake::group_file(&dir.join("g"), true, vec![]).unwrap();
+        let group: OwnedFd = std::fs::File::open(dir.join("g")).unwrap().into();
+        let err = VfioDevice::from_fd("group", group, Owner::Vmm).unwrap_err();
+        assert!(matches!(err, VfioError::BadFd { .. }), "{err}");
+        fake::iommufd_file(&dir.join("iommu")).unwrap();
+        let iommufd = Iommufd::open_path(&dir.join("iommu")).unwrap();
+        std::fs::write(dir.join("not-a-cdev"), b"").unwrap();
+        let err = VfioDevice::open_cdev("nc", &dir.join("not-a-cdev"), &iommufd).unwrap_err();
+        assert!(matches!(err, VfioError::BadFd { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
         // And a device without migration support.
         let (_, fd) = fake_device(MigrationFlags(0), |_| {});
         assert_eq!(

@@ -168,22 +168,105 @@ pub fn check_data_fd(fd: BorrowedFd<'_>, direction: DataDirection) -> Result<(),
     check_data_raw(fd.as_raw_fd(), direction)
 }
 
-fn check_device_raw(fd: RawFd) -> Result<(), VfioError> {
-    let expected = "a VFIO device fd (anonymous inode or vfio cdev)";
-    let st = fstat_checked(fd)?;
-    let fmt = st.st_mode & libc::S_IFMT;
-    if !matches!(fmt, 0 | libc::S_IFCHR) {
-        return Err(VfioError::BadFd {
-            fd,
-            expected,
-            found: file_type_name(st.st_mode).to_owned(),
-        });
-    }
-    Ok(())
+/// What `/proc/self/fd/N` reads for a device fd from VFIO_GROUP_GET_DEVICE_FD: the name
+/// `anon_inode_getfile("[vfio-device]", ...)` gives it, the same from 6.1 (vfio_main.c) through
+/// 6.2+ (group.c, `anon_inode_getfile_fmode` since 6.12).
+pub const VFIO_DEVICE_ANON_NAME: &str = "anon_inode:[vfio-device]";
+
+/// The chrdev region of iommufd-style device cdevs (`/dev/vfio/devices/vfioN`), as
+/// `alloc_chrdev_region(..., "vfio-dev")` in device_cdev.c lists it in `/proc/devices`.
+pub const VFIO_DEV_CHRDEV_NAME: &str = "vfio-dev";
+
+const DEVICE_EXPECTED: &str = "a VFIO device fd (anon_inode:[vfio-device] or a vfio-dev cdev)";
+
+/// The majors `/proc/devices` lists for character devices named `name`.
+fn char_majors(proc_devices: &str, name: &str) -> Vec<u32> {
+    proc_devices
+        .lines()
+        .skip_while(|l| l.trim() != "Character devices:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty() && !l.ends_with(':'))
+        .filter_map(|l| {
+            let (major, n) = l.trim().split_once(' ')?;
+            if n.trim() == name {
+                major.parse().ok()
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
-/// Checks that an fd can be a VFIO device fd (anonymous inode from GET_DEVICE_FD, or a cdev);
-/// [`crate::VfioDevice`] then proves it by asking for the migration feature.
+/// A cdev is VFIO's only if its major is one the kernel registered as vfio-dev: the path it was
+/// opened by proves nothing (a container may bind-mount or mknod it anywhere).
+fn check_vfio_cdev(rdev: libc::dev_t, vfio_majors: &[u32]) -> Result<(), String> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    if vfio_majors.contains(&major) {
+        return Ok(());
+    }
+    let registered = match vfio_majors {
+        [] => "which /proc/devices does not list".to_owned(),
+        [one] => format!("major {one}"),
+        many => format!("majors {many:?}"),
+    };
+    Err(format!(
+        "character device {major}:{minor} (not {VFIO_DEV_CHRDEV_NAME}, {registered})"
+    ))
+}
+
+/// An anonymous inode is VFIO's only under VFIO's name: eventfds, timerfds, KVM and other
+/// drivers' anon inodes answer ioctls too, and type ';' is VFIO's only by convention.
+fn check_vfio_anon(link: &str) -> Result<(), String> {
+    if link == VFIO_DEVICE_ANON_NAME {
+        Ok(())
+    } else {
+        Err(link.to_owned())
+    }
+}
+
+fn fd_link(fd: RawFd) -> Result<String, VfioError> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|l| l.to_string_lossy().into_owned())
+        .map_err(|source| VfioError::FdCheck {
+            fd,
+            step: "readlink(/proc/self/fd/N)",
+            source,
+        })
+}
+
+fn check_device_raw(fd: RawFd) -> Result<(), VfioError> {
+    let st = fstat_checked(fd)?;
+    let verdict = match st.st_mode & libc::S_IFMT {
+        libc::S_IFCHR => {
+            let devices =
+                std::fs::read_to_string("/proc/devices").map_err(|source| VfioError::FdCheck {
+                    fd,
+                    step: "reading /proc/devices",
+                    source,
+                })?;
+            check_vfio_cdev(st.st_rdev, &char_majors(&devices, VFIO_DEV_CHRDEV_NAME))
+        }
+        // The name, not the mode, marks VFIO's anon inode: 6.15 briefly made anon inodes
+        // S_IFREG inside the kernel (cfd86ef7e8e7, reverted by 1e7ab6f67824), and no file
+        // with a path reads back as "anon_inode:...".
+        0 => check_vfio_anon(&fd_link(fd)?),
+        _ => {
+            let link = fd_link(fd)?;
+            check_vfio_anon(&link)
+                .map_err(|link| format!("{} ({link})", file_type_name(st.st_mode)))
+        }
+    };
+    verdict.map_err(|found| VfioError::BadFd {
+        fd,
+        expected: DEVICE_EXPECTED,
+        found,
+    })
+}
+
+/// Checks that an fd is a VFIO device fd before any VFIO ioctl is issued on it: an anonymous
+/// inode named [`VFIO_DEVICE_ANON_NAME`] (VFIO_GROUP_GET_DEVICE_FD), or a character device
+/// whose major `/proc/devices` lists as [`VFIO_DEV_CHRDEV_NAME`]. [`crate::VfioDevice`] then
+/// asks for the migration feature.
 pub fn check_device_fd(fd: BorrowedFd<'_>) -> Result<(), VfioError> {
     check_device_raw(fd.as_raw_fd())
 }
@@ -475,14 +558,89 @@ mod tests {
         check_data_fd(adopted.as_fd(), DataDirection::Save).unwrap();
     }
 
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just installed by eventfd and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn refused_as(fd: BorrowedFd<'_>, found: &str) {
+        let err = check_device_fd(fd).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VfioError::BadFd { .. }), "{msg}");
+        let want = format!(
+            "fd {}: expected a VFIO device fd (anon_inode:[vfio-device] or a vfio-dev cdev), found {found}",
+            fd.as_raw_fd()
+        );
+        assert!(msg.starts_with(&want), "{msg}\nwant {want}");
+    }
+
     #[test]
-    fn device_fd_check() {
+    fn device_fd_check_refuses_a_character_device_that_is_not_vfio_dev() {
         let null = std::fs::File::open("/dev/null").unwrap();
-        check_device_fd(null.as_fd()).unwrap(); // a character device passes the type check
+        let devices = std::fs::read_to_string("/proc/devices").unwrap();
+        let registered = match char_majors(&devices, VFIO_DEV_CHRDEV_NAME).as_slice() {
+            [] => "which /proc/devices does not list".to_owned(),
+            [one] => format!("major {one}"),
+            many => format!("majors {many:?}"),
+        };
+        refused_as(
+            null.as_fd(),
+            &format!("character device 1:3 (not vfio-dev, {registered})"),
+        );
+        let tty = std::fs::File::open("/dev/tty");
+        if let Ok(tty) = tty {
+            refused_as(tty.as_fd(), "character device 5:0 (not vfio-dev, ");
+        }
+    }
+
+    #[test]
+    fn device_fd_check_refuses_other_anonymous_inodes_and_files() {
+        let ev = eventfd();
+        refused_as(ev.as_fd(), "anon_inode:[eventfd]");
         let m = memfd(c"x").unwrap();
-        assert!(check_device_fd(m.as_fd()).is_err());
+        refused_as(m.as_fd(), "a regular file (/memfd:x (deleted))");
+        let (r, _w) = pipe().unwrap();
+        refused_as(r.as_fd(), "a pipe (pipe:[");
         let (s, _p) = socketpair().unwrap();
-        assert!(adopt_device_fd(inherited(s)).is_err());
+        let raw = s.as_fd().as_raw_fd();
+        let err = adopt_device_fd(inherited(s)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("fd {raw}: expected a VFIO device fd")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("a socket (socket:["), "{err}");
+        let ev_raw = inherited(eventfd());
+        let err = adopt_device_fd(ev_raw).unwrap_err();
+        assert!(err.to_string().contains("anon_inode:[eventfd]"), "{err}");
+        // Refused, so not adopted: the number is still unowned and closed here.
+        // SAFETY: adoption failed, so nothing in this process owns `ev_raw`.
+        drop(unsafe { OwnedFd::from_raw_fd(ev_raw) });
+    }
+
+    #[test]
+    fn device_fd_verdicts_for_what_only_a_vfio_kernel_makes() {
+        let devices = "Character devices:\n  1 mem\n 10 misc\n510 vfio\n511 vfio-dev\n\n\
+                       Block devices:\n  7 loop\n259 vfio-dev\n";
+        assert_eq!(char_majors(devices, "vfio-dev"), vec![511]);
+        assert_eq!(char_majors(devices, "vfio"), vec![510]);
+        assert_eq!(
+            char_majors("Character devices:\n", "vfio-dev"),
+            Vec::<u32>::new()
+        );
+        check_vfio_cdev(libc::makedev(511, 0), &[511]).unwrap();
+        assert_eq!(
+            check_vfio_cdev(libc::makedev(510, 3), &[511]).unwrap_err(),
+            "character device 510:3 (not vfio-dev, major 511)"
+        );
+        check_vfio_anon("anon_inode:[vfio-device]").unwrap();
+        assert_eq!(
+            check_vfio_anon("anon_inode:kvm-vcpu:0").unwrap_err(),
+            "anon_inode:kvm-vcpu:0"
+        );
     }
 
     #[test]

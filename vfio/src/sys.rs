@@ -1,5 +1,9 @@
 //! Every VFIO and iommufd ioctl the crate issues, one `SAFETY` line each.
 //!
+//! The `SAFETY` lines of the device ioctls hold for VFIO's own handlers only: another driver
+//! may read or write other memory for the same request number. So every device fd goes
+//! through [`real::check_device`] first (`VfioDevice` does it before its first ioctl).
+//!
 //! Unit tests (`cfg(test)`) swap this module for `sys/fake.rs`, a fake kernel with the same
 //! functions: a per-device state machine following the kernel's next-hop table, real memfds as
 //! data_fds, and failure injection. The real functions are compiled in tests too and exercised
@@ -29,6 +33,11 @@ pub(crate) mod real {
         } else {
             Ok(ret)
         }
+    }
+
+    /// Refuses anything but a VFIO device fd, so no device ioctl below reaches another driver.
+    pub(crate) fn check_device(dev: BorrowedFd<'_>) -> Result<(), crate::VfioError> {
+        crate::fd::check_device_fd(dev)
     }
 
     /// `VFIO_GET_API_VERSION` on a container.

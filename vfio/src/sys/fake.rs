@@ -431,6 +431,16 @@ fn device<R>(fd: BorrowedFd<'_>, f: impl FnOnce(&mut FakeDev) -> io::Result<R>) 
     with_device(key, f).unwrap_or_else(|| Err(enotty()))
 }
 
+/// The twin of `real::check_device`: a fake device's stand-in (a memfd) passes; anything else
+/// gets the real check, so tests see the real refusal.
+pub(crate) fn check_device(dev: BorrowedFd<'_>) -> Result<(), crate::VfioError> {
+    let fake = key_of(dev).ok().and_then(|key| with_device(key, |_| ()));
+    match fake {
+        Some(()) => Ok(()),
+        None => crate::fd::check_device_fd(dev),
+    }
+}
+
 pub(crate) fn mig_flags(dev: BorrowedFd<'_>) -> io::Result<u64> {
     device(dev, |d| {
         if d.flags == 0 {

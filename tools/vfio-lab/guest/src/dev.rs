@@ -13,7 +13,9 @@ pub use vfio::{MigState, MigrationDevice, MigrationFlags};
 
 use crate::error::{ensure, Context, LabError, Result};
 
-/// Opens both mdevs (by UUID) through one container; the helper owns them.
+/// Opens both mdevs (by UUID) through one container; the helper owns them. `VfioDevice`
+/// refuses a device fd that fails `vfio::fd::check_device_fd` before its first device ioctl,
+/// so every lab test also proves that real mtty fds pass that check.
 pub fn open_pair(a: &str, b: &str) -> Result<(VfioDevice, VfioDevice)> {
     let container = VfioContainer::open()?;
     let a = VfioDevice::open_legacy(&container, a)?;
