@@ -165,6 +165,15 @@ pub enum MainChannelError {
         #[source]
         source: serde_json::Error,
     },
+    /// A malformed record inside one device's section: which one, for the error and the
+    /// result's location.
+    #[error("section {section} (device {device})")]
+    InSection {
+        section: u32,
+        device: DeviceId,
+        #[source]
+        source: Box<MainChannelError>,
+    },
 }
 
 impl MainChannelError {

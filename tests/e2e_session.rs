@@ -984,3 +984,62 @@ fn a_source_that_never_connects_times_the_destination_out() {
         "never touched"
     );
 }
+
+/// A hostile source over loopback TCP: its setup announces a precopy device, then a precopy
+/// SECTION_PART declares 4 GiB of data and the source stalls with the channel open. The
+/// destination refuses the record at its size field, long before its 10 s timeout, names
+/// the main channel, the section and the device, and resets its device.
+#[test]
+fn a_precopy_part_declaring_4_gib_is_refused_at_once_naming_section_and_device() {
+    use std::io::Write;
+    use vfio_multifd::session::main_channel::{encode_setup, Setup};
+    use vfio_multifd::wire::main_stream::VFIO_MIG_FLAG_DEV_DATA_STATE;
+    use zerocopy::IntoBytes;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = spawn_dest(
+        listener,
+        sinks(1, 64 << 10, 0),
+        EngineKind::Threads,
+        1,
+        Duration::from_secs(10),
+    );
+    let setup = Setup {
+        uuid: UUID,
+        channels: 1,
+        chunk: CHUNK as u64,
+        devices: vec![id(0)],
+        precopy: vec![0],
+    };
+    let started = Instant::now();
+    let mut main = std::net::TcpStream::connect(addr).unwrap();
+    main.write_all(&encode_setup(&setup).unwrap()).unwrap();
+    let mut channel = std::net::TcpStream::connect(addr).unwrap();
+    channel
+        .write_all(vfio_multifd::wire::MultifdInitPacket::new(UUID, 0).as_bytes())
+        .unwrap();
+    let mut part = vec![0x02, 0, 0, 0, 0];
+    part.extend(VFIO_MIG_FLAG_DEV_DATA_STATE.to_be_bytes());
+    part.extend((4u64 << 30).to_be_bytes());
+    part.extend([0x5a; 100]);
+    main.write_all(&part).unwrap();
+    let (result, devices) = dest.join().unwrap();
+    let err = result.unwrap_err();
+    let text = vfio_multifd::error::error_chain(&err);
+    assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+    assert!(
+        text.contains("main channel")
+            && text.contains(&format!("section 0 (device {})", id(0)))
+            && text.contains("a length field is too large"),
+        "{text}"
+    );
+    assert_eq!(
+        vfio_multifd::session::link::locate(&err).device,
+        Some(id(0).to_string())
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running]
+    );
+    drop((main, channel));
+}

@@ -349,7 +349,9 @@ pub fn locate(err: &(dyn std::error::Error + 'static)) -> Location {
                 _ => {}
             }
         }
-        if let Some(M::PrecopyWrite { device, .. }) = e.downcast_ref::<M>() {
+        if let Some(M::PrecopyWrite { device, .. } | M::InSection { device, .. }) =
+            e.downcast_ref::<M>()
+        {
             at.fill(Some(device.to_string()), None, None);
         }
         if let Some(C::Connect { channel, .. } | C::SendInit { channel, .. }) =

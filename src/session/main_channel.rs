@@ -35,7 +35,8 @@ use crate::session::link::Location;
 use crate::wire::main_stream::{
     decode_file_header, decode_footer, decode_record, decode_rp_message, decode_vfio_item,
     encode_file_header, encode_rp_shut, Configuration, MigCommand, Record, RpMessage,
-    RpMessageType, SectionHeader, VfioItem, VfioMarker,
+    RpMessageType, SectionHeader, VfioItem, VfioMarker, QEMU_VM_CONFIGURATION,
+    QEMU_VM_VMDESCRIPTION, VFIO_MIG_FLAG_DEV_DATA_STATE,
 };
 use crate::wire::{fmt_uuid, DeviceId, WireError};
 
@@ -378,6 +379,30 @@ impl<R: Read> Buffered<R> {
     }
 }
 
+/// A VMDESCRIPTION or CONFIGURATION whose length field says more than a reader buffers is
+/// refused at that field: waiting for its bytes would hold a stalling peer's record open and
+/// end, if ever, in an error about the buffer instead of the field.
+fn refuse_long_record(buf: &[u8]) -> Result<(), WireError> {
+    if let [QEMU_VM_VMDESCRIPTION | QEMU_VM_CONFIGURATION, a, b, c, d, ..] = *buf {
+        let max = MAX_RECORD - 5;
+        if u32::from_be_bytes([a, b, c, d]) as usize > max {
+            return Err(WireError::ItemTooLong { max, offset: 1 });
+        }
+    }
+    Ok(())
+}
+
+/// The size field of a DEV_DATA_STATE item, once `buf` holds it.
+fn data_size(buf: &[u8]) -> Option<u64> {
+    let marker = buf.get(..8)?;
+    if marker != VFIO_MIG_FLAG_DEV_DATA_STATE.to_be_bytes() {
+        return None;
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(buf.get(8..16)?);
+    Some(u64::from_be_bytes(size))
+}
+
 /// Owned form of the records the destination expects.
 enum Owned {
     Configuration {
@@ -426,7 +451,8 @@ fn own(record: &Record<'_>) -> Owned {
 #[derive(Debug)]
 pub struct MainReader<R> {
     stream: Buffered<R>,
-    devices: usize,
+    /// The devices of the setup, by section id.
+    ids: Vec<DeviceId>,
     ended: Vec<bool>,
     switched_over: bool,
     /// Per section: announced as a precopy device, and whether its DEV_INIT_DATA_SENT came.
@@ -446,7 +472,7 @@ impl<R: Read> MainReader<R> {
     pub fn new(inner: R) -> Self {
         Self {
             stream: Buffered::new(inner),
-            devices: 0,
+            ids: Vec::new(),
             ended: Vec::new(),
             switched_over: false,
             precopy: Vec::new(),
@@ -460,6 +486,7 @@ impl<R: Read> MainReader<R> {
 
     fn record(&mut self, what: &'static str) -> Result<Owned, MainChannelError> {
         self.stream.next(what, |buf| {
+            refuse_long_record(buf)?;
             Ok(decode_record(buf)?.map(|(r, n)| (own(&r), n)))
         })
     }
@@ -470,6 +497,10 @@ impl<R: Read> MainReader<R> {
         want: VfioMarker,
     ) -> Result<(), MainChannelError> {
         let got = self.stream.next(what, |buf| {
+            // Data is wrong here whatever its size: refused without waiting for its bytes.
+            if data_size(buf).is_some() {
+                return Ok(Some((None, 8)));
+            }
             Ok(decode_vfio_item(buf)?.map(|(item, n)| {
                 let marker = match item {
                     VfioItem::Marker(m) => Some(m),
@@ -531,9 +562,13 @@ impl<R: Read> MainReader<R> {
                             devices.len()
                         )));
                     }
-                    self.vfio_marker("the device setup section", VfioMarker::DevSetupState)?;
-                    self.vfio_marker("the device setup section", VfioMarker::EndOfState)?;
-                    self.footer("the device setup section", sid)?;
+                    let body = self
+                        .vfio_marker("the device setup section", VfioMarker::DevSetupState)
+                        .and_then(|()| {
+                            self.vfio_marker("the device setup section", VfioMarker::EndOfState)
+                        })
+                        .and_then(|()| self.footer("the device setup section", sid));
+                    in_section(sid, &id, body)?;
                     devices.push(id);
                 }
                 Owned::Description(json) => {
@@ -549,7 +584,7 @@ impl<R: Read> MainReader<R> {
                             body.version
                         )));
                     }
-                    self.devices = devices.len();
+                    self.ids = devices.clone();
                     self.ended = vec![false; devices.len()];
                     self.precopy = vec![None; devices.len()];
                     for &sid in &body.precopy {
@@ -587,6 +622,18 @@ impl<R: Read> MainReader<R> {
         }
     }
 
+    /// Names the section's device in a malformed-record error of its body.
+    fn in_section<T>(
+        &self,
+        sid: u32,
+        result: Result<T, MainChannelError>,
+    ) -> Result<T, MainChannelError> {
+        match self.ids.get(sid as usize) {
+            Some(id) => in_section(sid, id, result),
+            None => result,
+        }
+    }
+
     /// After the setup: `SWITCHOVER_START`, then (consuming each device's END section) EOF.
     /// Precopy data is refused (see [`Self::next_event_with`]).
     pub fn next_event(&mut self) -> Result<MainEvent, MainChannelError> {
@@ -607,6 +654,12 @@ impl<R: Read> MainReader<R> {
         let what = "a precopy SECTION_PART";
         loop {
             let item = self.stream.next(what, |buf| {
+                if data_size(buf).is_some_and(|size| size > PRECOPY_CHUNK as u64) {
+                    return Err(WireError::ItemTooLong {
+                        max: PRECOPY_CHUNK,
+                        offset: 8,
+                    });
+                }
                 Ok(decode_vfio_item(buf)?.map(|(item, n)| {
                     let owned = match item {
                         VfioItem::Marker(m) => Err(m),
@@ -659,7 +712,8 @@ impl<R: Read> MainReader<R> {
                                 "SECTION_PART for section {sid}, which the setup did not announce as a precopy device"
                             )));
                     };
-                    match self.precopy_part(sid, on_data)? {
+                    let part = self.precopy_part(sid, on_data);
+                    match self.in_section(sid, part)? {
                         PartEnd::EndOfState => {}
                         PartEnd::InitDataSent if init_sent => {
                             return Err(self
@@ -682,8 +736,10 @@ impl<R: Read> MainReader<R> {
                             .stream
                             .malformed(format!("second SECTION_END for section {sid}")));
                     }
-                    self.vfio_marker("a device END section", VfioMarker::EndOfState)?;
-                    self.footer("a device END section", sid)?;
+                    let body = self
+                        .vfio_marker("a device END section", VfioMarker::EndOfState)
+                        .and_then(|()| self.footer("a device END section", sid));
+                    self.in_section(sid, body)?;
                 }
                 Owned::Eof if self.switched_over => {
                     if let Some(missing) = self.ended.iter().position(|e| !e) {
@@ -706,6 +762,25 @@ impl<R: Read> MainReader<R> {
             }
         }
     }
+}
+
+/// Wraps the record errors of a section's body (not a closed or failed socket, which callers
+/// tell apart, and not a sink's error, which names its device already).
+fn in_section<T>(
+    sid: u32,
+    id: &DeviceId,
+    result: Result<T, MainChannelError>,
+) -> Result<T, MainChannelError> {
+    result.map_err(|err| match err {
+        MainChannelError::Wire { .. }
+        | MainChannelError::Malformed { .. }
+        | MainChannelError::TooLong { .. } => MainChannelError::InSection {
+            section: sid,
+            device: id.clone(),
+            source: Box::new(err),
+        },
+        other => other,
+    })
 }
 
 /// The source's reader of the return path.
@@ -982,6 +1057,86 @@ mod tests {
         ));
         let pong = [0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0];
         assert!(ReturnReader::new(&pong[..]).next_message().is_err());
+    }
+
+    /// Hands out `bytes`, then fails every read as a peer that stalls past a read timeout:
+    /// a reader that waits for more than the bytes already here fails with a Read error.
+    struct ThenStall<'a>(&'a [u8]);
+    impl Read for ThenStall<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_length_field_above_the_limit_is_refused_at_the_field_naming_the_section() {
+        let mut with_precopy = setup();
+        with_precopy.precopy = vec![1];
+        let dev_data = VfioMarker::DevDataState.value().to_be_bytes();
+
+        // Precopy data of 4 GiB, of which only the size field ever arrives.
+        let mut out = encode_setup(&with_precopy).unwrap();
+        let part_at = out.len();
+        out.extend([0x02, 0, 0, 0, 1]);
+        out.extend(dev_data);
+        out.extend((4u64 << 30).to_be_bytes());
+        let mut reader = MainReader::new(ThenStall(&out));
+        reader.read_setup(8).unwrap();
+        let err = reader.next_event_with(&mut |_, _| Ok(())).unwrap_err();
+        let chain = crate::error::error_chain(&err);
+        assert!(
+            matches!(&err, MainChannelError::InSection { section: 1, device, .. }
+                if *device == with_precopy.devices[1]),
+            "{chain}"
+        );
+        assert!(
+            chain.contains(&format!("stream offset {}", part_at + 5 + 8))
+                && chain.contains(&format!("longer than {PRECOPY_CHUNK} bytes")),
+            "{chain}"
+        );
+
+        // A VMDESCRIPTION of 4 GiB - 1.
+        let mut out = encode_setup(&with_precopy).unwrap();
+        let desc_at = out
+            .iter()
+            .rposition(|&b| b == QEMU_VM_VMDESCRIPTION)
+            .unwrap();
+        out.truncate(desc_at);
+        out.extend([QEMU_VM_VMDESCRIPTION, 0xff, 0xff, 0xff, 0xff]);
+        let err = MainReader::new(ThenStall(&out)).read_setup(8).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MainChannelError::Wire {
+                    source: WireError::ItemTooLong { .. },
+                    offset,
+                    ..
+                } if offset == desc_at as u64 + 1
+            ),
+            "{err:?}"
+        );
+
+        // Data inside a device's setup section, with a size no reader should wait for.
+        let mut out = encode_setup(&with_precopy).unwrap();
+        let id = with_precopy.devices[0].idstr.as_bytes();
+        let setup_at = out.windows(id.len()).position(|w| w == id).unwrap() + id.len() + 8;
+        out.truncate(setup_at);
+        out.extend(dev_data);
+        out.extend(u64::MAX.to_be_bytes());
+        let err = MainReader::new(ThenStall(&out)).read_setup(8).unwrap_err();
+        let chain = crate::error::error_chain(&err);
+        assert!(
+            matches!(&err, MainChannelError::InSection { section: 0, device, .. }
+                if *device == with_precopy.devices[0])
+                && chain.contains("expected DEV_SETUP_STATE, found DEV_DATA_STATE"),
+            "{chain}"
+        );
     }
 
     #[test]
