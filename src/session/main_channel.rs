@@ -443,7 +443,38 @@ fn own(record: &Record<'_>) -> Owned {
             ..
         } => Owned::Switchover,
         Record::Eof => Owned::Eof,
-        other => Owned::Other(format!("{other:?}")),
+        // Named by kind and size: a record's Debug would print up to 64 KiB of data as text.
+        Record::SectionFull(h) => Owned::Other(format!(
+            "SECTION_FULL {} {:?}",
+            h.section_id,
+            String::from_utf8_lossy(h.idstr)
+        )),
+        Record::Footer { section_id } => Owned::Other(format!("footer of section {section_id}")),
+        Record::Command { cmd, data } => Owned::Other(format!(
+            "MIG_CMD {} ({} bytes of data)",
+            cmd.name(),
+            data.len()
+        )),
+    }
+}
+
+impl Owned {
+    /// The record, for an error that it came where it does not belong.
+    fn describe(&self, ids: &[DeviceId]) -> String {
+        let section = |kind: &str, sid: u32| match ids.get(sid as usize) {
+            Some(id) => format!("{kind} for section {sid} (device {id})"),
+            None => format!("{kind} for section {sid}"),
+        };
+        match self {
+            Owned::Configuration { .. } => "CONFIGURATION".into(),
+            Owned::SectionStart(id, sid) => format!("SECTION_START {sid} of device {id}"),
+            Owned::SectionPart(sid) => section("SECTION_PART", *sid),
+            Owned::SectionEnd(sid) => section("SECTION_END", *sid),
+            Owned::Description(_) => "VMDESCRIPTION".into(),
+            Owned::Switchover => "SWITCHOVER_START".into(),
+            Owned::Eof => "EOF".into(),
+            Owned::Other(record) => record.clone(),
+        }
     }
 }
 
@@ -608,15 +639,11 @@ impl<R: Read> MainReader<R> {
                         precopy: body.precopy,
                     });
                 }
-                Owned::Other(what) => {
-                    return Err(self
-                        .stream
-                        .malformed(format!("unexpected {what} during setup")))
-                }
-                _ => {
-                    return Err(self
-                        .stream
-                        .malformed("unexpected record during setup".into()))
+                other => {
+                    return Err(self.stream.malformed(format!(
+                        "unexpected {} during setup",
+                        other.describe(&devices)
+                    )))
                 }
             }
         }
@@ -749,15 +776,11 @@ impl<R: Read> MainReader<R> {
                     }
                     return Ok(MainEvent::Eof);
                 }
-                Owned::Other(record) => {
-                    return Err(self
-                        .stream
-                        .malformed(format!("unexpected {record} where {what} belongs")))
-                }
-                _ => {
-                    return Err(self
-                        .stream
-                        .malformed(format!("unexpected record where {what} belongs")))
+                other => {
+                    return Err(self.stream.malformed(format!(
+                        "unexpected {} where {what} belongs",
+                        other.describe(&self.ids)
+                    )))
                 }
             }
         }
@@ -1136,6 +1159,48 @@ mod tests {
                 if *device == with_precopy.devices[0])
                 && chain.contains("expected DEV_SETUP_STATE, found DEV_DATA_STATE"),
             "{chain}"
+        );
+    }
+
+    #[test]
+    fn a_record_out_of_place_is_named_with_its_section_and_device() {
+        let mut with_precopy = setup();
+        with_precopy.precopy = vec![1];
+        let event_error = |tail: &[u8], switch: bool| {
+            let mut out = encode_setup(&with_precopy).unwrap();
+            if switch {
+                out.extend(encode_switchover_start());
+            }
+            out.extend_from_slice(tail);
+            let mut reader = MainReader::new(&out[..]);
+            reader.read_setup(8).unwrap();
+            if switch {
+                reader.next_event().unwrap();
+            }
+            reader.next_event().unwrap_err().to_string()
+        };
+        let dev1 = &with_precopy.devices[1];
+        // Precopy data after switchover, END before SWITCHOVER_START.
+        let text = event_error(&encode_init_data_sent(1), true);
+        assert!(
+            text.contains(&format!(
+                "unexpected SECTION_PART for section 1 (device {dev1}) where a device SECTION_END"
+            )),
+            "{text}"
+        );
+        let text = event_error(&encode_completion(2), false);
+        assert!(
+            text.contains("unexpected SECTION_END for section 0 (device 0000:00:02.0/vfio/0)"),
+            "{text}"
+        );
+        // A command with 64 KiB of data is named by kind and size, not printed.
+        let mut advise = vec![0x08, 0x00, 0x03, 0xff, 0xff];
+        advise.resize(5 + 0xffff, 0xab);
+        let text = event_error(&advise, false);
+        assert!(
+            text.contains("unexpected MIG_CMD POSTCOPY_ADVISE (65535 bytes of data)")
+                && text.len() < 200,
+            "{text}"
         );
     }
 
