@@ -227,9 +227,10 @@ fn run<P, R>(
                     &mut buf[PRECOPY_HEAD..PRECOPY_HEAD + want],
                 ) {
                     Ok(n) => n,
-                    Err(nix::errno::Errno::ENOMSG)
-                    | Err(nix::errno::Errno::EAGAIN)
-                    | Err(nix::errno::Errno::EINTR) => 0,
+                    // Interrupted before reading anything says nothing about what is left:
+                    // not the empty read that ends a PRECOPY_INFO-less device's initial data.
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::ENOMSG) | Err(nix::errno::Errno::EAGAIN) => 0,
                     Err(e) => {
                         return Err(SessionError::Precopy {
                             device: reader.source.id.clone(),
