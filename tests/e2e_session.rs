@@ -1043,3 +1043,34 @@ fn a_precopy_part_declaring_4_gib_is_refused_at_once_naming_section_and_device()
     );
     drop((main, channel));
 }
+
+/// A peer over loopback TCP whose main channel opens with a wrong magic ("QEVX"), then
+/// stalls: the destination refuses it at once, saying which magic it got, instead of waiting
+/// its whole timeout for a multifd init packet.
+#[test]
+fn a_connection_with_neither_magic_is_refused_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = spawn_dest(
+        listener,
+        sinks(1, 64 << 10, 0),
+        EngineKind::Threads,
+        1,
+        Duration::from_secs(10),
+    );
+    let started = Instant::now();
+    let mut main = TcpStream::connect(addr).unwrap();
+    main.write_all(b"QEVX\x00\x00\x00\x03").unwrap();
+    let (result, devices) = dest.join().unwrap();
+    let text = vfio_multifd::error::error_chain(&result.unwrap_err());
+    assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+    assert!(
+        text.contains("received packet magic 51455658, expected 11223344"),
+        "{text}"
+    );
+    assert_eq!(
+        states(devices.iter().map(|d| d.device.as_ref())),
+        vec![MigState::Running]
+    );
+    drop(main);
+}

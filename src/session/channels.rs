@@ -306,6 +306,18 @@ impl<'a> Acceptor<'a> {
             self.main = Some(stream);
             return Ok(Arrival::Main);
         }
+        // Neither channel's magic (QEMU 10.1+ refuses such a connection at once): waiting for
+        // a whole init packet would end only in the timeout, without saying why.
+        let magic = u32::from_be_bytes(first);
+        if magic != MULTIFD_MAGIC {
+            return Err(ChannelError::BadInit {
+                peer,
+                source: crate::wire::WireError::BadMagic {
+                    got: magic,
+                    offset: 0,
+                },
+            });
+        }
         let mut init = [0u8; INIT_PACKET_LEN];
         read_exact_by(&mut stream, &mut init, deadline).map_err(|source| {
             ChannelError::RecvInit {
