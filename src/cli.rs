@@ -99,7 +99,7 @@ pub struct ServeArgs {
     /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
     #[arg(long, default_value = "1MiB", value_name = "BYTES")]
     pub chunk: String,
-    /// Packet buffers per migration, fixed at its start (2 to 65536); `auto`: 32, or as many as
+    /// Packet buffers per migration, fixed at its start (2 to 65535); `auto`: 32, or as many as
     /// fit in 96 MiB with chunks over 3 MiB (at least 8).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
@@ -194,7 +194,7 @@ pub struct MigrationArgs {
     /// channel for a while [default: unlimited].
     #[arg(long, value_name = "BYTES")]
     pub queued_bytes_limit: Option<String>,
-    /// Packet buffers per helper, fixed at start (2 to 65536; at most 4 GiB with --chunk);
+    /// Packet buffers per helper, fixed at start (2 to 65535; at most 4 GiB with --chunk);
     /// `auto`: 32, or as many as fit in 96 MiB with chunks over 3 MiB (at least 8).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,

@@ -28,6 +28,9 @@ pub const MIN_CHUNK: u64 = CONFIG_MARKERS as u64;
 pub const MAX_DEVICE_SIZE: u64 = 1 << 40;
 /// Largest packet-buffer pool per helper (buffers x (headers + chunk)).
 pub const MAX_POOL_BYTES: u64 = 4 << 30;
+/// Most packet buffers per helper: the uring pool names a slot by a u16 and refuses 65536 or
+/// more, so a larger count would pass here and fail only once the migration starts.
+pub const MAX_POOL_BUFFERS: u64 = 65535;
 /// `--pool-buffers auto`: this many buffers, fewer where chunks are large (see
 /// [`auto_pool_buffers`]).
 pub const AUTO_POOL_BUFFERS: usize = 32;
@@ -268,7 +271,7 @@ impl MigrationConfig {
         let slot_bytes = chunk + crate::wire::PACKET_HEADER_ROOM;
         let pool_buffers = match args.pool_buffers.trim() {
             "auto" => auto_pool_buffers(slot_bytes),
-            n => parse_count("pool-buffers", n, 2, 65536)? as usize,
+            n => parse_count("pool-buffers", n, 2, MAX_POOL_BUFFERS)? as usize,
         };
         let pool_bytes = pool_buffers as u64 * slot_bytes as u64;
         if pool_bytes > MAX_POOL_BYTES {
@@ -531,6 +534,10 @@ mod tests {
             (&["--timeout", "0"][..], "--timeout 0"),
             (&["--device-speed", "0/s"][..], "--device-speed 0"),
             (&["--pool-buffers", "1"][..], "--pool-buffers 1"),
+            (
+                &["--chunk", "4KiB", "--pool-buffers", "65536"][..],
+                "--pool-buffers 65536: must be 2 to 65535",
+            ),
             (
                 &["--chunk", "64MiB", "--pool-buffers", "100"][..],
                 "--pool-buffers 100",

@@ -77,11 +77,12 @@ fn parse_pool(args: &ProbeArgs) -> Result<(usize, usize), String> {
         n => n
             .parse::<usize>()
             .ok()
-            .filter(|n| (2..=65536).contains(n))
+            .filter(|&n| (2..=crate::config::MAX_POOL_BUFFERS as usize).contains(&n))
             .ok_or_else(|| {
                 format!(
-                    "--pool-buffers {:?}: must be `auto` or 2 to 65536",
-                    args.pool_buffers
+                    "--pool-buffers {:?}: must be `auto` or 2 to {}",
+                    args.pool_buffers,
+                    crate::config::MAX_POOL_BUFFERS
                 )
             })?,
     };
@@ -481,6 +482,17 @@ mod tests {
         let mut bad = args(None);
         bad.pool_buffers = "1".into();
         assert!(parse_pool(&bad).is_err());
+    }
+
+    #[test]
+    fn pool_counts_the_helpers_refuse_are_refused() {
+        // 65536 slots: the uring pool refuses it, so a helper given it fails to start.
+        let mut most = args(None);
+        most.chunk = "4KiB".into();
+        most.pool_buffers = "65535".into();
+        assert_eq!(parse_pool(&most).unwrap().0, 65535);
+        most.pool_buffers = "65536".into();
+        assert!(parse_pool(&most).is_err());
     }
 
     #[test]
