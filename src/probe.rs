@@ -86,6 +86,15 @@ fn parse_pool(args: &ProbeArgs) -> Result<(usize, usize), String> {
                 )
             })?,
     };
+    // The helpers refuse a pool over MAX_POOL_BYTES; probing it would report a path that no
+    // helper given these flags takes.
+    let bytes = buffers as u64 * slot as u64;
+    if bytes > crate::config::MAX_POOL_BYTES {
+        return Err(format!(
+            "--pool-buffers {buffers}: {buffers} buffers of --chunk {chunk} take {bytes} bytes; at most {} (4 GiB)",
+            crate::config::MAX_POOL_BYTES
+        ));
+    }
     Ok((buffers, slot))
 }
 
@@ -493,6 +502,17 @@ mod tests {
         assert_eq!(parse_pool(&most).unwrap().0, 65535);
         most.pool_buffers = "65536".into();
         assert!(parse_pool(&most).is_err());
+    }
+
+    #[test]
+    fn a_pool_over_4_gib_is_refused_as_the_helpers_refuse_it() {
+        let mut big = args(None);
+        big.chunk = "64MiB".into();
+        big.pool_buffers = "64".into();
+        let err = parse_pool(&big).unwrap_err();
+        assert!(err.starts_with("--pool-buffers 64:"), "{err}");
+        big.pool_buffers = "63".into();
+        assert_eq!(parse_pool(&big).unwrap().0, 63);
     }
 
     #[test]
