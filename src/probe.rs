@@ -434,14 +434,16 @@ pub fn run(args: &ProbeArgs) -> i32 {
     let mask = match parse_mask(args, std::env::var(FORBID_ENV).ok()) {
         Ok(mask) => mask,
         Err(why) => {
-            log::error!("{why}");
+            // Not through the log filter, as for the helpers' flags (see main.rs).
+            eprintln!("vfio-multifd probe: {why}");
             return 2;
         }
     };
     let (slots, slot_size) = match parse_pool(args) {
         Ok(pool) => pool,
         Err(why) => {
-            log::error!("{why}");
+            // Not through the log filter, as for the helpers' flags (see main.rs).
+            eprintln!("vfio-multifd probe: {why}");
             return 2;
         }
     };

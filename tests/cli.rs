@@ -60,6 +60,31 @@ fn a_bad_forbid_list_in_the_environment_is_refused() {
 }
 
 #[test]
+fn a_refused_flag_is_reported_whatever_the_log_filter() {
+    // The log filter silences logging, not the reason for exit 2.
+    refused(
+        &["--log-level", "off", "demo", "--channels", "0"],
+        &[],
+        "--channels 0: must be 1 to 255",
+    );
+    refused(
+        &["demo", "--channels", "0"],
+        &[("RUST_LOG", "off")],
+        "--channels 0: must be 1 to 255",
+    );
+    refused(
+        &["--log-level", "off", "probe", "--chunk", "0"],
+        &[],
+        "--chunk 0",
+    );
+    refused(
+        &["--log-level", "off", "probe"],
+        &[("VFIO_MULTIFD_FORBID", "warp-drive")],
+        "VFIO_MULTIFD_FORBID",
+    );
+}
+
+#[test]
 fn help_lists_the_jobs() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
