@@ -41,11 +41,29 @@ pub fn exec_bench(args: &BenchArgs) -> String {
     about = "VFIO device state over QEMU 10.x multifd channels"
 )]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "warn")]
+    /// Log level (off, error, warn, info, debug, trace, or MODULE=LEVEL directives separated by
+    /// commas); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", value_parser = log_filter)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-level`: env_logger reads a bare word that is not a level (`warning`) as a module
+/// name and then logs nothing of this crate, errors included; refuse it instead.
+fn log_filter(text: &str) -> Result<String, String> {
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if level.parse::<log::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} is not a level: use off, error, warn, info, debug or trace \
+                 (or MODULE=LEVEL)"
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,6 +278,22 @@ mod tests {
         assert!(Cli::try_parse_from(["vfio-multifd", "send"]).is_err());
         assert!(Cli::try_parse_from(["vfio-multifd", "recv"]).is_err());
         assert!(Cli::try_parse_from(["vfio-multifd", "recv", "--listen", "127.0.0.1:0"]).is_ok());
+    }
+
+    #[test]
+    fn log_level_takes_levels_and_directives_only() {
+        for good in ["warn", "OFF", "trace", "vfio_multifd=debug,warn"] {
+            assert!(
+                Cli::try_parse_from(["vfio-multifd", "--log-level", good, "demo"]).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in ["warning", "verbose", "vfio_multifd=loud"] {
+            let err = Cli::try_parse_from(["vfio-multifd", "demo", "--log-level", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--log-level"), "{bad}: {err}");
+        }
     }
 
     #[test]
