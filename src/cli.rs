@@ -188,7 +188,8 @@ pub struct MigrationArgs {
     #[arg(long, default_value = "4", value_name = "N")]
     pub devices: String,
     /// Device state per device: BYTES with an optional K/KiB, M/MiB, G/GiB or T/TiB suffix
-    /// (binary); 0 is allowed.
+    /// (binary); 0 to 1 TiB. Simulated devices live in memory, so --devices x --size (twice for
+    /// `demo`) must fit in MemAvailable.
     #[arg(long, default_value = "100MiB", value_name = "BYTES")]
     pub size: String,
     /// Multifd channels (1 to 255; QEMU's multifd-channels).

@@ -186,6 +186,9 @@ impl TryFrom<&SendArgs> for SendConfig {
             ChannelOrderArg::Reverse => ChannelOrder::Reverse,
             ChannelOrderArg::Shuffle => ChannelOrder::Shuffle(migration.seed),
         };
+        if args.vfio.is_empty() {
+            check_sim_memory(&migration, 1, mem_available())?;
+        }
         Ok(Self {
             connect: resolve("connect", &args.connect)?,
             migration,
@@ -199,9 +202,14 @@ impl TryFrom<&RecvArgs> for RecvConfig {
     type Error = ConfigError;
 
     fn try_from(args: &RecvArgs) -> Result<Self, ConfigError> {
+        let migration =
+            MigrationConfig::from_args(&args.migration, std::env::var(FORBID_ENV).ok())?;
+        if args.vfio.is_empty() {
+            check_sim_memory(&migration, 1, mem_available())?;
+        }
         Ok(Self {
             listen: resolve("listen", &args.listen)?,
-            migration: MigrationConfig::from_args(&args.migration, std::env::var(FORBID_ENV).ok())?,
+            migration,
             vfio: args.vfio.clone(),
         })
     }
@@ -220,6 +228,8 @@ impl TryFrom<&DemoArgs> for DemoConfig {
                 why: "only the send and recv helpers emit events".into(),
             });
         }
+        // Both helpers run here: the source's images and the destination's, side by side.
+        check_sim_memory(&migration, 2, mem_available())?;
         Ok(Self {
             dest_engine: args.dest_engine.unwrap_or(migration.engine),
             args: args.migration.clone(),
@@ -384,6 +394,47 @@ impl MigrationConfig {
             forbid_source,
         })
     }
+}
+
+/// Refuses simulated devices that cannot fit in memory. A source generates each device's whole
+/// state into a memfd before it starts, and a destination's image fills as it loads; that is
+/// page cache, which `ulimit -v` does not bound, so an accepted `--size 1TiB` would run the
+/// machine out of memory (the OOM killer, not an error) instead of being refused. `copies` is
+/// how many helpers on this machine hold the images (2 for `demo`); `available` is
+/// MemAvailable in bytes, None where unknown (then nothing is refused).
+pub fn check_sim_memory(
+    m: &MigrationConfig,
+    copies: u64,
+    available: Option<u64>,
+) -> Result<(), ConfigError> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let need = m.total_bytes().saturating_mul(copies);
+    if need > available {
+        let who = if copies > 1 {
+            "the source's and the destination's images"
+        } else {
+            "their images"
+        };
+        return Err(ConfigError::OutOfRange {
+            flag: "size",
+            value: m.size,
+            why: format!(
+                "--devices {} of this size need {need} bytes of memory for {who}, more than the {available} bytes available here (MemAvailable)",
+                m.devices
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes; None where it cannot be read.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn resolve(flag: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -554,6 +605,21 @@ mod tests {
             let err = check(extra).unwrap_err().to_string();
             assert!(err.starts_with(flag), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn simulated_devices_must_fit_in_memory() {
+        let config = check(&["--devices", "4", "--size", "1GiB"]).unwrap();
+        assert!(check_sim_memory(&config, 1, Some(4 << 30)).is_ok());
+        let err = check_sim_memory(&config, 2, Some(4 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--size 1073741824: --devices 4"), "{err}");
+        assert!(check_sim_memory(&config, 2, None).is_ok());
+        let huge = check(&["--devices", "256", "--size", "1TiB"]).unwrap();
+        assert!(check_sim_memory(&huge, 2, Some(u64::MAX / 2)).is_ok());
+        assert!(check_sim_memory(&huge, 2, Some(23 << 30)).is_err());
+        assert!(mem_available().is_some_and(|bytes| bytes > 0));
     }
 
     #[test]

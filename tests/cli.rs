@@ -85,6 +85,31 @@ fn a_refused_flag_is_reported_whatever_the_log_filter() {
 }
 
 #[test]
+fn simulated_devices_larger_than_memory_are_refused() {
+    // Accepted, these would fill this machine's memory with memfd pages (ulimit -v does not
+    // count them). The file-size limit keeps a regression from doing so: a helper that tries
+    // is killed at its first ftruncate, and the exit code is then not 2.
+    for args in [
+        "demo --size 1TiB --devices 256 --timeout 2",
+        "send --connect 127.0.0.1:9 --size 1TiB --devices 256 --timeout 2",
+        "recv --listen 127.0.0.1:0 --size 1TiB --devices 256 --timeout 1",
+    ] {
+        let out = Command::new("sh")
+            .args(["-c", &format!("ulimit -f 1024; exec \"$0\" {args}"), BIN])
+            .env_remove("RUST_LOG")
+            .env_remove("VFIO_MULTIFD_FORBID")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args}: {stderr}");
+        assert!(
+            stderr.contains("--size 1099511627776: --devices 256"),
+            "{args}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn help_lists_the_jobs() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
