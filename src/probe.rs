@@ -13,9 +13,6 @@ use uring::{Feature, FeatureMask};
 use crate::config::{parse_size, FORBID_ENV, MAX_CHUNK, MIN_CHUNK};
 use crate::wire::PACKET_HEADER_ROOM;
 
-/// The engine tries SQPOLL only when this is set (see `uring::Ring::new`).
-const SQPOLL_ENV: &str = "VFIO_MULTIFD_SQPOLL";
-
 /// `probe`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
@@ -448,7 +445,7 @@ pub fn run(args: &ProbeArgs) -> i32 {
         }
     };
     let probe = uring::probe_pool(slots, slot_size);
-    let path = uring::data_path(&probe, mask.mask, std::env::var_os(SQPOLL_ENV).is_some());
+    let path = uring::data_path(&probe, mask.mask, uring::sqpoll_opt_in());
     let vfio = vfio_nodes();
     let r = report(&probe, &path, &mask, &vfio);
     if args.json {

@@ -110,6 +110,36 @@ fn simulated_devices_larger_than_memory_are_refused() {
 }
 
 #[test]
+fn vfio_multifd_sqpoll_0_keeps_sqpoll_off() {
+    // probe predicts the engine's ring setup with the engine's own reading of the variable.
+    let setup = |value: &str| {
+        let out = Command::new(BIN)
+            .args(["probe", "--json", "--forbid", "defer-taskrun,coop-taskrun"])
+            .env_remove("VFIO_MULTIFD_FORBID")
+            .env("VFIO_MULTIFD_SQPOLL", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{value}");
+        let probe: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if probe["io_uring"]["usable"] != true {
+            return None;
+        }
+        probe["data_path"]["setup"].as_str().map(str::to_string)
+    };
+    let Some(on) = setup("1") else {
+        return; // no io_uring here: no ring setup to compare
+    };
+    assert_eq!(on, "sqpoll");
+    for off in ["0", "", "no", "false"] {
+        assert_eq!(
+            setup(off).as_deref(),
+            Some("plain"),
+            "VFIO_MULTIFD_SQPOLL={off:?}"
+        );
+    }
+}
+
+#[test]
 fn help_lists_the_jobs() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

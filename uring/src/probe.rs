@@ -648,6 +648,29 @@ pub struct DataPath {
     pub notes: Vec<String>,
 }
 
+/// Environment variable that opts the engine in to SQPOLL rings.
+pub const SQPOLL_ENV: &str = "VFIO_MULTIFD_SQPOLL";
+
+/// Whether [`SQPOLL_ENV`] opts in: set to anything but empty, `0`, `false`, `no` or `off`
+/// (any case). Mere presence used to count, so `VFIO_MULTIFD_SQPOLL=0`, written to keep
+/// SQPOLL off, turned it on.
+pub fn sqpoll_opt_in() -> bool {
+    sqpoll_opt_in_value(std::env::var_os(SQPOLL_ENV).as_deref())
+}
+
+/// [`sqpoll_opt_in`] for a given value of [`SQPOLL_ENV`].
+pub fn sqpoll_opt_in_value(value: Option<&std::ffi::OsStr>) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    let value = value.to_string_lossy();
+    let value = value.trim();
+    !(value.is_empty()
+        || ["0", "false", "no", "off"]
+            .iter()
+            .any(|off| value.eq_ignore_ascii_case(off)))
+}
+
 /// Decides the path as the helper would: `forbid` from `--forbid` and `VFIO_MULTIFD_FORBID`,
 /// `sqpoll_opt_in` when `VFIO_MULTIFD_SQPOLL` is set (the engine tries SQPOLL only then).
 pub fn data_path(probe: &Probe, forbid: FeatureMask, sqpoll_opt_in: bool) -> DataPath {
@@ -691,7 +714,7 @@ pub fn data_path(probe: &Probe, forbid: FeatureMask, sqpoll_opt_in: bool) -> Dat
     };
     if setup != "sqpoll" && !forbid.contains(Feature::Sqpoll) {
         notes.push(
-            "sqpoll: the engine tries SQPOLL only with VFIO_MULTIFD_SQPOLL set and \
+            "sqpoll: the engine tries SQPOLL only with VFIO_MULTIFD_SQPOLL=1 and \
              DEFER_TASKRUN and COOP_TASKRUN unavailable or forbidden"
                 .into(),
         );
@@ -763,6 +786,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sqpoll_opt_in_needs_a_true_value() {
+        use std::ffi::OsStr;
+        for on in ["1", "yes", "true", "on", "ON"] {
+            assert!(sqpoll_opt_in_value(Some(OsStr::new(on))), "{on}");
+        }
+        for off in ["0", "", " ", "no", "false", "off", "Off"] {
+            assert!(!sqpoll_opt_in_value(Some(OsStr::new(off))), "{off:?}");
+        }
+        assert!(!sqpoll_opt_in_value(None));
+    }
+
     /// The predicted path is what a real ring chooses, for every single-feature mask.
     #[test]
     fn data_path_matches_a_real_ring() {
@@ -770,7 +805,7 @@ mod tests {
         if probe.unusable.is_some() {
             return;
         }
-        let sqpoll = std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some();
+        let sqpoll = sqpoll_opt_in();
         let mut masks = vec![FeatureMask::empty(), FeatureMask::parse("all").unwrap()];
         masks.extend(Feature::ALL.iter().map(|&f| FeatureMask::empty().with(f)));
         for mask in masks {

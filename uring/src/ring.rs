@@ -150,7 +150,7 @@ fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static st
             return Ok((ring, "coop-taskrun"));
         }
     }
-    if !forbid.contains(Feature::Sqpoll) && std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some() {
+    if !forbid.contains(Feature::Sqpoll) && crate::probe::sqpoll_opt_in() {
         if let Ok(ring) = IoUring::builder()
             .setup_sqpoll(1000)
             .setup_cqsize(cq)
