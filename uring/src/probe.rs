@@ -200,8 +200,24 @@ fn read_trimmed(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// The soft RLIMIT_MEMLOCK in bytes; None where unlimited or unknown.
+pub(crate) fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+    {
+        Some(limit.rlim_cur)
+    } else {
+        None
+    }
+}
+
 /// CAP_IPC_LOCK (capability 14) in the effective set of this process.
-fn has_cap_ipc_lock() -> Option<bool> {
+pub(crate) fn has_cap_ipc_lock() -> Option<bool> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status
         .lines()
@@ -425,18 +441,7 @@ pub fn probe_pool(slots: usize, slot_size: usize) -> Probe {
     let kernel = read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into());
     let io_uring_disabled: Option<u8> =
         read_trimmed("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse().ok());
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a live rlimit for getrlimit to fill.
-    let memlock_limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
-        && limit.rlim_cur != libc::RLIM_INFINITY
-    {
-        Some(limit.rlim_cur)
-    } else {
-        None
-    };
+    let memlock_limit = memlock_limit();
     let cap_ipc_lock = has_cap_ipc_lock();
     let pin_slot_size = slot_size.max(1).next_multiple_of(4096);
     let mut ring = match IoUring::new(8) {
@@ -611,20 +616,32 @@ fn pin_failure(
         "pinning {slots} x {slot_size} bytes ({:.1} MiB) of registered buffers fails ({err})",
         total as f64 / f64::from(1 << 20)
     );
-    let why = match (err.raw_os_error(), memlock_limit, cap_ipc_lock) {
-        (Some(libc::ENOMEM), Some(limit), Some(false) | None) => format!(
-            ": the memlock limit is {} KiB and the process lacks CAP_IPC_LOCK (raise `ulimit -l` \
+    let why = pin_reason(err.raw_os_error(), memlock_limit, cap_ipc_lock)
+        .map(|why| format!(": {why}"))
+        .unwrap_or_default();
+    format!("{what}{why}; plain buffers will be used")
+}
+
+/// Why registering buffers failed with `errno`, where the errno tells; shared with
+/// [`crate::Ring::new`]'s note so that a helper and `probe` give the same reason.
+pub(crate) fn pin_reason(
+    errno: Option<i32>,
+    memlock_limit: Option<u64>,
+    cap_ipc_lock: Option<bool>,
+) -> Option<String> {
+    Some(match (errno?, memlock_limit, cap_ipc_lock) {
+        (libc::ENOMEM, Some(limit), Some(false) | None) => format!(
+            "the memlock limit is {} KiB and the process lacks CAP_IPC_LOCK (raise `ulimit -l` \
              or grant CAP_IPC_LOCK)",
             limit / 1024
         ),
-        (Some(libc::ENOMEM), _, _) => ": the kernel could not pin that much memory".into(),
-        (Some(libc::EINVAL), _, _) => {
-            ": more than 16384 buffers, or a buffer over 1 GiB, is refused".into()
+        (libc::ENOMEM, _, _) => "the kernel could not pin that much memory".into(),
+        (libc::EINVAL, _, _) => {
+            "more than 16384 buffers, or a buffer over 1 GiB, is refused".into()
         }
-        (Some(libc::EFAULT), _, _) => ": a buffer over 1 GiB is refused".into(),
-        _ => String::new(),
-    };
-    format!("{what}{why}; plain buffers will be used")
+        (libc::EFAULT, _, _) => "a buffer over 1 GiB is refused".into(),
+        _ => return None,
+    })
 }
 
 /// The data-plane path a helper takes on this kernel with a mask. Mirrors what `Ring::new`
@@ -784,6 +801,19 @@ mod tests {
             assert!(probe.check("SEND_ZC_REPORT_USAGE").is_some());
             assert_eq!(probe.feature(Feature::IoUring), Ok(()));
         }
+    }
+
+    #[test]
+    fn pin_reason_blames_memlock_only_without_cap_ipc_lock() {
+        let lacking = pin_reason(Some(libc::ENOMEM), Some(8 << 20), Some(false)).unwrap();
+        assert!(lacking.contains("lacks CAP_IPC_LOCK"), "{lacking}");
+        for (errno, cap) in [(libc::EINVAL, Some(true)), (libc::EINVAL, Some(false))] {
+            let why = pin_reason(Some(errno), Some(8 << 20), cap).unwrap();
+            assert!(why.contains("16384 buffers"), "{why}");
+        }
+        let held = pin_reason(Some(libc::ENOMEM), Some(8 << 20), Some(true)).unwrap();
+        assert!(!held.contains("CAP_IPC_LOCK"), "{held}");
+        assert_eq!(pin_reason(None, None, None), None);
     }
 
     #[test]
