@@ -130,6 +130,10 @@ pub struct ServeArgs {
     pub timeout: String,
 }
 
+/// Flags that shape only the simulated devices: with `--vfio` they would be ignored, and a
+/// helper given `--devices 8` beside one `--vfio` would migrate one device without a word.
+const SIMULATED_ONLY: [&str; 5] = ["devices", "size", "seed", "config_len", "device_speed"];
+
 /// `send`.
 #[derive(Debug, Args)]
 pub struct SendArgs {
@@ -140,7 +144,11 @@ pub struct SendArgs {
     /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
     /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
     /// i-th `--vfio` of `recv`.
-    #[arg(long = "vfio", value_name = "NAME")]
+    #[arg(
+        long = "vfio",
+        value_name = "NAME",
+        conflicts_with_all = SIMULATED_ONLY
+    )]
     pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
@@ -160,7 +168,11 @@ pub struct RecvArgs {
     /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
     /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
     /// i-th `--vfio` of `recv`.
-    #[arg(long = "vfio", value_name = "NAME")]
+    #[arg(
+        long = "vfio",
+        value_name = "NAME",
+        conflicts_with_all = SIMULATED_ONLY
+    )]
     pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
@@ -294,6 +306,31 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("--log-level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn vfio_conflicts_with_the_simulated_device_flags() {
+        for side in [["send", "--connect", "h:1"], ["recv", "--listen", "h:1"]] {
+            let mut argv = vec!["vfio-multifd"];
+            argv.extend(side);
+            argv.extend(["--vfio", "0000:01:00.0"]);
+            assert!(Cli::try_parse_from(&argv).is_ok(), "{argv:?}");
+            for flag in [
+                "--devices",
+                "--size",
+                "--seed",
+                "--config-len",
+                "--device-speed",
+            ] {
+                let mut bad = argv.clone();
+                bad.extend([flag, "8"]);
+                let err = Cli::try_parse_from(&bad).unwrap_err().to_string();
+                assert!(
+                    err.contains(flag) && err.contains("--vfio"),
+                    "{bad:?}: {err}"
+                );
+            }
         }
     }
 
