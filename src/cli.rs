@@ -111,7 +111,7 @@ pub struct ServeArgs {
     /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
     #[arg(long, value_enum, default_value = "uring")]
     pub engine: EngineKind,
-    /// io_uring workers (one ring each) [default: the usable cores].
+    /// io_uring workers (one ring each; 1 to 1024) [default: the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<String>,
     /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
@@ -213,7 +213,7 @@ pub struct MigrationArgs {
     /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
     #[arg(long, value_enum, default_value = "uring")]
     pub engine: EngineKind,
-    /// io_uring workers (one ring each) per helper [default: the usable cores].
+    /// io_uring workers (one ring each) per helper (1 to 1024) [default: the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<String>,
     /// Simulated device read speed, BYTES per second (e.g. 2GiB/s); the device then streams
