@@ -41,11 +41,29 @@ pub fn exec_bench(args: &BenchArgs) -> String {
     about = "VFIO device state over QEMU 10.x multifd channels"
 )]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "warn")]
+    /// Log level (off, error, warn, info, debug, trace, or MODULE=LEVEL directives separated by
+    /// commas); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", value_parser = log_filter)]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-level`: env_logger reads a bare word that is not a level (`warning`) as a module
+/// name and then logs nothing of this crate, errors included; refuse it instead.
+fn log_filter(text: &str) -> Result<String, String> {
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if level.parse::<log::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} is not a level: use off, error, warn, info, debug or trace \
+                 (or MODULE=LEVEL)"
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,13 +111,13 @@ pub struct ServeArgs {
     /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
     #[arg(long, value_enum, default_value = "uring")]
     pub engine: EngineKind,
-    /// io_uring workers (one ring each) [default: the usable cores].
+    /// io_uring workers (one ring each; 1 to 1024) [default: the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<String>,
     /// Device bytes per packet (16 B to 64 MiB; QEMU reads 1 MiB).
     #[arg(long, default_value = "1MiB", value_name = "BYTES")]
     pub chunk: String,
-    /// Packet buffers per migration, fixed at its start (2 to 65536); `auto`: 32, or as many as
+    /// Packet buffers per migration, fixed at its start (2 to 65535); `auto`: 32, or as many as
     /// fit in 96 MiB with chunks over 3 MiB (at least 8).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
@@ -112,6 +130,10 @@ pub struct ServeArgs {
     pub timeout: String,
 }
 
+/// Flags that shape only the simulated devices: with `--vfio` they would be ignored, and a
+/// helper given `--devices 8` beside one `--vfio` would migrate one device without a word.
+const SIMULATED_ONLY: [&str; 5] = ["devices", "size", "seed", "config_len", "device_speed"];
+
 /// `send`.
 #[derive(Debug, Args)]
 pub struct SendArgs {
@@ -122,7 +144,11 @@ pub struct SendArgs {
     /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
     /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
     /// i-th `--vfio` of `recv`.
-    #[arg(long = "vfio", value_name = "NAME")]
+    #[arg(
+        long = "vfio",
+        value_name = "NAME",
+        conflicts_with_all = SIMULATED_ONLY
+    )]
     pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
@@ -142,7 +168,11 @@ pub struct RecvArgs {
     /// name (PCI address or mdev UUID), opened through /dev/vfio by the helper, which then owns
     /// it. Devices are named on the wire by position, so the i-th `--vfio` of `send` goes to the
     /// i-th `--vfio` of `recv`.
-    #[arg(long = "vfio", value_name = "NAME")]
+    #[arg(
+        long = "vfio",
+        value_name = "NAME",
+        conflicts_with_all = SIMULATED_ONLY
+    )]
     pub vfio: Vec<String>,
     #[command(flatten)]
     pub migration: MigrationArgs,
@@ -170,7 +200,8 @@ pub struct MigrationArgs {
     #[arg(long, default_value = "4", value_name = "N")]
     pub devices: String,
     /// Device state per device: BYTES with an optional K/KiB, M/MiB, G/GiB or T/TiB suffix
-    /// (binary); 0 is allowed.
+    /// (binary); 0 to 1 TiB. Simulated devices live in memory, so --devices x --size (twice for
+    /// `demo`) must fit in MemAvailable.
     #[arg(long, default_value = "100MiB", value_name = "BYTES")]
     pub size: String,
     /// Multifd channels (1 to 255; QEMU's multifd-channels).
@@ -182,7 +213,7 @@ pub struct MigrationArgs {
     /// Data-plane engine; uring falls back to threads where io_uring is unavailable.
     #[arg(long, value_enum, default_value = "uring")]
     pub engine: EngineKind,
-    /// io_uring workers (one ring each) per helper [default: the usable cores].
+    /// io_uring workers (one ring each) per helper (1 to 1024) [default: the usable cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<String>,
     /// Simulated device read speed, BYTES per second (e.g. 2GiB/s); the device then streams
@@ -194,7 +225,7 @@ pub struct MigrationArgs {
     /// channel for a while [default: unlimited].
     #[arg(long, value_name = "BYTES")]
     pub queued_bytes_limit: Option<String>,
-    /// Packet buffers per helper, fixed at start (2 to 65536; at most 4 GiB with --chunk);
+    /// Packet buffers per helper, fixed at start (2 to 65535; at most 4 GiB with --chunk);
     /// `auto`: 32, or as many as fit in 96 MiB with chunks over 3 MiB (at least 8).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub pool_buffers: String,
@@ -260,6 +291,47 @@ mod tests {
         assert!(Cli::try_parse_from(["vfio-multifd", "send"]).is_err());
         assert!(Cli::try_parse_from(["vfio-multifd", "recv"]).is_err());
         assert!(Cli::try_parse_from(["vfio-multifd", "recv", "--listen", "127.0.0.1:0"]).is_ok());
+    }
+
+    #[test]
+    fn log_level_takes_levels_and_directives_only() {
+        for good in ["warn", "OFF", "trace", "vfio_multifd=debug,warn"] {
+            assert!(
+                Cli::try_parse_from(["vfio-multifd", "--log-level", good, "demo"]).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in ["warning", "verbose", "vfio_multifd=loud"] {
+            let err = Cli::try_parse_from(["vfio-multifd", "demo", "--log-level", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--log-level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn vfio_conflicts_with_the_simulated_device_flags() {
+        for side in [["send", "--connect", "h:1"], ["recv", "--listen", "h:1"]] {
+            let mut argv = vec!["vfio-multifd"];
+            argv.extend(side);
+            argv.extend(["--vfio", "0000:01:00.0"]);
+            assert!(Cli::try_parse_from(&argv).is_ok(), "{argv:?}");
+            for flag in [
+                "--devices",
+                "--size",
+                "--seed",
+                "--config-len",
+                "--device-speed",
+            ] {
+                let mut bad = argv.clone();
+                bad.extend([flag, "8"]);
+                let err = Cli::try_parse_from(&bad).unwrap_err().to_string();
+                assert!(
+                    err.contains(flag) && err.contains("--vfio"),
+                    "{bad:?}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub const MIN_CHUNK: u64 = CONFIG_MARKERS as u64;
 pub const MAX_DEVICE_SIZE: u64 = 1 << 40;
 /// Largest packet-buffer pool per helper (buffers x (headers + chunk)).
 pub const MAX_POOL_BYTES: u64 = 4 << 30;
+/// Most packet buffers per helper: the uring pool names a slot by a u16 and refuses 65536 or
+/// more, so a larger count would pass here and fail only once the migration starts.
+pub const MAX_POOL_BUFFERS: u64 = 65535;
 /// `--pool-buffers auto`: this many buffers, fewer where chunks are large (see
 /// [`auto_pool_buffers`]).
 pub const AUTO_POOL_BUFFERS: usize = 32;
@@ -183,6 +186,9 @@ impl TryFrom<&SendArgs> for SendConfig {
             ChannelOrderArg::Reverse => ChannelOrder::Reverse,
             ChannelOrderArg::Shuffle => ChannelOrder::Shuffle(migration.seed),
         };
+        if args.vfio.is_empty() {
+            check_sim_memory(&migration, 1, mem_available())?;
+        }
         Ok(Self {
             connect: resolve("connect", &args.connect)?,
             migration,
@@ -196,9 +202,14 @@ impl TryFrom<&RecvArgs> for RecvConfig {
     type Error = ConfigError;
 
     fn try_from(args: &RecvArgs) -> Result<Self, ConfigError> {
+        let migration =
+            MigrationConfig::from_args(&args.migration, std::env::var(FORBID_ENV).ok())?;
+        if args.vfio.is_empty() {
+            check_sim_memory(&migration, 1, mem_available())?;
+        }
         Ok(Self {
             listen: resolve("listen", &args.listen)?,
-            migration: MigrationConfig::from_args(&args.migration, std::env::var(FORBID_ENV).ok())?,
+            migration,
             vfio: args.vfio.clone(),
         })
     }
@@ -217,6 +228,8 @@ impl TryFrom<&DemoArgs> for DemoConfig {
                 why: "only the send and recv helpers emit events".into(),
             });
         }
+        // Both helpers run here: the source's images and the destination's, side by side.
+        check_sim_memory(&migration, 2, mem_available())?;
         Ok(Self {
             dest_engine: args.dest_engine.unwrap_or(migration.engine),
             args: args.migration.clone(),
@@ -268,7 +281,7 @@ impl MigrationConfig {
         let slot_bytes = chunk + crate::wire::PACKET_HEADER_ROOM;
         let pool_buffers = match args.pool_buffers.trim() {
             "auto" => auto_pool_buffers(slot_bytes),
-            n => parse_count("pool-buffers", n, 2, 65536)? as usize,
+            n => parse_count("pool-buffers", n, 2, MAX_POOL_BUFFERS)? as usize,
         };
         let pool_bytes = pool_buffers as u64 * slot_bytes as u64;
         if pool_bytes > MAX_POOL_BYTES {
@@ -381,6 +394,47 @@ impl MigrationConfig {
             forbid_source,
         })
     }
+}
+
+/// Refuses simulated devices that cannot fit in memory. A source generates each device's whole
+/// state into a memfd before it starts, and a destination's image fills as it loads; that is
+/// page cache, which `ulimit -v` does not bound, so an accepted `--size 1TiB` would run the
+/// machine out of memory (the OOM killer, not an error) instead of being refused. `copies` is
+/// how many helpers on this machine hold the images (2 for `demo`); `available` is
+/// MemAvailable in bytes, None where unknown (then nothing is refused).
+pub fn check_sim_memory(
+    m: &MigrationConfig,
+    copies: u64,
+    available: Option<u64>,
+) -> Result<(), ConfigError> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let need = m.total_bytes().saturating_mul(copies);
+    if need > available {
+        let who = if copies > 1 {
+            "the source's and the destination's images"
+        } else {
+            "their images"
+        };
+        return Err(ConfigError::OutOfRange {
+            flag: "size",
+            value: m.size,
+            why: format!(
+                "--devices {} of this size need {need} bytes of memory for {who}, more than the {available} bytes available here (MemAvailable)",
+                m.devices
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes; None where it cannot be read.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn resolve(flag: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -532,6 +586,10 @@ mod tests {
             (&["--device-speed", "0/s"][..], "--device-speed 0"),
             (&["--pool-buffers", "1"][..], "--pool-buffers 1"),
             (
+                &["--chunk", "4KiB", "--pool-buffers", "65536"][..],
+                "--pool-buffers 65536: must be 2 to 65535",
+            ),
+            (
                 &["--chunk", "64MiB", "--pool-buffers", "100"][..],
                 "--pool-buffers 100",
             ),
@@ -547,6 +605,21 @@ mod tests {
             let err = check(extra).unwrap_err().to_string();
             assert!(err.starts_with(flag), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn simulated_devices_must_fit_in_memory() {
+        let config = check(&["--devices", "4", "--size", "1GiB"]).unwrap();
+        assert!(check_sim_memory(&config, 1, Some(4 << 30)).is_ok());
+        let err = check_sim_memory(&config, 2, Some(4 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--size 1073741824: --devices 4"), "{err}");
+        assert!(check_sim_memory(&config, 2, None).is_ok());
+        let huge = check(&["--devices", "256", "--size", "1TiB"]).unwrap();
+        assert!(check_sim_memory(&huge, 2, Some(u64::MAX / 2)).is_ok());
+        assert!(check_sim_memory(&huge, 2, Some(23 << 30)).is_err());
+        assert!(mem_available().is_some_and(|bytes| bytes > 0));
     }
 
     #[test]

@@ -34,7 +34,9 @@ fn main() -> ExitCode {
     let config = match Config::try_from(cli.command) {
         Ok(config) => config,
         Err(err) => {
-            log::error!("{}", error_chain(&err));
+            // Straight to stderr, not through the log filter: `--log-level off` or a RUST_LOG
+            // for other modules must not turn a refused flag into a silent exit 2.
+            eprintln!("vfio-multifd: {}", error_chain(&err));
             return ExitCode::from(2);
         }
     };

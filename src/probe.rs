@@ -13,9 +13,6 @@ use uring::{Feature, FeatureMask};
 use crate::config::{parse_size, FORBID_ENV, MAX_CHUNK, MIN_CHUNK};
 use crate::wire::PACKET_HEADER_ROOM;
 
-/// The engine tries SQPOLL only when this is set (see `uring::Ring::new`).
-const SQPOLL_ENV: &str = "VFIO_MULTIFD_SQPOLL";
-
 /// `probe`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
@@ -77,14 +74,24 @@ fn parse_pool(args: &ProbeArgs) -> Result<(usize, usize), String> {
         n => n
             .parse::<usize>()
             .ok()
-            .filter(|n| (2..=65536).contains(n))
+            .filter(|&n| (2..=crate::config::MAX_POOL_BUFFERS as usize).contains(&n))
             .ok_or_else(|| {
                 format!(
-                    "--pool-buffers {:?}: must be `auto` or 2 to 65536",
-                    args.pool_buffers
+                    "--pool-buffers {:?}: must be `auto` or 2 to {}",
+                    args.pool_buffers,
+                    crate::config::MAX_POOL_BUFFERS
                 )
             })?,
     };
+    // The helpers refuse a pool over MAX_POOL_BYTES; probing it would report a path that no
+    // helper given these flags takes.
+    let bytes = buffers as u64 * slot as u64;
+    if bytes > crate::config::MAX_POOL_BYTES {
+        return Err(format!(
+            "--pool-buffers {buffers}: {buffers} buffers of --chunk {chunk} take {bytes} bytes; at most {} (4 GiB)",
+            crate::config::MAX_POOL_BYTES
+        ));
+    }
     Ok((buffers, slot))
 }
 
@@ -424,19 +431,21 @@ pub fn run(args: &ProbeArgs) -> i32 {
     let mask = match parse_mask(args, std::env::var(FORBID_ENV).ok()) {
         Ok(mask) => mask,
         Err(why) => {
-            log::error!("{why}");
+            // Not through the log filter, as for the helpers' flags (see main.rs).
+            eprintln!("vfio-multifd probe: {why}");
             return 2;
         }
     };
     let (slots, slot_size) = match parse_pool(args) {
         Ok(pool) => pool,
         Err(why) => {
-            log::error!("{why}");
+            // Not through the log filter, as for the helpers' flags (see main.rs).
+            eprintln!("vfio-multifd probe: {why}");
             return 2;
         }
     };
     let probe = uring::probe_pool(slots, slot_size);
-    let path = uring::data_path(&probe, mask.mask, std::env::var_os(SQPOLL_ENV).is_some());
+    let path = uring::data_path(&probe, mask.mask, uring::sqpoll_opt_in());
     let vfio = vfio_nodes();
     let r = report(&probe, &path, &mask, &vfio);
     if args.json {
@@ -481,6 +490,28 @@ mod tests {
         let mut bad = args(None);
         bad.pool_buffers = "1".into();
         assert!(parse_pool(&bad).is_err());
+    }
+
+    #[test]
+    fn pool_counts_the_helpers_refuse_are_refused() {
+        // 65536 slots: the uring pool refuses it, so a helper given it fails to start.
+        let mut most = args(None);
+        most.chunk = "4KiB".into();
+        most.pool_buffers = "65535".into();
+        assert_eq!(parse_pool(&most).unwrap().0, 65535);
+        most.pool_buffers = "65536".into();
+        assert!(parse_pool(&most).is_err());
+    }
+
+    #[test]
+    fn a_pool_over_4_gib_is_refused_as_the_helpers_refuse_it() {
+        let mut big = args(None);
+        big.chunk = "64MiB".into();
+        big.pool_buffers = "64".into();
+        let err = parse_pool(&big).unwrap_err();
+        assert!(err.starts_with("--pool-buffers 64:"), "{err}");
+        big.pool_buffers = "63".into();
+        assert_eq!(parse_pool(&big).unwrap().0, 63);
     }
 
     #[test]

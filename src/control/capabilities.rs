@@ -14,7 +14,7 @@ pub fn capabilities(base: &MigrationConfig) -> Value {
     let ec = &base.engine_config;
     let slot = ec.chunk_size + crate::wire::PACKET_HEADER_ROOM;
     let probe = uring::probe_pool(ec.pool_buffers, slot);
-    let sqpoll = std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some();
+    let sqpoll = uring::sqpoll_opt_in();
     let path = uring::data_path(&probe, ec.forbid, sqpoll);
     let features: serde_json::Map<String, Value> = probe
         .features

@@ -34,7 +34,10 @@ mod waker;
 
 pub use ops::{Completion, OpKind};
 pub use pool::{Arena, BufId, Buffer, BufferPool, LentSlot};
-pub use probe::{data_path, probe, probe_pool, Check, DataPath, Feature, FeatureMask, Probe};
+pub use probe::{
+    data_path, probe, probe_pool, sqpoll_opt_in, Check, DataPath, Feature, FeatureMask, Probe,
+    SQPOLL_ENV,
+};
 pub use ring::{raise_open_file_limit, FileId, Ring, RingConfig, RingError};
 pub use seccomp::deny_io_uring_setup;
 pub use waker::Waker;

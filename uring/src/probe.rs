@@ -200,8 +200,24 @@ fn read_trimmed(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// The soft RLIMIT_MEMLOCK in bytes; None where unlimited or unknown.
+pub(crate) fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+    {
+        Some(limit.rlim_cur)
+    } else {
+        None
+    }
+}
+
 /// CAP_IPC_LOCK (capability 14) in the effective set of this process.
-fn has_cap_ipc_lock() -> Option<bool> {
+pub(crate) fn has_cap_ipc_lock() -> Option<bool> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status
         .lines()
@@ -425,18 +441,7 @@ pub fn probe_pool(slots: usize, slot_size: usize) -> Probe {
     let kernel = read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into());
     let io_uring_disabled: Option<u8> =
         read_trimmed("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse().ok());
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a live rlimit for getrlimit to fill.
-    let memlock_limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
-        && limit.rlim_cur != libc::RLIM_INFINITY
-    {
-        Some(limit.rlim_cur)
-    } else {
-        None
-    };
+    let memlock_limit = memlock_limit();
     let cap_ipc_lock = has_cap_ipc_lock();
     let pin_slot_size = slot_size.max(1).next_multiple_of(4096);
     let mut ring = match IoUring::new(8) {
@@ -611,20 +616,32 @@ fn pin_failure(
         "pinning {slots} x {slot_size} bytes ({:.1} MiB) of registered buffers fails ({err})",
         total as f64 / f64::from(1 << 20)
     );
-    let why = match (err.raw_os_error(), memlock_limit, cap_ipc_lock) {
-        (Some(libc::ENOMEM), Some(limit), Some(false) | None) => format!(
-            ": the memlock limit is {} KiB and the process lacks CAP_IPC_LOCK (raise `ulimit -l` \
+    let why = pin_reason(err.raw_os_error(), memlock_limit, cap_ipc_lock)
+        .map(|why| format!(": {why}"))
+        .unwrap_or_default();
+    format!("{what}{why}; plain buffers will be used")
+}
+
+/// Why registering buffers failed with `errno`, where the errno tells; shared with
+/// [`crate::Ring::new`]'s note so that a helper and `probe` give the same reason.
+pub(crate) fn pin_reason(
+    errno: Option<i32>,
+    memlock_limit: Option<u64>,
+    cap_ipc_lock: Option<bool>,
+) -> Option<String> {
+    Some(match (errno?, memlock_limit, cap_ipc_lock) {
+        (libc::ENOMEM, Some(limit), Some(false) | None) => format!(
+            "the memlock limit is {} KiB and the process lacks CAP_IPC_LOCK (raise `ulimit -l` \
              or grant CAP_IPC_LOCK)",
             limit / 1024
         ),
-        (Some(libc::ENOMEM), _, _) => ": the kernel could not pin that much memory".into(),
-        (Some(libc::EINVAL), _, _) => {
-            ": more than 16384 buffers, or a buffer over 1 GiB, is refused".into()
+        (libc::ENOMEM, _, _) => "the kernel could not pin that much memory".into(),
+        (libc::EINVAL, _, _) => {
+            "more than 16384 buffers, or a buffer over 1 GiB, is refused".into()
         }
-        (Some(libc::EFAULT), _, _) => ": a buffer over 1 GiB is refused".into(),
-        _ => String::new(),
-    };
-    format!("{what}{why}; plain buffers will be used")
+        (libc::EFAULT, _, _) => "a buffer over 1 GiB is refused".into(),
+        _ => return None,
+    })
 }
 
 /// The data-plane path a helper takes on this kernel with a mask. Mirrors what `Ring::new`
@@ -646,6 +663,29 @@ pub struct DataPath {
     pub send_zc: bool,
     /// One line per feature or behaviour not used, or used with a caveat, and why.
     pub notes: Vec<String>,
+}
+
+/// Environment variable that opts the engine in to SQPOLL rings.
+pub const SQPOLL_ENV: &str = "VFIO_MULTIFD_SQPOLL";
+
+/// Whether [`SQPOLL_ENV`] opts in: set to anything but empty, `0`, `false`, `no` or `off`
+/// (any case). Mere presence used to count, so `VFIO_MULTIFD_SQPOLL=0`, written to keep
+/// SQPOLL off, turned it on.
+pub fn sqpoll_opt_in() -> bool {
+    sqpoll_opt_in_value(std::env::var_os(SQPOLL_ENV).as_deref())
+}
+
+/// [`sqpoll_opt_in`] for a given value of [`SQPOLL_ENV`].
+pub fn sqpoll_opt_in_value(value: Option<&std::ffi::OsStr>) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    let value = value.to_string_lossy();
+    let value = value.trim();
+    !(value.is_empty()
+        || ["0", "false", "no", "off"]
+            .iter()
+            .any(|off| value.eq_ignore_ascii_case(off)))
 }
 
 /// Decides the path as the helper would: `forbid` from `--forbid` and `VFIO_MULTIFD_FORBID`,
@@ -691,7 +731,7 @@ pub fn data_path(probe: &Probe, forbid: FeatureMask, sqpoll_opt_in: bool) -> Dat
     };
     if setup != "sqpoll" && !forbid.contains(Feature::Sqpoll) {
         notes.push(
-            "sqpoll: the engine tries SQPOLL only with VFIO_MULTIFD_SQPOLL set and \
+            "sqpoll: the engine tries SQPOLL only with VFIO_MULTIFD_SQPOLL=1 and \
              DEFER_TASKRUN and COOP_TASKRUN unavailable or forbidden"
                 .into(),
         );
@@ -763,6 +803,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn pin_reason_blames_memlock_only_without_cap_ipc_lock() {
+        let lacking = pin_reason(Some(libc::ENOMEM), Some(8 << 20), Some(false)).unwrap();
+        assert!(lacking.contains("lacks CAP_IPC_LOCK"), "{lacking}");
+        for (errno, cap) in [(libc::EINVAL, Some(true)), (libc::EINVAL, Some(false))] {
+            let why = pin_reason(Some(errno), Some(8 << 20), cap).unwrap();
+            assert!(why.contains("16384 buffers"), "{why}");
+        }
+        let held = pin_reason(Some(libc::ENOMEM), Some(8 << 20), Some(true)).unwrap();
+        assert!(!held.contains("CAP_IPC_LOCK"), "{held}");
+        assert_eq!(pin_reason(None, None, None), None);
+    }
+
+    #[test]
+    fn sqpoll_opt_in_needs_a_true_value() {
+        use std::ffi::OsStr;
+        for on in ["1", "yes", "true", "on", "ON"] {
+            assert!(sqpoll_opt_in_value(Some(OsStr::new(on))), "{on}");
+        }
+        for off in ["0", "", " ", "no", "false", "off", "Off"] {
+            assert!(!sqpoll_opt_in_value(Some(OsStr::new(off))), "{off:?}");
+        }
+        assert!(!sqpoll_opt_in_value(None));
+    }
+
     /// The predicted path is what a real ring chooses, for every single-feature mask.
     #[test]
     fn data_path_matches_a_real_ring() {
@@ -770,7 +835,7 @@ mod tests {
         if probe.unusable.is_some() {
             return;
         }
-        let sqpoll = std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some();
+        let sqpoll = sqpoll_opt_in();
         let mut masks = vec![FeatureMask::empty(), FeatureMask::parse("all").unwrap()];
         masks.extend(Feature::ALL.iter().map(|&f| FeatureMask::empty().with(f)));
         for mask in masks {

@@ -150,7 +150,7 @@ fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static st
             return Ok((ring, "coop-taskrun"));
         }
     }
-    if !forbid.contains(Feature::Sqpoll) && std::env::var_os("VFIO_MULTIFD_SQPOLL").is_some() {
+    if !forbid.contains(Feature::Sqpoll) && crate::probe::sqpoll_opt_in() {
         if let Ok(ring) = IoUring::builder()
             .setup_sqpoll(1000)
             .setup_cqsize(cq)
@@ -195,12 +195,23 @@ impl Ring {
             // (its ops drained first), or leaks it. The kernel pins the pages besides.
             match unsafe { ring.submitter().register_buffers(&iovecs) } {
                 Ok(()) => fixed_buffers = true,
-                Err(err) => notes.push(format!(
-                    "registered buffers unavailable ({} x {} bytes: {err}; memlock limit too low \
-                     without CAP_IPC_LOCK): using plain buffers",
-                    pool.slots(),
-                    pool.slot_size()
-                )),
+                Err(err) => {
+                    // The same reason probe gives: EINVAL (too many buffers) is no memlock
+                    // problem, nor is ENOMEM with CAP_IPC_LOCK held.
+                    let why = crate::probe::pin_reason(
+                        err.raw_os_error(),
+                        crate::probe::memlock_limit(),
+                        crate::probe::has_cap_ipc_lock(),
+                    )
+                    .map(|why| format!("; {why}"))
+                    .unwrap_or_default();
+                    notes.push(format!(
+                        "registered buffers unavailable ({} x {} bytes: {err}{why}): using plain \
+                         buffers",
+                        pool.slots(),
+                        pool.slot_size()
+                    ))
+                }
             }
         }
         pool.set_registered(fixed_buffers);

@@ -385,3 +385,25 @@ fn aborting_a_unix_socket_fails_without_closing_it() {
     rx.read_exact(&mut got).unwrap();
     assert_eq!(got, [9; 3]);
 }
+
+#[test]
+fn too_many_buffers_to_register_is_not_blamed_on_memlock() {
+    // 16385+ buffers is EINVAL whatever the memlock limit; the note must say so, as probe does.
+    let Ok(ring) = Ring::new(
+        &RingConfig {
+            entries: 8,
+            forbid: FeatureMask::empty(),
+        },
+        BufferPool::new(16385, 4096).unwrap(),
+    ) else {
+        return; // no io_uring here
+    };
+    assert!(!ring.fixed_buffers());
+    let note = ring
+        .notes()
+        .iter()
+        .find(|n| n.contains("registered buffers unavailable"))
+        .expect("a note on the registration that failed");
+    assert!(note.contains("16384 buffers"), "{note}");
+    assert!(!note.contains("memlock limit too low"), "{note}");
+}
