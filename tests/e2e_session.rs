@@ -450,6 +450,17 @@ fn destination_rejection_returns_source_devices_to_running() {
     );
 }
 
+/// Fails with the error chain of whichever side failed (`what` says which run it was).
+fn both_succeeded<S, D>(
+    what: &str,
+    first: &Result<S, SessionError>,
+    second: &Result<D, SessionError>,
+) {
+    if let Some(err) = first.as_ref().err().or(second.as_ref().err()) {
+        panic!("{what}: {}", vfio_multifd::error::error_chain(err));
+    }
+}
+
 /// A migration of `n` simulated devices of `size` bytes over 2 channels with `kind` on both
 /// sides, device `faulty` failing as `fault` says: the source's result, its devices and the
 /// destination's result.
@@ -530,12 +541,7 @@ fn a_source_device_saying_eagain_mid_stream_is_waited_for_with_either_engine() {
             reads: 5,
         };
         let (result, _, dest_result) = migrate_with_a_faulty_source(kind, 1, 2 << 20, 0, fault);
-        if let Err(err) = &result {
-            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
-        }
-        if let Err(err) = &dest_result {
-            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
-        }
+        both_succeeded(&format!("{kind:?}"), &result, &dest_result);
     }
 }
 
@@ -614,12 +620,7 @@ fn a_destination_device_saying_eagain_is_waited_for_with_either_engine() {
         )
         .run();
         let (dest_result, _) = dest.join().unwrap();
-        if let Err(err) = &dest_result {
-            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
-        }
-        if let Err(err) = &result {
-            panic!("{kind:?}: {}", vfio_multifd::error::error_chain(err));
-        }
+        both_succeeded(&format!("{kind:?}"), &dest_result, &result);
     }
 }
 
@@ -688,12 +689,7 @@ fn precopy_data_waits_for_a_destination_device_saying_eagain() {
     let result = session.run();
     let (dest_result, _) = dest.join().unwrap();
     vmm.join().unwrap();
-    if let Err(err) = &dest_result {
-        panic!("{}", vfio_multifd::error::error_chain(err));
-    }
-    if let Err(err) = &result {
-        panic!("{}", vfio_multifd::error::error_chain(err));
-    }
+    both_succeeded("", &dest_result, &result);
 }
 
 #[test]
