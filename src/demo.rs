@@ -26,7 +26,7 @@ use crate::config::{DemoConfig, MigrationConfig, RecvConfig, SendConfig};
 use crate::engine::{self, Engine, Progress};
 use crate::error::error_chain;
 use crate::error::{DemoError, StandaloneError};
-use crate::metrics::{self, DemoSummary, DeviceTimes, Side, SideReport};
+use crate::metrics::{self, DemoSummary, DeviceTimes, PathReport, Side, SideReport};
 use crate::session::dest::{DestInput, DestParams, DestSession};
 use crate::session::source::{SourceInput, SourceParams, SourceSession};
 use crate::wire::DeviceId;
@@ -341,6 +341,7 @@ fn side_report<T>(
         cpu_s: 0.0,
         verified: false,
         workers: None,
+        path: None,
     }
 }
 
@@ -410,6 +411,7 @@ pub fn run_send(config: &SendConfig) -> Result<SideReport, StandaloneError> {
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
     report.workers = outcome.report.workers;
+    report.path = PathReport::taken(&report.engine, &outcome.report.rings);
     report.bytes = outcome.report.devices.iter().map(|d| d.bytes).sum();
     for (device, engine_report) in report.devices.iter_mut().zip(&outcome.report.devices) {
         device.bytes = engine_report.bytes;
@@ -490,6 +492,7 @@ pub fn run_recv(config: &RecvConfig) -> Result<SideReport, StandaloneError> {
     notes.extend(outcome.report.notes.iter().cloned());
     report.notes = notes;
     report.workers = outcome.report.workers;
+    report.path = PathReport::taken(&report.engine, &outcome.report.rings);
     report.bytes = outcome.report.devices.iter().map(|d| d.bytes).sum();
     for (device, engine_report) in report.devices.iter_mut().zip(&outcome.report.devices) {
         device.bytes = engine_report.bytes;

@@ -49,6 +49,76 @@ pub struct DeviceTimes {
     pub timestamps_ns: Vec<u64>,
 }
 
+/// The data path a helper took, in the words and fields of `probe --json`'s `data_path`
+/// (engine, setup, buffers, chains, send), so the kernel matrix can compare the two field by
+/// field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathReport {
+    pub engine: String,
+    /// None for the threads engine.
+    pub setup: Option<String>,
+    pub buffers: String,
+    pub chains: String,
+    pub send: String,
+    /// Every distinct path when this side's rings did not all take the same one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rings_disagree: Vec<String>,
+}
+
+/// `probe`'s words for buffers, chains and send.
+pub fn path_words(fixed_buffers: bool, linked_chains: bool, send_zc: bool) -> [&'static str; 3] {
+    [
+        if fixed_buffers { "fixed" } else { "plain" },
+        if linked_chains { "linked" } else { "unlinked" },
+        if send_zc { "send-zc" } else { "send" },
+    ]
+}
+
+impl PathReport {
+    /// The path of a side whose engine `engine` ran `rings` (one per io_uring worker); None
+    /// when an io_uring engine reports no ring, as nothing then says what it took.
+    pub fn taken(engine: &str, rings: &[uring::RingPath]) -> Option<Self> {
+        let Some(first) = rings.first() else {
+            return (engine == "threads").then(|| {
+                let [buffers, chains, send] = path_words(false, false, false);
+                Self {
+                    engine: engine.into(),
+                    setup: None,
+                    buffers: buffers.into(),
+                    chains: chains.into(),
+                    send: send.into(),
+                    rings_disagree: Vec::new(),
+                }
+            });
+        };
+        let describe = |r: &uring::RingPath| {
+            let [buffers, chains, send] = path_words(r.fixed_buffers, r.linked_chains, r.send_zc);
+            format!("{} {buffers} {chains} {send}", r.setup)
+        };
+        let mut distinct: Vec<String> = Vec::new();
+        for ring in rings {
+            let d = describe(ring);
+            if !distinct.contains(&d) {
+                distinct.push(d);
+            }
+        }
+        let [buffers, chains, send] =
+            path_words(first.fixed_buffers, first.linked_chains, first.send_zc);
+        Some(Self {
+            engine: engine.into(),
+            setup: Some(first.setup.into()),
+            buffers: buffers.into(),
+            chains: chains.into(),
+            send: send.into(),
+            rings_disagree: if distinct.len() > 1 {
+                distinct
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
+
 /// What one helper (`send` or `recv`) reports at its end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SideReport {
@@ -80,6 +150,9 @@ pub struct SideReport {
     /// `--workers` asks where channels or devices are fewer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// The data path this side's engine took (not a prediction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathReport>,
 }
 
 impl SideReport {
@@ -206,6 +279,11 @@ pub struct DemoSummary {
     /// The source's engine after any fallback.
     pub engine: String,
     pub dest_engine: String,
+    /// The path each side's engine took (`SideReport::path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_path: Option<PathReport>,
     pub throughput_gib_s: Option<f64>,
     pub downtime_ms: Option<f64>,
     pub cpu_s_per_gib: CpuPerGib,
@@ -254,6 +332,8 @@ impl DemoSummary {
             chunk: source.chunk,
             engine: source.engine.clone(),
             dest_engine: dest.engine.clone(),
+            path: source.path.clone(),
+            dest_path: dest.path.clone(),
             throughput_gib_s: downtime_ms.and_then(|ms| throughput_gib_s(bytes, ms)),
             downtime_ms,
             cpu_s_per_gib: CpuPerGib {
@@ -371,6 +451,38 @@ pub fn human_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_side_whose_rings_differ_says_so() {
+        let ring = |fixed_buffers| uring::RingPath {
+            setup: "coop-taskrun",
+            fixed_buffers,
+            linked_chains: true,
+            send_zc: false,
+        };
+        let same = PathReport::taken("uring", &[ring(false), ring(false)]).unwrap();
+        assert_eq!(
+            (
+                same.setup.as_deref(),
+                &*same.buffers,
+                &*same.chains,
+                &*same.send
+            ),
+            (Some("coop-taskrun"), "plain", "linked", "send")
+        );
+        assert!(same.rings_disagree.is_empty());
+        let split = PathReport::taken("uring", &[ring(false), ring(true)]).unwrap();
+        assert_eq!(
+            split.rings_disagree,
+            [
+                "coop-taskrun plain linked send",
+                "coop-taskrun fixed linked send"
+            ]
+        );
+        let threads = PathReport::taken("threads", &[]).unwrap();
+        assert_eq!((threads.setup, &*threads.buffers), (None, "plain"));
+        assert_eq!(PathReport::taken("uring", &[]), None);
+    }
+
     use super::*;
 
     fn device(ts: Vec<u64>) -> DeviceTimes {
@@ -415,6 +527,7 @@ mod tests {
             cpu_s,
             verified: side == Side::Destination,
             workers: None,
+            path: None,
         }
     }
 

@@ -207,6 +207,7 @@ fn why(result: &Result<(), String>) -> Value {
 
 /// The probe result as one JSON object (also the source of the table).
 fn report(probe: &uring::Probe, path: &uring::DataPath, mask: &Mask, vfio: &[VfioNode]) -> Value {
+    let words = crate::metrics::path_words(path.fixed_buffers, path.linked_chains, path.send_zc);
     let features: Vec<Value> = probe
         .features
         .iter()
@@ -274,9 +275,9 @@ fn report(probe: &uring::Probe, path: &uring::DataPath, mask: &Mask, vfio: &[Vfi
             "engine": path.engine,
             "why_threads": path.why_threads,
             "setup": path.setup,
-            "buffers": if path.fixed_buffers { "fixed" } else { "plain" },
-            "chains": if path.linked_chains { "linked" } else { "unlinked" },
-            "send": if path.send_zc { "send-zc" } else { "send" },
+            "buffers": words[0],
+            "chains": words[1],
+            "send": words[2],
             "summary": path_summary(path),
             "notes": path.notes,
         },

@@ -205,3 +205,26 @@ fn guest_kernel_columns_verify() {
         .join("target/kernel-matrix/x86_64-unknown-linux-gnu/release/vfio-multifd");
     assert_all_verified(&result, has_probe(static_bin.to_str().unwrap()));
 }
+
+/// The matrix's path check itself: a cell whose demo took another path than probe predicted
+/// (fixed buffers with `fixed-buffers` forbidden) must fail; the bytes verify either way, so
+/// without this check such a cell would pass.
+#[test]
+fn a_path_other_than_predicted_fails_the_cell() {
+    if !have("python3") {
+        report("SKIP a_path_other_than_predicted_fails_the_cell: python3 not found");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kernel-matrix/matrix.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg("--self-test")
+        .output()
+        .expect("running matrix.py --self-test");
+    assert!(
+        out.status.success(),
+        "matrix.py --self-test: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -246,6 +246,8 @@ pub struct SourceReport {
     pub notes: Vec<String>,
     /// io_uring workers (one ring and thread each) that ran; None for the threads engine.
     pub workers: Option<usize>,
+    /// The path each worker's ring took (empty for the threads engine).
+    pub rings: Vec<::uring::RingPath>,
 }
 
 /// Per device, what the destination did. `written_ns[idx]` is CLOCK_MONOTONIC when data packet
@@ -271,6 +273,8 @@ pub struct DestReport {
     pub notes: Vec<String>,
     /// io_uring workers that ran; None for the threads engine.
     pub workers: Option<usize>,
+    /// The path each worker's ring took (empty for the threads engine).
+    pub rings: Vec<::uring::RingPath>,
 }
 
 /// A data-plane failure: always names the channel, the device and the idx it knows.

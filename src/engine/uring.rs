@@ -407,6 +407,7 @@ impl Engine for UringEngine {
             channels: vec![ChannelReport::default(); n_channels],
             notes: Vec::new(),
             workers: Some(ran),
+            rings: Vec::new(),
         };
         if handed_off {
             report.notes.push(format!(
@@ -414,7 +415,8 @@ impl Engine for UringEngine {
                 workers - n_devices
             ));
         }
-        for (devs, chans, notes) in results {
+        for (devs, chans, notes, path) in results {
+            report.rings.push(path);
             for (i, d) in devs {
                 report.devices[i] = d;
             }
@@ -475,14 +477,15 @@ impl Engine for UringEngine {
             join_workers(handles, &shared.failure, &progress)
         });
         self.keep_arena(arena);
-        let notes = match notes {
-            Ok(notes) => notes,
+        let workers = match notes {
+            Ok(workers) => workers,
             Err(err) => {
                 shutdown(&channels, nix::sys::socket::Shutdown::Both);
                 return Err(err);
             }
         };
-        shared.into_report(notes.into_iter().flatten().collect())
+        let (notes, rings): (Vec<_>, Vec<_>) = workers.into_iter().unzip();
+        shared.into_report(notes.into_iter().flatten().collect(), rings)
     }
 }
 

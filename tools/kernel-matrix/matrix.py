@@ -176,6 +176,29 @@ def short_path(path):
                      "zc" if p["send"] == "send-zc" else "send"])
 
 
+PATH_FIELDS = ("engine", "setup", "buffers", "chains", "send")
+
+
+def path_mismatches(run, predicted, summary):
+    """Reasons the path a demo run took (both sides, from its JSON) differs from the path
+    probe predicted under the same mask; without this a cell whose rings ignore the mask still
+    passes, as the bytes verify either way."""
+    reasons = []
+    for key, side in (("path", "source"), ("dest_path", "destination")):
+        taken = summary.get(key)
+        if not taken:
+            reasons.append(f"{run}: the {side} reported no path taken")
+            continue
+        if taken.get("rings_disagree"):
+            reasons.append(f"{run}: the {side}'s rings took different paths: "
+                           + "; ".join(taken["rings_disagree"]))
+        for field in PATH_FIELDS:
+            if taken.get(field) != predicted.get(field):
+                reasons.append(f"{run}: {side} {field}: predicted {predicted.get(field)}, "
+                               f"taken {taken.get(field)}")
+    return reasons
+
+
 def evaluate(col, cells):
     """Adds pass/reasons/throughput to each cell of a parsed column."""
     usable = True
@@ -212,6 +235,10 @@ def evaluate(col, cells):
             for side in ("engine", "dest_engine"):
                 if s.get(side) != want:
                     reasons.append(f"{r['run']}: {side} {s.get(side)}, expected {want}")
+            if c["path"] is not None:
+                reasons += path_mismatches(r["run"], c["path"]["data_path"], s)
+            elif col["probe"] is not None:
+                reasons.append(f"{r['run']}: no probe prediction to compare the path taken with")
             if name in ERRNO_TEXT:
                 errno, os_error = ERRNO_TEXT[name]
                 text = "\n".join(r["log"])
@@ -340,8 +367,8 @@ def render_table(result):
     out = [f"Kernel matrix {result['date']}: PASS = the destination verified every byte and "
            "config blob; Nx = throughput relative to the column's default cell"]
     out += fmt_table(["cell"] + heads, rows)
-    out += ["", "Path each cell took (probe with the cell's mask): engine, ring setup, buffers, "
-            "chains, send"]
+    out += ["", "Path each cell took (probe with the cell's mask, checked against what demo's "
+            "rings took on both sides): engine, ring setup, buffers, chains, send"]
     out += fmt_table(["cell"] + heads, paths)
     base = [f"{c['kernel'] or c['name']}: default {c['default_gib_s']:.2f} GiB/s"
             for c in cols if c.get("default_gib_s")]
@@ -400,7 +427,11 @@ def main():
     ap.add_argument("--build-timeout", type=int, default=1200)
     ap.add_argument("--update-readme", action="store_true",
                     help="write the table into tools/kernel-matrix/README.md")
+    ap.add_argument("--self-test", action="store_true",
+                    help="check the path comparison on fabricated reports and exit")
     args = ap.parse_args()
+    if args.self_test:
+        return self_test()
     args.cells = [c for c in args.cells.split(",") if c]
     kernels = [k for k in args.kernels.split(",") if k]
     for k in kernels:
@@ -452,6 +483,43 @@ def main():
     if args.update_readme:
         update_readme(result, table)
     return 0 if result["pass"] else 1
+
+
+def self_test():
+    """The path comparison on fabricated lines: a cell whose demo took another path than probe
+    predicted must fail naming the field; a matching one must pass."""
+    predicted = {"engine": "uring", "setup": "single-issuer+defer-taskrun", "buffers": "plain",
+                 "chains": "linked", "send": "send-zc"}
+    # The reviewer's regression: fixed-buffers forbidden, probe says plain, rings registered.
+    taken = dict(predicted, buffers="fixed")
+    summary = {"verified": True, "engine": "uring", "dest_engine": "uring",
+               "path": taken, "dest_path": predicted}
+    probe = {"io_uring": {"usable": True}}
+    def column(summary):
+        lines = [f"MATRIX-PROBE {json.dumps(probe)}",
+                 f"MATRIX-PATH fixed-buffers {json.dumps({'data_path': predicted})}"]
+        for run in ("check", "perf"):
+            lines += [f"MATRIX-RUN fixed-buffers {run} rc=0 wall_ms=1 rep=1",
+                      f"MATRIX-JSON fixed-buffers {run} {json.dumps(summary)}"]
+        return evaluate(parse_lines(lines + ["MATRIX-END"]), ["fixed-buffers"])[0]
+    bad = column(summary)
+    want = "check: source buffers: predicted plain, taken fixed"
+    good = column(dict(summary, path=predicted))
+    missing = column({k: v for k, v in summary.items() if k != "dest_path"} | {"path": predicted})
+    split = column(dict(summary, path=dict(predicted, rings_disagree=["a", "b"])))
+    failures = []
+    if bad["pass"] or want not in bad["reasons"]:
+        failures.append(f"a fixed/plain mismatch did not fail the cell: {bad['reasons']}")
+    if not good["pass"]:
+        failures.append(f"a matching path failed the cell: {good['reasons']}")
+    if missing["pass"]:
+        failures.append("a side reporting no path passed")
+    if split["pass"]:
+        failures.append("rings disagreeing passed")
+    for f in failures:
+        print(f"self-test: {f}", file=sys.stderr)
+    print("self-test: " + ("FAIL" if failures else "ok"))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,6 @@ pub use probe::{
     data_path, probe, probe_pool, sqpoll_opt_in, Check, DataPath, Feature, FeatureMask, Probe,
     SQPOLL_ENV,
 };
-pub use ring::{raise_open_file_limit, FileId, Ring, RingConfig, RingError};
+pub use ring::{raise_open_file_limit, FileId, Ring, RingConfig, RingError, RingPath};
 pub use seccomp::deny_io_uring_setup;
 pub use waker::Waker;

@@ -128,6 +128,20 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// The path one ring took, in [`crate::DataPath`]'s terms: what a helper reports so that its
+/// taken path can be checked against probe's prediction instead of being assumed equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingPath {
+    /// As [`Ring::setup`].
+    pub setup: &'static str,
+    /// As [`Ring::fixed_buffers`].
+    pub fixed_buffers: bool,
+    /// As [`Ring::linked_chains`].
+    pub linked_chains: bool,
+    /// As [`Ring::send_zc`].
+    pub send_zc: bool,
+}
+
 fn build_ring(entries: u32, forbid: FeatureMask) -> Result<(IoUring, &'static str), io::Error> {
     let cq = entries.saturating_mul(4);
     if !forbid.contains(Feature::DeferTaskrun) {
@@ -252,6 +266,16 @@ impl Ring {
     /// The setup flags chosen.
     pub fn setup(&self) -> &'static str {
         self.setup
+    }
+
+    /// What this ring was set up with (the path its ops take).
+    pub fn path(&self) -> RingPath {
+        RingPath {
+            setup: self.setup,
+            fixed_buffers: self.fixed_buffers,
+            linked_chains: self.linked_chains,
+            send_zc: self.send_zc,
+        }
     }
 
     /// Fallbacks this ring took, one line each.

@@ -115,12 +115,17 @@ impl DestShared {
     }
 
     /// The run's report, once every worker has stopped: fails unless every device is loaded.
-    pub(super) fn into_report(self, notes: Vec<String>) -> Result<DestReport, DataPlaneError> {
+    pub(super) fn into_report(
+        self,
+        notes: Vec<String>,
+        rings: Vec<::uring::RingPath>,
+    ) -> Result<DestReport, DataPlaneError> {
         let mut report = DestReport {
             devices: Vec::new(),
             channels: vec![ChannelReport::default(); self.n_channels],
             notes,
             workers: Some(self.parked.len()),
+            rings,
         };
         for (i, c) in self
             .channel_reports
@@ -248,7 +253,7 @@ impl UringEngine {
         pool: BufferPool,
         shared: &DestShared,
         progress: &Progress,
-    ) -> Result<Vec<String>, DataPlaneError> {
+    ) -> Result<(Vec<String>, ::uring::RingPath), DataPlaneError> {
         let mut ring =
             Ring::new(&self.ring_config(), pool).map_err(|err| DataPlaneError::Setup {
                 engine: "uring",
@@ -308,7 +313,8 @@ impl UringEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(reports);
-        result.map(|()| notes)
+        let path = worker.ring.path();
+        result.map(|()| (notes, path))
     }
 }
 

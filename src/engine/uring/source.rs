@@ -72,11 +72,12 @@ const TAG_DEVICE: u64 = 1 << 32;
 /// A source worker's devices and channels, with their global indexes.
 pub(super) type SourceShare = (Vec<(usize, SourceDevice)>, Vec<(usize, OwnedFd)>);
 
-/// A source worker's reports, by global device and channel index, and its notes.
+/// A source worker's reports, by global device and channel index, its notes and its ring's path.
 pub(super) type SourceWorkerReport = (
     Vec<(usize, SourceDeviceReport)>,
     Vec<(usize, ChannelReport)>,
     Vec<String>,
+    ::uring::RingPath,
 );
 
 /// A source worker's part in the run.
@@ -182,6 +183,7 @@ impl UringEngine {
             worker.ring.cancel_all(progress.cancel_drain());
         }
         result?;
+        let path = worker.ring.path();
         Ok((
             worker
                 .devices
@@ -194,6 +196,7 @@ impl UringEngine {
                 .map(|c| (c.index, c.report))
                 .collect(),
             worker.notes,
+            path,
         ))
     }
 }

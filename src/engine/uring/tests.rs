@@ -333,6 +333,47 @@ fn unlinked_unregistered_and_zero_copy_free_paths_move_the_same_bytes() {
     }
 }
 
+/// The path each ring reports is what the kernel matrix checks against probe: a ring that
+/// ignored a forbidden feature would still move every byte, so only the report can tell.
+#[test]
+fn every_ring_reports_a_path_without_the_forbidden_feature() {
+    use ::uring::{Feature, FeatureMask};
+    for mask in [
+        "fixed-buffers",
+        "linked-chains",
+        "send-zc",
+        "defer-taskrun",
+        "defer-taskrun,coop-taskrun",
+        "all",
+    ] {
+        let forbid = FeatureMask::parse(mask).unwrap();
+        let (src, dst, _) = migrate(
+            EngineConfig {
+                forbid,
+                ..config(2, 16 << 10)
+            },
+            &[100_003, 70_000],
+            4,
+        );
+        assert_eq!(src.rings.len(), 2, "{mask}: source rings");
+        assert_eq!(dst.rings.len(), 2, "{mask}: destination rings");
+        for ring in src.rings.iter().chain(&dst.rings) {
+            let taken = |f: Feature| match f {
+                Feature::FixedBuffers => ring.fixed_buffers,
+                Feature::LinkedChains => ring.linked_chains,
+                Feature::SendZc => ring.send_zc,
+                Feature::DeferTaskrun => ring.setup == "single-issuer+defer-taskrun",
+                Feature::CoopTaskrun => ring.setup == "coop-taskrun",
+                Feature::Sqpoll => ring.setup == "sqpoll",
+                _ => false,
+            };
+            for feature in Feature::ALL.into_iter().filter(|&f| forbid.contains(f)) {
+                assert!(!taken(feature), "{mask}: a ring took {feature:?}: {ring:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn unix_socket_channels_refuse_zero_copy_and_fall_back_to_plain_send() {
     let sizes = [300_000, 1 << 20];
