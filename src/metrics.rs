@@ -78,44 +78,43 @@ impl PathReport {
     /// The path of a side whose engine `engine` ran `rings` (one per io_uring worker); None
     /// when an io_uring engine reports no ring, as nothing then says what it took.
     pub fn taken(engine: &str, rings: &[uring::RingPath]) -> Option<Self> {
-        let Some(first) = rings.first() else {
-            return (engine == "threads").then(|| {
-                let [buffers, chains, send] = path_words(false, false, false);
-                Self {
-                    engine: engine.into(),
-                    setup: None,
-                    buffers: buffers.into(),
-                    chains: chains.into(),
-                    send: send.into(),
-                    rings_disagree: Vec::new(),
-                }
-            });
-        };
-        let describe = |r: &uring::RingPath| {
+        let path = |setup: Option<&str>, r: &uring::RingPath| {
             let [buffers, chains, send] = path_words(r.fixed_buffers, r.linked_chains, r.send_zc);
-            format!("{} {buffers} {chains} {send}", r.setup)
-        };
-        let mut distinct: Vec<String> = Vec::new();
-        for ring in rings {
-            let d = describe(ring);
-            if !distinct.contains(&d) {
-                distinct.push(d);
+            Self {
+                engine: engine.into(),
+                setup: setup.map(Into::into),
+                buffers: buffers.into(),
+                chains: chains.into(),
+                send: send.into(),
+                rings_disagree: Vec::new(),
             }
+        };
+        let Some(first) = rings.first() else {
+            let threads = uring::RingPath {
+                setup: "",
+                fixed_buffers: false,
+                linked_chains: false,
+                send_zc: false,
+            };
+            return (engine == "threads").then(|| path(None, &threads));
+        };
+        let mut report = path(Some(first.setup), first);
+        if rings.iter().any(|r| r != first) {
+            let mut distinct: Vec<&uring::RingPath> = Vec::new();
+            for ring in rings {
+                if !distinct.contains(&ring) {
+                    distinct.push(ring);
+                }
+            }
+            report.rings_disagree = distinct
+                .into_iter()
+                .map(|r| {
+                    let p = path(Some(r.setup), r);
+                    format!("{} {} {} {}", r.setup, p.buffers, p.chains, p.send)
+                })
+                .collect();
         }
-        let [buffers, chains, send] =
-            path_words(first.fixed_buffers, first.linked_chains, first.send_zc);
-        Some(Self {
-            engine: engine.into(),
-            setup: Some(first.setup.into()),
-            buffers: buffers.into(),
-            chains: chains.into(),
-            send: send.into(),
-            rings_disagree: if distinct.len() > 1 {
-                distinct
-            } else {
-                Vec::new()
-            },
-        })
+        Some(report)
     }
 }
 
